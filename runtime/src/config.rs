@@ -101,7 +101,10 @@ where
                 base.insert(key, value);
             }
         }
-        base.insert("config".into(), serde_json::to_value(&path).unwrap_or_default());
+        base.insert(
+            "config".into(),
+            serde_json::to_value(&path).unwrap_or_default(),
+        );
     }
     serde_json::from_value(merged).map_err(|e| file_err(e.to_string()))
 }
@@ -163,13 +166,17 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = with_file("lisen = \"127.0.0.1:1\"", &[]).unwrap_err().to_string();
+        let e = with_file("lisen = \"127.0.0.1:1\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lisen"), "{e}");
     }
 
     #[test]
     fn bad_value_is_named() {
-        let e = with_file("listen = \"nowhere\"", &[]).unwrap_err().to_string();
+        let e = with_file("listen = \"nowhere\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.toml"), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }

@@ -108,7 +108,10 @@ mod tests {
         c.increment(3);
         r.histogram("mesh_test_seconds", &[]).record(0.002);
         let text = r.render();
-        assert!(text.contains("mesh_test_total{service=\"orders\"} 3"), "{text}");
+        assert!(
+            text.contains("mesh_test_total{service=\"orders\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("mesh_test_seconds_bucket"), "{text}");
     }
 }

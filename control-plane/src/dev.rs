@@ -1,0 +1,268 @@
+//! `meshctl dev up`: a whole mesh on one machine for a first look. Starts a
+//! Consul agent in dev mode (installing Consul when it is missing), or joins
+//! the one at `--consul-addr`; then mesh-bridge and mesh-proxy on their
+//! standard ports; with `--demo` two demo services that register themselves
+//! through the proxy. Prints every address and stops all it started, newest
+//! first, on Ctrl-C.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::procs::Group;
+
+/// The installer script, shipped inside the binary so `meshctl` works from
+/// anywhere.
+const INSTALL_CONSUL: &str = include_str!("../../deploy/scripts/install-consul.sh");
+
+/// Names of the demo services `--demo` starts.
+pub const DEMO_SERVICES: [&str; 2] = ["hello", "echo"];
+
+/// What `meshctl dev up` was told.
+#[derive(Clone, Debug)]
+pub struct DevConfig {
+    /// Start the demo services.
+    pub demo: bool,
+    /// Use this Consul agent instead of starting one.
+    pub consul_addr: Option<String>,
+    /// Where logs, the proxy's dump and the queues go.
+    pub data_dir: PathBuf,
+    /// Where mesh-bridge and mesh-proxy are; defaults to meshctl's own folder.
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// The standard addresses (the port table of the README).
+const CONSUL_HTTP: &str = "127.0.0.1:8500";
+const PROXY: &str = "127.0.0.1:8888";
+const PROXY_ADMIN: &str = "127.0.0.1:8889";
+const BRIDGE_GRPC: &str = "127.0.0.1:8890";
+const BRIDGE_ADMIN: &str = "127.0.0.1:8891";
+
+/// Brings the mesh up, waits for Ctrl-C, stops it.
+pub async fn up(config: DevConfig) -> anyhow::Result<()> {
+    let bins = bin_dir(&config)?;
+    let logs = config.data_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let mut group = Group::default();
+    let result = start(&config, &bins, &logs, &mut group).await;
+    match result {
+        Ok(lines) => {
+            println!("{lines}");
+            println!("Press Ctrl-C to stop everything meshctl started.");
+            wait_for_stop(&mut group).await;
+        }
+        Err(e) => {
+            group.stop_all(Duration::from_secs(5)).await;
+            return Err(e.context(format!("logs are in {}", logs.display())));
+        }
+    }
+    println!("stopping…");
+    group.stop_all(Duration::from_secs(10)).await;
+    println!("stopped.");
+    Ok(())
+}
+
+async fn wait_for_stop(group: &mut Group) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = mesh_runtime::shutdown::signal() => return,
+            _ = tick.tick() => {
+                if let Some((name, status)) = group.exited() {
+                    eprintln!("{name} exited ({status}); stopping the rest");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Starts every process in order, each one ready before the next; returns
+/// the address table to print.
+async fn start(
+    config: &DevConfig,
+    bins: &Path,
+    logs: &Path,
+    group: &mut Group,
+) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let consul_addr = match &config.consul_addr {
+        Some(addr) => addr.clone(),
+        None => {
+            ensure_free(
+                CONSUL_HTTP,
+                "Consul (or pass --consul-addr to use a running agent)",
+            )?;
+            let consul = find_or_install_consul(&config.data_dir).await?;
+            let args = [
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-hcl",
+                "disable_update_check = true",
+            ]
+            .map(String::from);
+            group.spawn("consul", &consul, &args, logs)?;
+            format!("http://{CONSUL_HTTP}")
+        }
+    };
+    wait_until("Consul has a leader", Duration::from_secs(30), || {
+        leader_known(&http, &consul_addr)
+    })
+    .await?;
+    ensure_free(BRIDGE_GRPC, "mesh-bridge")?;
+    ensure_free(PROXY, "mesh-proxy")?;
+    let data = |name: &str| config.data_dir.join(name).display().to_string();
+    let bridge_args = vec![
+        "--consul-addr".into(),
+        consul_addr.clone(),
+        "--data-dir".into(),
+        data("bridge"),
+    ];
+    group.spawn("mesh-bridge", &bins.join("mesh-bridge"), &bridge_args, logs)?;
+    wait_until("mesh-bridge is ready", Duration::from_secs(20), || {
+        is_ok(&http, format!("http://{BRIDGE_ADMIN}/ready"))
+    })
+    .await?;
+    let proxy_args = vec!["--data-dir".into(), data("proxy")];
+    group.spawn("mesh-proxy", &bins.join("mesh-proxy"), &proxy_args, logs)?;
+    wait_until("mesh-proxy is ready", Duration::from_secs(20), || {
+        is_ok(&http, format!("http://{PROXY_ADMIN}/ready"))
+    })
+    .await?;
+    let mut table = vec![
+        format!("Consul HTTP API       {consul_addr}  (UI: {consul_addr}/ui/)"),
+        format!("mesh-proxy outbound   http://{PROXY}  (call services: http://{PROXY}/<service>/)"),
+        format!("mesh-proxy admin      http://{PROXY_ADMIN}  (/routes /metrics /ready /live)"),
+        format!("mesh-bridge gRPC      http://{BRIDGE_GRPC}"),
+        format!("mesh-bridge admin     http://{BRIDGE_ADMIN}  (/metrics /ready /live)"),
+    ];
+    if config.demo {
+        table.extend(start_demo(bins, logs, group, &http).await?);
+    }
+    table.push(format!("logs                  {}", logs.display()));
+    Ok(table.join("\n"))
+}
+
+/// Starts the demo services and waits until each answers through the proxy.
+async fn start_demo(
+    bins: &Path,
+    logs: &Path,
+    group: &mut Group,
+    http: &reqwest::Client,
+) -> anyhow::Result<Vec<String>> {
+    let meshctl = bins.join("meshctl");
+    let mut lines = Vec::new();
+    for name in DEMO_SERVICES {
+        let listen = free_local_addr()?;
+        let args = [
+            "demo",
+            "serve",
+            "--name",
+            name,
+            "--listen",
+            &listen.to_string(),
+        ]
+        .map(String::from);
+        group.spawn(&format!("demo-{name}"), &meshctl, &args, logs)?;
+        wait_until(
+            &format!("demo service {name} answers through the proxy"),
+            Duration::from_secs(30),
+            || is_ok(http, format!("http://{PROXY}/{name}/")),
+        )
+        .await?;
+        lines.push(format!(
+            "demo service {name:<8} http://{listen}  (through the mesh: curl http://{PROXY}/{name}/)"
+        ));
+    }
+    Ok(lines)
+}
+
+fn bin_dir(config: &DevConfig) -> anyhow::Result<PathBuf> {
+    let dir = match &config.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("meshctl has no folder")?
+            .to_path_buf(),
+    };
+    for bin in ["mesh-bridge", "mesh-proxy"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{bin} not found in {}: build the workspace first (cargo build --bins) or pass --bin-dir",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Consul on PATH, in the install folder, or installed now by the script.
+async fn find_or_install_consul(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let script = data_dir.join("install-consul.sh");
+    std::fs::write(&script, INSTALL_CONSUL)?;
+    println!("looking for Consul (installing it if missing)…");
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run bash for the Consul installer")?;
+    if !out.status.success() {
+        bail!("Consul could not be installed (see the installer's message above)");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let path = text.lines().last().unwrap_or("").trim();
+    if path.is_empty() {
+        bail!("the Consul installer printed no path");
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn ensure_free(addr: &str, what: &str) -> anyhow::Result<()> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{addr} is already in use; it is needed for {what}"))
+}
+
+fn free_local_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+async fn leader_known(http: &reqwest::Client, consul: &str) -> bool {
+    match http.get(format!("{consul}/v1/status/leader")).send().await {
+        Ok(r) => r.text().await.is_ok_and(|t| t.trim().len() > 2),
+        Err(_) => false,
+    }
+}
+
+async fn is_ok(http: &reqwest::Client, url: String) -> bool {
+    http.get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("timed out after {deadline:?} waiting until {what}")
+}
