@@ -1,10 +1,18 @@
 //! `meshctl`: the operator's command line.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use mesh_control_plane::{demo, dev};
-use mesh_runtime::{duration::HumanDuration, logging};
+use mesh_runtime::{
+    config::{ConfigFile, exit_with, merge, parse_args},
+    duration::HumanDuration,
+    logging,
+};
+use serde::{Deserialize, Serialize};
 
 /// Meshwork's command line.
 #[derive(Debug, Parser)]
@@ -34,95 +42,126 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum DevCommand {
     /// Start Consul, mesh-bridge and mesh-proxy (and demo services); Ctrl-C stops them.
-    Up {
-        /// Also start two demo services that register through the proxy.
-        #[arg(long, env = "MESH_DEMO")]
-        demo: bool,
-        /// Join this Consul agent instead of starting one in dev mode.
-        #[arg(long, env = "MESH_CONSUL_ADDR")]
-        consul_addr: Option<String>,
-        /// Logs, dump files and queues.
-        #[arg(long, env = "MESH_DATA_DIR", default_value = ".meshwork/dev")]
-        data_dir: PathBuf,
-        /// Where mesh-bridge and mesh-proxy are (default: meshctl's folder).
-        #[arg(long, env = "MESH_BIN_DIR")]
-        bin_dir: Option<PathBuf>,
-    },
+    Up(DevUp),
 }
 
 #[derive(Debug, Subcommand)]
 enum DemoCommand {
     /// Serve a demo service that registers itself through the local proxy.
-    Serve {
-        /// Service name.
-        #[arg(long)]
-        name: String,
-        /// Instance ID (default: <name>-<port>).
-        #[arg(long)]
-        id: Option<String>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        /// Address to register (default: the listen IP).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// The local proxy.
-        #[arg(long, env = "MESH_PROXY", default_value = "http://127.0.0.1:8888")]
-        proxy: String,
-        /// Interval of the HTTP health check Consul runs.
-        #[arg(long, default_value = "1s")]
-        check_interval: HumanDuration,
-        /// Serve without registering.
-        #[arg(long)]
-        no_register: bool,
-    },
+    Serve(DemoServe),
+}
+
+/// `meshctl dev up` options; each also a key of the `--config` TOML file.
+#[derive(Debug, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevUp {
+    /// TOML file with any of these options (flags and environment win).
+    #[arg(long, env = "MESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Also start two demo services that register through the proxy.
+    #[arg(long, env = "MESH_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    demo: Option<bool>,
+    /// Join this Consul agent instead of starting one in dev mode.
+    #[arg(long, env = "MESH_CONSUL_ADDR")]
+    consul_addr: Option<String>,
+    /// Logs, dump files and queues [default: .meshwork/dev].
+    #[arg(long, env = "MESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Where mesh-bridge and mesh-proxy are [default: meshctl's folder].
+    #[arg(long, env = "MESH_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+/// `meshctl demo serve` options; each also a key of the `--config` TOML file.
+#[derive(Debug, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemoServe {
+    /// TOML file with any of these options (flags and environment win).
+    #[arg(long, env = "MESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Service name.
+    #[arg(long, env = "MESH_NAME")]
+    name: Option<String>,
+    /// Instance ID [default: <name>-<port>].
+    #[arg(long, env = "MESH_ID")]
+    id: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:0].
+    #[arg(long, env = "MESH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address to register [default: the listen IP].
+    #[arg(long, env = "MESH_ADVERTISE")]
+    advertise: Option<String>,
+    /// The local proxy [default: http://127.0.0.1:8888].
+    #[arg(long, env = "MESH_PROXY")]
+    proxy: Option<String>,
+    /// Interval of the HTTP health check Consul runs [default: 1s].
+    #[arg(long, env = "MESH_CHECK_INTERVAL")]
+    check_interval: Option<HumanDuration>,
+    /// Serve without registering.
+    #[arg(long, env = "MESH_NO_REGISTER", num_args = 0..=1, default_missing_value = "true")]
+    no_register: Option<bool>,
+}
+
+impl ConfigFile for DevUp {
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+}
+
+impl ConfigFile for DemoServe {
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+}
+
+impl DevUp {
+    fn validate(self) -> dev::DevConfig {
+        dev::DevConfig {
+            demo: self.demo.unwrap_or(false),
+            consul_addr: self.consul_addr,
+            data_dir: self.data_dir.unwrap_or_else(|| ".meshwork/dev".into()),
+            bin_dir: self.bin_dir,
+        }
+    }
+}
+
+impl DemoServe {
+    fn validate(self) -> demo::DemoConfig {
+        let Some(name) = self.name.filter(|n| !n.is_empty()) else {
+            exit_with(
+                "name: a service name is required (--name, MESH_NAME or `name` in the config file)",
+            );
+        };
+        demo::DemoConfig {
+            name,
+            id: self.id,
+            listen: self.listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()),
+            advertise: self.advertise,
+            proxy: self.proxy.unwrap_or_else(|| "http://127.0.0.1:8888".into()),
+            check_interval: self
+                .check_interval
+                .unwrap_or(HumanDuration(std::time::Duration::from_secs(1))),
+            no_register: self.no_register.unwrap_or(false),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     mesh_runtime::install_crypto_provider();
-    let cli = Cli::parse();
+    let cli: Cli = parse_args();
     logging::init(cli.log_format);
     match cli.command {
         Command::Dev {
-            command:
-                DevCommand::Up {
-                    demo,
-                    consul_addr,
-                    data_dir,
-                    bin_dir,
-                },
-        } => {
-            dev::up(dev::DevConfig {
-                demo,
-                consul_addr,
-                data_dir,
-                bin_dir,
-            })
-            .await
-        }
+            command: DevCommand::Up(args),
+        } => dev::up(load(args).validate()).await,
         Command::Demo {
-            command:
-                DemoCommand::Serve {
-                    name,
-                    id,
-                    listen,
-                    advertise,
-                    proxy,
-                    check_interval,
-                    no_register,
-                },
-        } => {
-            demo::serve(demo::DemoConfig {
-                name,
-                id,
-                listen,
-                advertise,
-                proxy,
-                check_interval,
-                no_register,
-            })
-            .await
-        }
+            command: DemoCommand::Serve(args),
+        } => demo::serve(load(args).validate()).await,
     }
+}
+
+/// Overlays the flags given on the `--config` file; exits 64 on a bad one.
+fn load<T: Serialize + serde::de::DeserializeOwned + ConfigFile>(args: T) -> T {
+    merge(args).unwrap_or_else(|e| exit_with(&e.to_string()))
 }

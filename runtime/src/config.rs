@@ -55,7 +55,13 @@ pub fn load<T>() -> T
 where
     T: Parser + Serialize + DeserializeOwned + ConfigFile,
 {
-    let args = match T::try_parse() {
+    merge(parse_args::<T>()).unwrap_or_else(|e| exit_with(&e.to_string()))
+}
+
+/// Parses argv (with env) into `T`; a bad flag or value is one line and
+/// exit 64, `--help` and `--version` print and exit 0.
+pub fn parse_args<T: Parser>() -> T {
+    match T::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
@@ -63,8 +69,7 @@ where
             let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             exit_with(line.trim_start_matches("error: "));
         }
-    };
-    merge(args).unwrap_or_else(|e| exit_with(&e.to_string()))
+    }
 }
 
 /// Prints `message` as the one config error line and exits 64.
