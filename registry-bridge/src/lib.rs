@@ -1,1 +1,23 @@
-//! placeholder
+//! mesh-bridge, the upsync of Meshwork: it watches Consul with blocking
+//! queries and streams each node's proxy the healthy endpoints of the
+//! services it calls (`mesh.v1.Discovery`), and carries the proxy's
+//! registrations to the node's Consul agent, keeping them in a durable
+//! queue while the agent is unreachable (`mesh.v1.Registry`).
+//!
+//! - [`config`]: flags, environment and TOML into a checked [`Config`].
+//! - [`watch`]: one shared blocking-query loop per watched service, and
+//!   one on the catalog; untrusted answers never shrink a set.
+//! - [`discovery`]: the Watch streams (snapshot, then deltas).
+//! - [`registry`]: Register/Deregister/ListInstances and the durable queue.
+//! - [`metrics`]: the bridge's Prometheus metrics.
+//! - [`app`]: the running [`Bridge`]: listeners, tasks, shutdown.
+
+pub mod app;
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod registry;
+pub mod watch;
+
+pub use app::{Bridge, StartError};
+pub use config::{Args, Config};

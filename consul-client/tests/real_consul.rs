@@ -1,0 +1,219 @@
+//! The client against a real Consul dev agent: what the bridge relies on.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use consul_client::{
+    AgentServiceCheck, AgentServiceRegistration, Client, ClientConfig, QueryOptions,
+    SessionRequest, TlsFiles,
+    testing::{DevAgent, Ports, free_port},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn client(agent: &DevAgent) -> Client {
+    Client::new(&ClientConfig::new([agent.addr()])).expect("a dev agent address is valid")
+}
+
+/// Blocks on the passing instances of `name` until `pred` holds.
+async fn wait_passing(c: &Client, name: &str, pred: impl Fn(&[String]) -> bool) -> Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut index = 0;
+    while Instant::now() < deadline {
+        let opts = QueryOptions::blocking(index, Duration::from_secs(2));
+        let r = c.health_service(name, true, opts).await?;
+        let ids: Vec<String> = r.value.iter().map(|e| e.service.id.clone()).collect();
+        if pred(&ids) {
+            return Ok(());
+        }
+        index = r.index;
+    }
+    bail!("{name}: condition not met within {DEADLINE:?}")
+}
+
+#[tokio::test]
+async fn register_becomes_passing_then_deregister_removes_it() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let c = client(&agent);
+    // A TCP check against a port we hold open: passing once Consul runs it.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = target.local_addr()?.port();
+    let reg = AgentServiceRegistration {
+        id: Some("web-1".into()),
+        name: "web".into(),
+        address: Some("127.0.0.1".into()),
+        port: Some(port),
+        tags: vec!["v1".into()],
+        meta: [("version".to_owned(), "1".to_owned())].into(),
+        check: Some(AgentServiceCheck {
+            tcp: Some(format!("127.0.0.1:{port}")),
+            interval: Some("1s".into()),
+            timeout: Some("1s".into()),
+            deregister_critical_service_after: Some("1m".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.agent_service_register(&reg).await?;
+    wait_passing(&c, "web", |ids| ids == ["web-1"]).await?;
+
+    let local = c.agent_services().await?;
+    let svc = local.get("web-1").context("web-1 on the agent")?;
+    assert_eq!((svc.service.as_str(), svc.port), ("web", u32::from(port)));
+    assert_eq!(svc.meta.get("version").map(String::as_str), Some("1"));
+    let catalog = c.catalog_services(QueryOptions::default()).await?;
+    assert_eq!(catalog.value.get("web"), Some(&vec!["v1".to_owned()]));
+    assert!(catalog.index > 0 && catalog.known_leader);
+
+    c.agent_service_deregister("web-1").await?;
+    wait_passing(&c, "web", <[String]>::is_empty).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn consul_refuses_a_bad_check_with_a_callers_fault() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let reg = AgentServiceRegistration {
+        name: "web".into(),
+        check: Some(AgentServiceCheck {
+            interval: Some("1s".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = client(&agent)
+        .agent_service_register(&reg)
+        .await
+        .unwrap_err();
+    assert!(e.is_caller_fault(), "{e}");
+    assert!(e.message().contains("TTL"), "{e}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kv_check_and_set_and_session_lock() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let c = client(&agent);
+    let key = "mesh/test/config";
+    assert!(c.kv_put(key, b"v1", Some(0)).await?);
+    assert!(
+        !c.kv_put(key, b"again", Some(0)).await?,
+        "cas=0 on an existing key"
+    );
+    let got = c
+        .kv_get(key, QueryOptions::default())
+        .await?
+        .value
+        .context("key")?;
+    assert_eq!(got.value, b"v1");
+    assert!(
+        !c.kv_put(key, b"stale", Some(got.modify_index + 100))
+            .await?
+    );
+    assert!(c.kv_put(key, b"v2", Some(got.modify_index)).await?);
+
+    let session = c
+        .session_create(&SessionRequest {
+            name: Some("test".into()),
+            ttl: Some("15s".into()),
+            ..Default::default()
+        })
+        .await?;
+    assert!(c.kv_acquire("mesh/test/lock", b"me", &session).await?);
+    let lock = c.kv_get("mesh/test/lock", QueryOptions::default()).await?;
+    assert_eq!(
+        lock.value.context("lock")?.session.as_deref(),
+        Some(&*session)
+    );
+    assert!(c.session_renew(&session).await?);
+    assert!(c.kv_release("mesh/test/lock", &session).await?);
+    c.session_destroy(&session).await?;
+    assert!(
+        !c.session_renew(&session).await?,
+        "destroyed session renews"
+    );
+    assert!(c.kv_delete(key, None).await?);
+    assert!(
+        c.kv_get(key, QueryOptions::default())
+            .await?
+            .value
+            .is_none()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_certificate_tls_to_an_agent_that_verifies_clients() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let files = write_pki(dir.path())?;
+    let https = free_port();
+    let hcl = format!(
+        "ports {{ https = {https} }} ca_file = \"{ca}\" cert_file = \"{cert}\" \
+         key_file = \"{key}\" verify_incoming_https = true",
+        ca = files.ca.display(),
+        cert = dir.path().join("server.pem").display(),
+        key = dir.path().join("server-key.pem").display(),
+    );
+    let _agent = DevAgent::start_with(Ports::free(), vec![hcl]).await;
+    let addr = format!("https://127.0.0.1:{https}");
+
+    let mut config = ClientConfig::new([addr.clone()]);
+    config.tls = Some(files.clone());
+    config.token = Some("anything".into());
+    let leader = Client::new(&config)?.status_leader().await?;
+    assert!(!leader.is_empty());
+
+    let mut no_cert = ClientConfig::new([addr]);
+    no_cert.tls = Some(TlsFiles {
+        cert: None,
+        key: None,
+        ..files
+    });
+    let refused = Client::new(&no_cert)?.status_leader().await;
+    assert!(
+        refused.is_err(),
+        "an agent verifying clients answered without a client cert"
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn write_pki(dir: &Path) -> Result<TlsFiles> {
+    let mut ca_params = CertificateParams::new(Vec::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let leaf = |name: &str, sans: Vec<String>, eku: Vec<ExtendedKeyUsagePurpose>| -> Result<()> {
+        let mut params = CertificateParams::new(sans)?;
+        params.extended_key_usages = eku;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+        Ok(())
+    };
+    use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let server_sans = vec![
+        "127.0.0.1".into(),
+        "localhost".into(),
+        "server.dc1.consul".into(),
+    ];
+    leaf("server", server_sans, vec![ServerAuth, ClientAuth])?;
+    leaf("client", vec!["client.dc1.consul".into()], vec![ClientAuth])?;
+    Ok(TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: Some(dir.join("client.pem")),
+        key: Some(dir.join("client-key.pem")),
+    })
+}

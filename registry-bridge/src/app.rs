@@ -1,0 +1,188 @@
+//! The running bridge: builds everything from a [`Config`], binds the
+//! listeners, owns the tasks, and drains them on shutdown.
+
+use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
+
+use consul_client::{Client, ConfigError};
+use mesh_proto::v1::{discovery_server::DiscoveryServer, registry_server::RegistryServer};
+use mesh_runtime::{
+    admin::{self, Admin},
+    metrics::Registry,
+    shutdown::{self, Shutdown, Trigger},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::Instrument;
+
+use crate::{
+    config::Config, discovery::DiscoveryApi, metrics::BridgeMetrics, registry::RegistryApi,
+    watch::Watches,
+};
+
+/// Keepalive pings on gRPC connections, so a proxy that vanished without a
+/// FIN releases its watches.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started bridge.
+#[derive(Debug)]
+pub struct Bridge {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    watches: Watches,
+    trigger: Trigger,
+    tasks: JoinSet<()>,
+}
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Consul client could not be built.
+    #[error(transparent)]
+    Consul(#[from] ConfigError),
+    /// The registration queue could not be opened.
+    #[error("registration queue {path}: {source}")]
+    Queue {
+        /// The queue folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+// === impl Bridge ===
+
+impl Bridge {
+    /// Opens the queue, binds the gRPC and admin listeners and starts
+    /// serving; metrics go to `registry`.
+    pub async fn start(config: &Config, registry: Registry) -> Result<Self, StartError> {
+        let metrics = BridgeMetrics::new(&registry);
+        let consul = Client::new(&config.consul)?;
+        let registry_api = open_registry(config, consul.clone(), &metrics)?;
+        let grpc = bind(config.grpc_listen, "gRPC").await?;
+        let admin_listener = bind(config.admin_listen, "admin").await?;
+        let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
+
+        let (trigger, shutdown) = shutdown::channel();
+        let watches = Watches::new(consul, config.wait, metrics.clone(), shutdown.clone());
+        let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone());
+        let admin = Admin::new(registry);
+        let mut tasks = JoinSet::new();
+        let drain_shutdown = shutdown.clone();
+        let drainer = registry_api.clone();
+        tasks.spawn(
+            async move { drainer.drain(drain_shutdown).await }
+                .instrument(tracing::info_span!("queue")),
+        );
+        tasks.spawn(serve_grpc(grpc, registry_api, discovery, shutdown.clone()));
+        let router = admin.router(Default::default());
+        tasks.spawn(admin::serve(admin_listener, router, shutdown));
+        // Ready once the queue is open and the listeners are bound: from here
+        // on, a registration is either applied or kept.
+        admin.set_ready(true);
+        tracing::info!(
+            node = %config.node, grpc = %grpc_addr, admin = %admin_addr,
+            consul = ?config.consul.addrs, wait = ?config.wait,
+            "mesh-bridge started"
+        );
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            watches,
+            trigger,
+            tasks,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The shared Consul watches.
+    pub fn watches(&self) -> &Watches {
+        &self.watches
+    }
+
+    /// Stops accepting, ends every stream and watch, and waits for the
+    /// tasks up to `grace`; `false` when they did not finish in time.
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
+        self.trigger.trigger();
+        let watches = self.watches.clone();
+        let drained = async move {
+            while self.tasks.join_next().await.is_some() {}
+            watches.stopped().await;
+        };
+        tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+/// The Registry service on the local agent (the first Consul address),
+/// with its queue in `<data-dir>/queue`.
+fn open_registry(
+    config: &Config,
+    consul: Client,
+    metrics: &BridgeMetrics,
+) -> Result<RegistryApi, StartError> {
+    let agent = Client::new(&config.consul.first_only())?;
+    let path = config.data_dir.join("queue");
+    RegistryApi::open(path.clone(), agent, consul, metrics.clone())
+        .map_err(|source| StartError::Queue { path, source })
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: "local address",
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// Serves Registry, Discovery and grpc.health.v1 until `shutdown`.
+async fn serve_grpc(
+    listener: TcpListener,
+    registry: RegistryApi,
+    discovery: DiscoveryApi,
+    mut shutdown: Shutdown,
+) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RegistryServer<RegistryApi>>().await;
+    reporter
+        .set_serving::<DiscoveryServer<DiscoveryApi>>()
+        .await;
+    let result = Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+        .add_service(health)
+        .add_service(RegistryServer::new(registry))
+        .add_service(DiscoveryServer::new(discovery))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.requested().await
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}

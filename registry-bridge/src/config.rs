@@ -1,0 +1,265 @@
+//! mesh-bridge's configuration: [`Args`] as given (flags, `MESH_*`
+//! environment, TOML file; every key in all three), and [`Config`], the
+//! checked values with defaults applied by [`Args::validate`].
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use consul_client::{Client, ClientConfig, TlsFiles, config::parse_addr};
+use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
+use serde::{Deserialize, Serialize};
+
+/// The bridge's flags; each also `MESH_<NAME>` and a TOML key `<name>`.
+#[derive(Parser, Serialize, Deserialize, Default)]
+#[command(
+    name = "mesh-bridge",
+    version,
+    about = "Watches Consul and streams healthy endpoints to proxies; carries registrations to Consul."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML config file; flags and environment win over it.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "MESH_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// This node's name, for logs [default: the hostname].
+    #[arg(long, env = "MESH_NODE")]
+    pub node: Option<String>,
+    /// Consul agent addresses, tried in order; the first is the local agent
+    /// that registrations go to [default: http://127.0.0.1:8500].
+    #[arg(long, env = "MESH_CONSUL_ADDR", value_delimiter = ',')]
+    #[serde(default)]
+    pub consul_addr: Vec<String>,
+    /// Consul ACL token.
+    #[arg(long, env = "MESH_CONSUL_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+    /// CA certificate (PEM) for https:// Consul addresses.
+    #[arg(long, env = "MESH_CONSUL_CA_FILE")]
+    pub consul_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for Consul.
+    #[arg(long, env = "MESH_CONSUL_CERT_FILE")]
+    pub consul_cert_file: Option<PathBuf>,
+    /// Client certificate key (PEM) for Consul.
+    #[arg(long, env = "MESH_CONSUL_KEY_FILE")]
+    pub consul_key_file: Option<PathBuf>,
+    /// gRPC listener (Registry, Discovery, health) [default: 127.0.0.1:8890].
+    #[arg(long, env = "MESH_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Admin listener (/live, /ready, /metrics) [default: 127.0.0.1:8891].
+    #[arg(long, env = "MESH_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// State folder; holds the durable registration queue
+    /// [default: /var/lib/meshwork/bridge].
+    #[arg(long, env = "MESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// How long Consul may hold a blocking query, 1s to 10m [default: 60s].
+    #[arg(long, env = "MESH_WAIT")]
+    pub wait: Option<HumanDuration>,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Log format.
+    pub log_format: LogFormat,
+    /// This node's name.
+    pub node: String,
+    /// How to reach Consul (the token is redacted from `Debug`).
+    pub consul: ClientConfig,
+    /// gRPC listener.
+    pub grpc_listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// State folder.
+    pub data_dir: PathBuf,
+    /// Blocking-query wait.
+    pub wait: Duration,
+}
+
+/// Default Consul agent address.
+pub const DEFAULT_CONSUL_ADDR: &str = "http://127.0.0.1:8500";
+/// Default gRPC listener (the port table).
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8890";
+/// Default admin listener (the port table).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8891";
+/// Default state folder.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/meshwork/bridge";
+/// Default blocking-query wait.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+const MIN_WAIT: Duration = Duration::from_secs(1);
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+// === impl Args ===
+
+impl ConfigFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
+impl fmt::Debug for Args {
+    // Only through Config, whose Debug hides the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Args").finish_non_exhaustive()
+    }
+}
+
+impl Args {
+    /// Applies defaults and checks every value; an error is one line
+    /// naming the key.
+    pub fn validate(self) -> Result<Config, String> {
+        let consul = self.consul()?;
+        let grpc_listen = self
+            .grpc_listen
+            .unwrap_or_else(|| parse_default(DEFAULT_GRPC_LISTEN));
+        let admin_listen = self
+            .admin_listen
+            .unwrap_or_else(|| parse_default(DEFAULT_ADMIN_LISTEN));
+        if grpc_listen == admin_listen && grpc_listen.port() != 0 {
+            return Err(format!(
+                "grpc_listen and admin_listen are both {grpc_listen}"
+            ));
+        }
+        let wait = self.wait.map_or(DEFAULT_WAIT, HumanDuration::get);
+        if !(MIN_WAIT..=MAX_WAIT).contains(&wait) {
+            return Err(format!(
+                "wait: {} is out of range (1s to 10m)",
+                HumanDuration(wait)
+            ));
+        }
+        Ok(Config {
+            log_format: self.log_format.unwrap_or_default(),
+            node: node_name(self.node)?,
+            consul,
+            grpc_listen,
+            admin_listen,
+            data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            wait,
+        })
+    }
+
+    fn consul(&self) -> Result<ClientConfig, String> {
+        let tls = self.tls()?;
+        let mut addrs: Vec<String> = self
+            .consul_addr
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            addrs.push(DEFAULT_CONSUL_ADDR.into());
+        }
+        for addr in &addrs {
+            parse_addr(addr, tls.is_some()).map_err(|e| format!("consul_addr: {e}"))?;
+        }
+        let consul = ClientConfig {
+            addrs,
+            token: self.consul_token.clone().filter(|t| !t.is_empty()),
+            tls,
+        };
+        // Reads the TLS files now, so that a bad one stops start-up.
+        Client::new(&consul).map_err(|e| format!("consul: {e}"))?;
+        Ok(consul)
+    }
+
+    fn tls(&self) -> Result<Option<TlsFiles>, String> {
+        let (cert, key) = (self.consul_cert_file.clone(), self.consul_key_file.clone());
+        if cert.is_some() != key.is_some() {
+            return Err("consul_cert_file and consul_key_file go together".into());
+        }
+        match &self.consul_ca_file {
+            Some(ca) => Ok(Some(TlsFiles {
+                ca: ca.clone(),
+                cert,
+                key,
+            })),
+            None if cert.is_some() => Err("consul_cert_file needs consul_ca_file".into()),
+            None => Ok(None),
+        }
+    }
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    addr.parse()
+        .expect("the default listen addresses are valid")
+}
+
+/// The given node name, else the hostname.
+fn node_name(given: Option<String>) -> Result<String, String> {
+    let name = given
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("node: must not be empty".into());
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, String> {
+        let mut full = vec!["mesh-bridge"];
+        full.extend_from_slice(argv);
+        Args::try_parse_from(full).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_follow_the_port_table() {
+        let c = parse(&["--node", "n1"]).unwrap();
+        assert_eq!(c.consul.addrs, vec![DEFAULT_CONSUL_ADDR]);
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:8890");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8891");
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.wait, Duration::from_secs(60));
+        assert_eq!(c.node, "n1");
+        assert!(!parse(&[]).unwrap().node.is_empty(), "hostname default");
+    }
+
+    #[test]
+    fn consul_addresses_are_a_comma_list() {
+        let c = parse(&[
+            "--consul-addr",
+            "http://a:8500, http://b:8500",
+            "--wait",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.consul.addrs, vec!["http://a:8500", "http://b:8500"]);
+        assert_eq!(c.wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse(&["--wait", "1h"]).unwrap_err();
+        assert!(e.starts_with("wait:"), "{e}");
+        let e = parse(&["--consul-addr", "consul:8500"]).unwrap_err();
+        assert!(e.starts_with("consul_addr:"), "{e}");
+        let e = parse(&["--consul-addr", "https://consul:8501"]).unwrap_err();
+        assert!(e.contains("CA file"), "{e}");
+        let e = parse(&["--consul-cert-file", "/c.pem"]).unwrap_err();
+        assert!(e.contains("consul_key_file"), "{e}");
+        let e = parse(&["--consul-ca-file", "/nonexistent/ca.pem"]).unwrap_err();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let e = parse(&[
+            "--grpc-listen",
+            "127.0.0.1:9",
+            "--admin-listen",
+            "127.0.0.1:9",
+        ])
+        .unwrap_err();
+        assert!(e.contains("grpc_listen"), "{e}");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug() {
+        let c = parse(&["--consul-token", "s3cr3t"]).unwrap();
+        assert_eq!(c.consul.token.as_deref(), Some("s3cr3t"));
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+}

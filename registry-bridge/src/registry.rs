@@ -1,0 +1,201 @@
+//! `mesh.v1.Registry`: registrations go to the local Consul agent (the
+//! first Consul address); while it is unreachable they wait in the durable
+//! queue and the answer says `queued`. Consul's refusals come back with
+//! Consul's message: 400 as `InvalidArgument`, 403 as `PermissionDenied`.
+//!
+//! - `outbox`: apply now or queue, and the drainer.
+//! - `convert`: checks and converts between `mesh.v1` and Consul's JSON.
+
+use std::{path::PathBuf, sync::Arc};
+
+use consul_client::{Client, Error, QueryOptions};
+use mesh_proto::v1::{
+    DeregisterRequest, DeregisterResponse, ListInstancesRequest, ListInstancesResponse,
+    RegisterRequest, RegisterResponse, ServiceRegistration, registry_server::Registry,
+};
+use mesh_runtime::shutdown::Shutdown;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::{BridgeMetrics, CallOutcome};
+
+mod convert;
+mod outbox;
+
+use outbox::{Outbox, Submitted};
+pub use outbox::{OutboxError, QueuedCall};
+
+/// The Registry service. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RegistryApi {
+    outbox: Arc<Outbox>,
+    /// The local agent: registrations and `local` listings.
+    agent: Client,
+    /// Every Consul address: mesh-wide listings.
+    consul: Client,
+    metrics: BridgeMetrics,
+}
+
+// === impl RegistryApi ===
+
+impl RegistryApi {
+    /// Opens the queue in `queue_dir`; registrations go to `agent`,
+    /// mesh-wide reads to `consul`.
+    pub fn open(
+        queue_dir: PathBuf,
+        agent: Client,
+        consul: Client,
+        metrics: BridgeMetrics,
+    ) -> std::io::Result<Self> {
+        let outbox = Outbox::open(queue_dir, agent.clone(), metrics.clone())?;
+        Ok(Self {
+            outbox: Arc::new(outbox),
+            agent,
+            consul,
+            metrics,
+        })
+    }
+
+    /// Applies queued calls whenever the agent is reachable, until `shutdown`.
+    pub async fn drain(&self, shutdown: Shutdown) {
+        self.outbox.drain(shutdown).await;
+    }
+
+    /// Sends `call` through the outbox; `true` when it was queued.
+    async fn submit(&self, call: QueuedCall) -> Result<bool, Status> {
+        let result = self.outbox.submit(call).await;
+        let outcome = match &result {
+            Ok(Submitted::Applied) => CallOutcome::Applied,
+            Ok(Submitted::Queued) => CallOutcome::Queued,
+            Err(OutboxError::Consul(e)) if e.is_caller_fault() => CallOutcome::Refused,
+            Err(_) => CallOutcome::Failed,
+        };
+        self.metrics.registry_call(outcome);
+        match result {
+            Ok(submitted) => Ok(submitted == Submitted::Queued),
+            Err(OutboxError::Consul(e)) => Err(status(&e)),
+            Err(e @ OutboxError::Disk(_)) => {
+                tracing::error!(error = %e, "agent unreachable and the queue cannot be written");
+                Err(Status::unavailable(e.to_string()))
+            }
+        }
+    }
+
+    fn refuse(&self, message: String) -> Status {
+        self.metrics.registry_call(CallOutcome::Refused);
+        Status::invalid_argument(message)
+    }
+
+    async fn local_instances(&self, service: &str) -> Result<Vec<ServiceRegistration>, Error> {
+        let result = self.agent.agent_services().await;
+        self.metrics.consul_call(&result);
+        let mut instances: Vec<_> = result?
+            .into_values()
+            .filter(|s| service.is_empty() || s.service == service)
+            .map(convert::from_agent)
+            .collect();
+        instances.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        Ok(instances)
+    }
+
+    async fn passing_instances(&self, service: &str) -> Result<Vec<ServiceRegistration>, Error> {
+        let result = self
+            .consul
+            .health_service(service, true, QueryOptions::default())
+            .await;
+        self.metrics.consul_call(&result);
+        Ok(result?.value.into_iter().map(convert::from_entry).collect())
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let service =
+            convert::registration(request.into_inner().service).map_err(|m| self.refuse(m))?;
+        let (name, id) = (service.name.clone(), service.id.clone());
+        let queued = self
+            .submit(QueuedCall::Register {
+                service: Box::new(service),
+            })
+            .await?;
+        tracing::info!(service = %name, id = id.as_deref().unwrap_or(&name), queued, "register");
+        Ok(Response::new(RegisterResponse { queued }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let id = request.into_inner().id;
+        if id.trim().is_empty() {
+            return Err(self.refuse("id is required".into()));
+        }
+        let queued = self
+            .submit(QueuedCall::Deregister { id: id.clone() })
+            .await?;
+        tracing::info!(%id, queued, "deregister");
+        Ok(Response::new(DeregisterResponse { queued }))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let req = request.into_inner();
+        let instances = if req.local {
+            self.local_instances(&req.service).await
+        } else if req.service.is_empty() {
+            return Err(Status::invalid_argument("service is required unless local"));
+        } else {
+            self.passing_instances(&req.service).await
+        };
+        let instances = instances.map_err(|e| status(&e))?;
+        Ok(Response::new(ListInstancesResponse { instances }))
+    }
+}
+
+/// The gRPC status for a Consul error: whose fault, and Consul's message.
+fn status(e: &Error) -> Status {
+    match e {
+        Error::Status { code: 400, body } => Status::invalid_argument(body.clone()),
+        Error::Status {
+            code: 401 | 403,
+            body,
+        } => Status::permission_denied(body.clone()),
+        Error::Status { code: 404, body } => Status::not_found(body.clone()),
+        Error::Status { code, body } if *code < 500 => Status::failed_precondition(body.clone()),
+        Error::Status { .. } | Error::Unreachable { .. } => Status::unavailable(e.to_string()),
+        Error::Decode(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn consul_errors_map_to_whose_fault() {
+        let consul = |code, body: &str| Error::Status {
+            code,
+            body: body.into(),
+        };
+        let code = |e: Error| status(&e).code();
+        assert_eq!(code(consul(400, "Invalid check")), Code::InvalidArgument);
+        assert_eq!(
+            status(&consul(400, "Invalid check")).message(),
+            "Invalid check"
+        );
+        assert_eq!(code(consul(403, "ACL not found")), Code::PermissionDenied);
+        assert_eq!(code(consul(500, "No cluster leader")), Code::Unavailable);
+        let gone = Error::Unreachable {
+            addr: "http://a".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(code(gone), Code::Unavailable);
+    }
+}

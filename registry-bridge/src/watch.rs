@@ -1,0 +1,161 @@
+//! Consul watches shared by every subscriber: one blocking-query loop per
+//! watched service (`/v1/health/service/<name>?passing`) and one on the
+//! catalog (`/v1/catalog/services`), each publishing its latest trusted
+//! answer on a `tokio::sync::watch` channel.
+//!
+//! [`Watches::service`] starts a service's loop on its first subscriber and
+//! the loop stops itself when its last receiver is dropped. Every applied
+//! answer also bumps one change counter ([`Watches::changes`]), so that a
+//! subscriber following many services waits on one channel.
+//!
+//! - `topics`: the map of shared channels and the last-receiver rule.
+//! - `blocking`: Consul's blocking-query rules and the loop that runs them.
+//! - `trust`: which answers may replace what is known.
+//! - `service` / `catalog`: the two kinds of watched data.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use consul_client::Client;
+use mesh_proto::v1::Endpoint;
+use mesh_runtime::shutdown::Shutdown;
+use tokio::{sync::watch, task::JoinSet};
+use tracing::Instrument;
+
+use crate::metrics::BridgeMetrics;
+
+mod blocking;
+mod catalog;
+mod service;
+mod topics;
+mod trust;
+
+use blocking::Source;
+use topics::Topics;
+
+/// A service's passing endpoints, sorted by node then instance ID.
+pub type Endpoints = Arc<[Endpoint]>;
+
+/// What is known of a service: `None` until Consul's first trusted answer.
+pub type ServiceView = Option<Endpoints>;
+
+/// The catalog's service names: `None` until Consul's first trusted answer.
+pub type CatalogView = Option<Arc<BTreeSet<String>>>;
+
+/// The shared watches. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Watches {
+    hub: Arc<Hub>,
+}
+
+/// What every watch loop shares.
+pub(crate) struct Hub {
+    client: Client,
+    wait: Duration,
+    metrics: BridgeMetrics,
+    shutdown: Shutdown,
+    services: Topics<ServiceView>,
+    catalog: Topics<CatalogView>,
+    changes: watch::Sender<u64>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+// === impl Watches ===
+
+impl Watches {
+    /// Watches through `client` with blocking queries of `wait`, until
+    /// `shutdown`.
+    pub fn new(client: Client, wait: Duration, metrics: BridgeMetrics, shutdown: Shutdown) -> Self {
+        let hub = Hub {
+            client,
+            wait,
+            metrics,
+            shutdown,
+            services: Topics::default(),
+            catalog: Topics::default(),
+            changes: watch::channel(0).0,
+            tasks: Mutex::new(JoinSet::new()),
+        };
+        Self { hub: Arc::new(hub) }
+    }
+
+    /// Subscribes to the passing endpoints of `name`, starting its loop if
+    /// nobody watches it yet.
+    pub fn service(&self, name: &str) -> watch::Receiver<ServiceView> {
+        let (rx, new) = self.hub.services.subscribe(name);
+        if let Some(tx) = new {
+            self.spawn(service::ServiceSource::new(name), tx);
+        }
+        rx
+    }
+
+    /// Subscribes to the catalog's service names.
+    pub fn catalog(&self) -> watch::Receiver<CatalogView> {
+        let (rx, new) = self.hub.catalog.subscribe("");
+        if let Some(tx) = new {
+            self.spawn(catalog::CatalogSource, tx);
+        }
+        rx
+    }
+
+    /// A counter bumped after every applied answer of any watch. Subscribe
+    /// to it before reading the views, so that no change is missed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.hub.changes.subscribe()
+    }
+
+    /// Number of services with a running loop.
+    pub fn active(&self) -> usize {
+        self.hub.services.len()
+    }
+
+    /// Waits for every loop to end (they end on shutdown).
+    pub async fn stopped(&self) {
+        let tasks = std::mem::take(&mut *lock(&self.hub.tasks));
+        tasks.join_all().await;
+    }
+
+    fn spawn<S: Source>(&self, source: S, tx: watch::Sender<S::View>) {
+        let span = tracing::info_span!("watch", kind = S::KIND, name = %source.key());
+        let hub = self.hub.clone();
+        let gauge = S::COUNTED.then(|| hub.metrics.watches.clone());
+        let task = async move {
+            if let Some(g) = &gauge {
+                g.increment(1.0);
+            }
+            blocking::run(&source, tx, &hub).await;
+            if let Some(g) = &gauge {
+                g.decrement(1.0);
+            }
+        };
+        let mut tasks = lock(&self.hub.tasks);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task.instrument(span));
+    }
+}
+
+// === impl Hub ===
+
+impl Hub {
+    /// Tells every subscriber that some view changed.
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("wait", &self.wait)
+            .field("services", &self.services.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
