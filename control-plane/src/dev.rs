@@ -108,7 +108,7 @@ async fn start(
                 "-client",
                 "127.0.0.1",
                 "-hcl",
-                "disable_update_check = true",
+                "disable_update_check = true\nlimits { http_max_conns_per_client = 4096 }",
             ]
             .map(String::from);
             group.spawn("consul", &consul, &args, logs)?;

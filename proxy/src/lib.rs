@@ -1,1 +1,311 @@
-//! placeholder
+//! mesh-proxy: the data plane on each node. Local services call other
+//! services by name through its outbound listener (127.0.0.1:8888) and
+//! register themselves with Consul's agent API on the same port; it routes
+//! from a table the bridge streams to it, and from its dump file when the
+//! bridge is away.
+//!
+//! - [`config`]: flags, environment and file into a validated [`Config`].
+//! - [`server`]: the outbound listener (hyper, HTTP/1.1 + h2c), drain on shutdown.
+//! - [`proxy`]: the request path: route → prepare → balance → retry/timeout → connect.
+//! - [`route`]: which service a request names (Host, or first path segment).
+//! - [`balance`]: round robin and least-request (power of two choices).
+//! - [`upstream`]: per-instance in-flight count and pool of keep-alive connections.
+//! - [`headers`]: hop-by-hop stripping and `X-Forwarded-For`.
+//! - [`body`]: the request and response body types of the request path.
+//! - [`error`]: the request path's typed errors and their JSON answers.
+//! - [`table`]: the immutable routing table and its lock-free swap.
+//! - [`discovery`]: `Discovery.Watch` to the bridge, applied to the table.
+//! - [`dump`]: the routing table on disk, written atomically, loaded at start.
+//! - [`agent`]: Consul's agent registration API, validated.
+//! - [`registrar`]: registrations to the bridge, or to a durable queue.
+//! - [`admin`]: `/routes` on the admin listener.
+//! - [`metrics`]: the proxy's metric handles.
+
+pub mod admin;
+pub mod agent;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod discovery;
+pub mod dump;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod registrar;
+pub mod route;
+pub mod server;
+pub mod table;
+pub mod upstream;
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_runtime::{
+    admin::Admin,
+    metrics::Registry,
+    queue::DurableQueue,
+    shutdown::{self, Shutdown, Trigger},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+pub use crate::config::{Args, Config, LoadBalancing};
+use crate::{
+    agent::Agent,
+    discovery::Discovery,
+    dump::{DumpClock, DumpFile},
+    metrics::ProxyMetrics,
+    proxy::Proxy,
+    registrar::Registrar,
+    table::{Builder, Routes, RoutingTable, Source},
+};
+
+/// How long background tasks get to stop once asked.
+const TASK_STOP: Duration = Duration::from_secs(2);
+
+/// A running proxy: its listeners and the tasks it owns.
+#[derive(Debug)]
+pub struct App {
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    trigger: Trigger,
+    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The data folder (or the queue in it) is unusable.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The bridge address is not a valid URL.
+    #[error("bridge_addr {addr:?}: {source}")]
+    BridgeAddr {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+// === impl App ===
+
+impl App {
+    /// Binds the listeners, loads the dump, and starts serving, watching
+    /// the bridge and draining the registration queue. Metrics go to
+    /// `registry`.
+    pub async fn start(config: Config, registry: Registry) -> Result<Self, StartError> {
+        let queue = open_data_dir(&config.data_dir)?;
+        let (outbound, outbound_addr) = bind(config.listen).await?;
+        let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+
+        let metrics = Arc::new(ProxyMetrics::new(&registry));
+        let admin = Admin::new(registry.clone());
+        let routes = Arc::new(Routes::new(admin.clone()));
+        let dump_path = config.data_dir.join(dump::FILE_NAME);
+        let clock = Arc::new(DumpClock::default());
+        load_dump(&dump_path, &routes, &metrics, &clock);
+
+        let channel = bridge_channel(&config)?;
+        let registrar = Arc::new(Registrar::new(
+            channel.clone(),
+            queue,
+            config.registration_timeout,
+            metrics.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            routes.clone(),
+            Agent::new(registrar.clone()),
+            metrics.clone(),
+        ));
+        let discovery = Discovery::new(
+            channel,
+            config.node.clone(),
+            config.services.clone(),
+            config.connect_timeout + config.registration_timeout,
+            routes.clone(),
+            metrics.clone(),
+        );
+        let limits = server::Limits::of(&config);
+
+        let (trigger, stop) = shutdown::channel();
+        let server = spawn(
+            "outbound",
+            server::serve(outbound, proxy, limits, stop.clone()),
+        );
+        let router = admin.router(admin::router(routes.clone()));
+        let tasks = vec![
+            spawn(
+                "admin",
+                mesh_runtime::admin::serve(admin_listener, router, stop.clone()),
+            ),
+            spawn("discovery", discovery.run(stop.clone())),
+            spawn(
+                "dump",
+                dump::run_writer(dump_path, routes.subscribe(), clock.clone(), stop.clone()),
+            ),
+            spawn("queue", registrar.clone().drain(stop.clone())),
+            spawn("gauges", gauges(clock, registrar, metrics, registry, stop)),
+        ];
+        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, bridge = %config.bridge_addr, lb = %config.lb, "mesh-proxy started");
+        Ok(Self {
+            outbound: outbound_addr,
+            admin: admin_addr,
+            trigger,
+            server,
+            tasks,
+        })
+    }
+
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Stops accepting, lets requests in flight finish within `grace`, then
+    /// closes what is left and stops every task.
+    pub async fn shutdown(self, grace: Duration) {
+        self.trigger.trigger();
+        let mut server = self.server;
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "grace period over; closing the remaining connections"
+            );
+            server.abort();
+            let _ = server.await;
+        }
+        for mut task in self.tasks {
+            if tokio::time::timeout(TASK_STOP, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        tracing::info!("mesh-proxy stopped");
+    }
+}
+
+/// Spawns a task with a span naming it.
+fn spawn<F>(name: &'static str, task: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(task.instrument(tracing::info_span!("task", name)))
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Creates the data folder and opens the registration queue in it.
+fn open_data_dir(dir: &Path) -> Result<DurableQueue<registrar::RegistryOp>, StartError> {
+    let opened = std::fs::create_dir_all(dir).and_then(|()| DurableQueue::open(dir.join("queue")));
+    opened.map_err(|source| StartError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Serves from the dump until the bridge answers; a dump that does not
+/// check out is refused with one line, and the proxy starts empty.
+fn load_dump(path: &Path, routes: &Routes, metrics: &ProxyMetrics, clock: &DumpClock) {
+    match DumpFile::load(path) {
+        Ok(None) => {
+            tracing::info!(file = %path.display(), "no routing dump yet; waiting for the bridge")
+        }
+        Ok(Some(dump)) => {
+            let table = Builder::new(&RoutingTable::empty(), metrics).snapshot(
+                &dump.to_proto(),
+                Source::Dump,
+                dump.version,
+                dump.written_at_unix_ms,
+            );
+            tracing::info!(file = %path.display(), version = dump.version, services = table.len(), endpoints = table.endpoint_count(), "serving from the routing dump until the bridge answers");
+            clock.set(dump.written_at_unix_ms);
+            routes.publish(table);
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), reason = %e, "routing dump refused; starting with an empty table");
+        }
+    }
+}
+
+/// One lazily connected channel to the bridge, shared by discovery and
+/// registration; HTTP/2 pings find a bridge that vanished without a word.
+fn bridge_channel(config: &Config) -> Result<Channel, StartError> {
+    let endpoint = Endpoint::from_shared(config.bridge_addr.clone()).map_err(|source| {
+        StartError::BridgeAddr {
+            addr: config.bridge_addr.clone(),
+            source,
+        }
+    })?;
+    Ok(endpoint
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Keeps the gauges that age on their own up to date, once a second.
+///
+/// It also runs the registry's upkeep, which folds histogram samples into
+/// buckets: without it an unscraped proxy under load would grow by 8 bytes
+/// a request.
+async fn gauges(
+    clock: Arc<DumpClock>,
+    registrar: Arc<Registrar>,
+    metrics: Arc<ProxyMetrics>,
+    registry: Registry,
+    mut stop: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.requested() => return,
+        }
+        if let Some(at) = clock.get() {
+            let age_ms = table::now_unix_ms().saturating_sub(at);
+            metrics.dump_age.set(age_ms as f64 / 1000.0);
+        }
+        registrar.update_depth();
+        registry.run_upkeep();
+    }
+}

@@ -80,6 +80,14 @@ impl Registry {
         self.recorder.register_histogram(&key(name, labels), &META)
     }
 
+    /// Folds recorded histogram samples into their buckets. The exporter
+    /// keeps every raw sample until a render or an upkeep, so a process
+    /// that records on a hot path calls this periodically (once a second)
+    /// to keep its memory flat between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The registry in Prometheus' text exposition format.
     pub fn render(&self) -> String {
         self.handle.render()

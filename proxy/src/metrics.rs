@@ -1,0 +1,203 @@
+//! The proxy's metrics, registered once on the registry passed down from
+//! `main`. Per-service handles ([`ServiceMetrics`]) are made when a routing
+//! table is built and kept in its entries, so recording a request is a few
+//! atomic adds: no label is formatted, nothing is looked up.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::StatusCode;
+use mesh_runtime::metrics::{Counter, Gauge, Histogram, Registry};
+
+const REQUESTS: &str = "mesh_proxy_requests_total";
+const DURATION: &str = "mesh_proxy_request_duration_seconds";
+const UPSTREAM_ERRORS: &str = "mesh_proxy_upstream_errors_total";
+const ENDPOINTS: &str = "mesh_proxy_endpoints";
+const DISCOVERY_CONNECTED: &str = "mesh_proxy_discovery_connected";
+const DISCOVERY_UPDATES: &str = "mesh_proxy_discovery_updates_total";
+const DUMP_AGE: &str = "mesh_proxy_dump_age_seconds";
+const REGISTRATIONS: &str = "mesh_proxy_registrations_total";
+const QUEUE_DEPTH: &str = "mesh_proxy_queue_depth";
+
+/// The service label of requests that matched no service.
+pub const UNROUTED: &str = "_unrouted";
+
+/// Every metric the proxy records, except the per-service ones it makes on
+/// demand with [`ProxyMetrics::service`].
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    registry: Registry,
+    services: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
+    unrouted: Arc<ServiceMetrics>,
+    /// 1 while the discovery stream is up.
+    pub discovery_connected: Gauge,
+    /// Snapshots and deltas applied.
+    pub discovery_updates: Counter,
+    /// Age of the last good dump (written or loaded), in seconds.
+    pub dump_age: Gauge,
+    /// Registration API calls by outcome.
+    pub registrations: Registrations,
+    /// Items waiting in the registration queue.
+    pub queue_depth: Gauge,
+}
+
+/// `mesh_proxy_registrations_total` by `outcome`.
+#[derive(Debug)]
+pub struct Registrations {
+    /// Forwarded and applied by the bridge.
+    pub applied: Counter,
+    /// Accepted into a durable queue (ours or the bridge's).
+    pub queued: Counter,
+    /// Refused as invalid.
+    pub invalid: Counter,
+    /// Failed otherwise.
+    pub failed: Counter,
+}
+
+/// One service's handles, kept in its routing-table entry.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    /// Requests by status class, 1xx..5xx.
+    requests: [Counter; 5],
+    duration: Histogram,
+    /// Failed connects to an instance.
+    pub connect_errors: Counter,
+    /// Instances that failed before answering.
+    pub send_errors: Counter,
+    /// Requests that ran out of time.
+    pub timeouts: Counter,
+    /// Healthy endpoints in the current table.
+    pub endpoints: Gauge,
+}
+
+// === impl ProxyMetrics ===
+
+impl ProxyMetrics {
+    /// Describes and registers everything on `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe_counter(REQUESTS, "Requests proxied, by service and status class.");
+        registry.describe_histogram(
+            DURATION,
+            "Time from request to response headers, by service, in seconds.",
+        );
+        registry.describe_counter(
+            UPSTREAM_ERRORS,
+            "Failed attempts to reach an instance, by service and kind (connect, send, timeout).",
+        );
+        registry.describe_gauge(
+            ENDPOINTS,
+            "Healthy endpoints per service in the routing table.",
+        );
+        registry.describe_gauge(
+            DISCOVERY_CONNECTED,
+            "1 while the discovery stream to the bridge is up.",
+        );
+        registry.describe_counter(DISCOVERY_UPDATES, "Routing snapshots and deltas applied.");
+        registry.describe_gauge(DUMP_AGE, "Age of the last good routing dump, in seconds.");
+        registry.describe_counter(REGISTRATIONS, "Agent API registrations, by outcome.");
+        registry.describe_gauge(
+            QUEUE_DEPTH,
+            "Registrations waiting in the proxy's durable queue.",
+        );
+        let outcome = |o: &str| registry.counter(REGISTRATIONS, &[("outcome", o)]);
+        Self {
+            unrouted: Arc::new(ServiceMetrics::new(registry, UNROUTED)),
+            services: Mutex::new(HashMap::new()),
+            discovery_connected: registry.gauge(DISCOVERY_CONNECTED, &[]),
+            discovery_updates: registry.counter(DISCOVERY_UPDATES, &[]),
+            dump_age: registry.gauge(DUMP_AGE, &[]),
+            registrations: Registrations {
+                applied: outcome("applied"),
+                queued: outcome("queued"),
+                invalid: outcome("invalid"),
+                failed: outcome("failed"),
+            },
+            queue_depth: registry.gauge(QUEUE_DEPTH, &[]),
+            registry: registry.clone(),
+        }
+    }
+
+    /// The handles of `service`, made on first use. Called when a routing
+    /// table is built, never per request.
+    pub fn service(&self, service: &str) -> Arc<ServiceMetrics> {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        services
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new(ServiceMetrics::new(&self.registry, service)))
+            .clone()
+    }
+
+    /// The handles for requests that matched no service.
+    pub fn unrouted(&self) -> &ServiceMetrics {
+        &self.unrouted
+    }
+}
+
+// === impl ServiceMetrics ===
+
+impl ServiceMetrics {
+    fn new(registry: &Registry, service: &str) -> Self {
+        let class =
+            |c: &str| registry.counter(REQUESTS, &[("service", service), ("code_class", c)]);
+        let error =
+            |k: &str| registry.counter(UPSTREAM_ERRORS, &[("service", service), ("kind", k)]);
+        Self {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: registry.histogram(DURATION, &[("service", service)]),
+            connect_errors: error("connect"),
+            send_errors: error("send"),
+            timeouts: error("timeout"),
+            endpoints: registry.gauge(ENDPOINTS, &[("service", service)]),
+        }
+    }
+
+    /// Records one answered request.
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[class].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_handles_are_made_once_and_recorded() {
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry);
+        let a = m.service("orders");
+        let b = m.service("orders");
+        assert!(Arc::ptr_eq(&a, &b));
+        a.record(StatusCode::OK, Duration::from_millis(3));
+        a.record(StatusCode::BAD_GATEWAY, Duration::from_millis(3));
+        a.endpoints.set(2.0);
+        let text = registry.render();
+        assert!(
+            text.contains(r#"mesh_proxy_requests_total{service="orders",code_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_proxy_requests_total{service="orders",code_class="5xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_proxy_endpoints{service="orders"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_proxy_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}

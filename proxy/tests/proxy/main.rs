@@ -1,0 +1,12 @@
+//! The proxy on real sockets (port 0): a fake bridge (tonic, in process),
+//! test upstreams, and the proxy's outbound and admin listeners.
+
+// Helpers are `pub` for the test modules; this crate exports nothing.
+#![allow(unreachable_pub, clippy::unwrap_used)]
+
+mod admin;
+mod agent;
+mod dump;
+mod hygiene;
+mod routing;
+mod support;
