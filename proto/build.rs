@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    let protos = ["proto/mesh/v1/registry.proto", "proto/mesh/v1/discovery.proto"];
+    let protos = [
+        "proto/mesh/v1/registry.proto",
+        "proto/mesh/v1/discovery.proto",
+    ];
     tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

@@ -1,1 +1,53 @@
-//! placeholder
+//! The e2e harness: the real Meshwork binaries on a real 3-server Consul
+//! cluster, every host (Consul servers, nodes) in its own network namespace
+//! on a private network, so each node has its own address and its own
+//! `127.0.0.1:8888`. The scenarios live in `tests/`.
+//!
+//! **Requirements.** The tests need root (they create network namespaces,
+//! veth pairs and a bridge with `ip`; the root namespace's network is never
+//! touched) and the workspace's binaries built next to the test executable
+//! (`cargo build --workspace --bins`, or `MESH_BIN_DIR`). Consul comes from
+//! `MESH_CONSUL_BIN`, `PATH`, `~/.local/share/meshwork/bin/consul` (run
+//! `deploy/scripts/install-consul.sh`), or `/tmp/mw-consul-test/bin/consul`;
+//! a missing Consul fails the tests with that advice, never skips them.
+//!
+//! **Cleanup.** A [`Mesh`] owns every process, namespace and file it makes;
+//! dropping it (also when a test panics) stops and removes them all, and a
+//! test that did not reach [`Mesh::finish`] prints the tail of every log.
+//! Namespaces and files left by a killed run (their pid is gone) are removed
+//! when the next run starts. Each test's files (logs, data dirs) live in
+//! `/dev/shm/mwe-<pid>-<n>` (the temp dir where there is no `/dev/shm`);
+//! `MESH_E2E_KEEP=1` keeps them until the next run.
+//!
+//! **Use.** `Mesh::start(MeshOptions::nodes(2))` brings up the cluster and
+//! the nodes; `mesh.nodes[0].serve("svc", "svc-1")` starts a test service
+//! that registers itself through node 1's proxy; `node.get("/svc/")`,
+//! `node.register(..)`, `node.routes()`, `node.proxy.kill()`,
+//! `mesh.kill_leader()`, [`Load::start`] and [`eventually`] do the rest.
+//!
+//! Modules:
+//! - [`bins`]: where Consul, promtool and the workspace's binaries are.
+//! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
+//! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
+//! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
+//! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
+//! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
+//! - [`load`]: a load generator through a proxy, recording every outcome.
+//! - [`wait`]: `eventually`, assertions polled until a deadline.
+
+pub mod bins;
+pub mod http;
+pub mod load;
+pub mod mesh;
+pub mod netns;
+pub mod node;
+pub mod process;
+pub mod wait;
+
+pub use crate::{
+    http::{HttpClient, Response},
+    load::{Load, LoadOptions, LoadReport},
+    mesh::{Mesh, MeshOptions},
+    node::Node,
+    wait::eventually,
+};

@@ -4,7 +4,9 @@
 //! jittered backoff; meanwhile the proxy keeps routing from the table it
 //! has, so a bridge or registry outage never empties it. For the same
 //! reason a snapshot without a single endpoint does not replace a table
-//! that has some (deltas, which say what changed, always apply).
+//! that has some (deltas, which say what changed, always apply), and a
+//! stale snapshot (the bridge cannot reach Consul) does not replace a table
+//! loaded from the dump: a fresh snapshot follows when Consul is back.
 
 use std::{sync::Arc, time::Duration};
 
@@ -105,6 +107,7 @@ impl Discovery {
 
     /// Builds the table `update` leads to and makes it current.
     pub fn apply(&self, update: pb::RouteUpdate) {
+        self.metrics.discovery_updates.increment(1);
         let current = self.routes.load_full();
         let builder = Builder::new(&current, &self.metrics);
         let table = match &update.kind {
@@ -115,6 +118,19 @@ impl Discovery {
                     version = update.version,
                     source = ?current.source,
                     "bridge sent a snapshot without endpoints; keeping the current table"
+                );
+                return;
+            }
+            Some(Kind::Snapshot(_))
+                if update.stale
+                    && current.source == Source::Dump
+                    && current.endpoint_count() > 0 =>
+            {
+                // The bridge's answers are as old as Consul's absence; the
+                // dump is no worse, and says honestly where routes come from.
+                tracing::warn!(
+                    version = update.version,
+                    "bridge cannot reach Consul; routing from the dump until it can"
                 );
                 return;
             }
@@ -136,7 +152,6 @@ impl Discovery {
             tracing::debug!(version = table.version, "routing delta applied");
         }
         self.routes.publish(table);
-        self.metrics.discovery_updates.increment(1);
     }
 }
 

@@ -95,7 +95,10 @@ impl ProxyMetrics {
             DISCOVERY_CONNECTED,
             "1 while the discovery stream to the bridge is up.",
         );
-        registry.describe_counter(DISCOVERY_UPDATES, "Routing snapshots and deltas applied.");
+        registry.describe_counter(
+            DISCOVERY_UPDATES,
+            "Routing snapshots and deltas received from the bridge.",
+        );
         registry.describe_gauge(DUMP_AGE, "Age of the last good routing dump, in seconds.");
         registry.describe_counter(REGISTRATIONS, "Agent API registrations, by outcome.");
         registry.describe_gauge(

@@ -9,6 +9,10 @@
 //! an empty one would empty the proxy's table. A service nobody registered
 //! is in the snapshot with no endpoints (known, but nothing to call).
 //!
+//! A snapshot sent while Consul is unreachable says so (`stale`): it holds
+//! the last trusted answers, of unknown age. No delta follows it; a fresh
+//! snapshot does, as soon as Consul answers again.
+//!
 //! - `subscriber`: the watches one stream follows.
 //! - `diff`: snapshot and delta computation (pure).
 
@@ -50,8 +54,11 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<RouteUpdate, Status>> + 
 #[derive(Debug)]
 struct Feed {
     sub: Subscriber,
+    watches: Watches,
     version: u64,
     sent: State,
+    /// The last snapshot was sent while Consul was unreachable.
+    stale: bool,
     shutdown: Shutdown,
     metrics: BridgeMetrics,
 }
@@ -86,8 +93,10 @@ impl Discovery for DiscoveryApi {
         });
         let feed = Feed {
             sub: Subscriber::new(&self.watches, &names),
+            watches: self.watches.clone(),
             version: 0,
             sent: State::new(),
+            stale: false,
             shutdown: self.shutdown.clone(),
             metrics: self.metrics.clone(),
         };
@@ -135,6 +144,14 @@ impl Feed {
         loop {
             self.changed().await?;
             self.sub.follow_catalog();
+            if self.stale {
+                // What the proxy got was of unknown age: once Consul
+                // answers, it gets everything afresh, never a delta.
+                if self.watches.reachable() {
+                    return Some(self.snapshot());
+                }
+                continue;
+            }
             let now = self.sub.state();
             if let Some(delta) = diff::delta(&self.sent, &now) {
                 self.sent = now;
@@ -168,8 +185,13 @@ impl Feed {
 
     fn snapshot(&mut self) -> RouteUpdate {
         self.sent = self.sub.state();
+        self.stale = !self.watches.reachable();
         let snapshot = diff::snapshot(&self.sent);
-        tracing::info!(services = snapshot.services.len(), "snapshot sent");
+        tracing::info!(
+            services = snapshot.services.len(),
+            stale = self.stale,
+            "snapshot sent"
+        );
         self.message(Kind::Snapshot(snapshot))
     }
 
@@ -179,6 +201,7 @@ impl Feed {
         RouteUpdate {
             version: self.version,
             kind: Some(kind),
+            stale: self.stale,
         }
     }
 

@@ -22,6 +22,8 @@ pub struct BridgeMetrics {
     pub(crate) untrusted: Counter,
     /// Calls waiting in the durable queue.
     pub(crate) queue_depth: Gauge,
+    /// 1 while Consul answers the watches' reads, 0 while it does not.
+    pub(crate) consul_reachable: Gauge,
     snapshots: Counter,
     deltas: Counter,
     /// Time a blocking query took to answer.
@@ -72,6 +74,7 @@ impl BridgeMetrics {
             errors: r.counter("mesh_bridge_consul_errors_total", &[]),
             untrusted: r.counter("mesh_bridge_untrusted_answers_total", &[]),
             queue_depth: r.gauge("mesh_bridge_queue_depth", &[]),
+            consul_reachable: r.gauge("mesh_bridge_consul_reachable", &[]),
             snapshots: sent("snapshot"),
             deltas: sent("delta"),
             query_seconds: r.histogram("mesh_bridge_blocking_query_duration_seconds", &[]),
@@ -144,6 +147,10 @@ fn describe(r: &Registry) {
     r.describe_gauge(
         "mesh_bridge_queue_depth",
         "Registry calls waiting in the durable queue for the agent.",
+    );
+    r.describe_gauge(
+        "mesh_bridge_consul_reachable",
+        "1 while Consul answers the watches' reads; 0 while routes are its last answers.",
     );
     r.describe_counter(
         "mesh_bridge_updates_sent_total",

@@ -60,6 +60,8 @@ pub(crate) struct Hub {
     services: Topics<ServiceView>,
     catalog: Topics<CatalogView>,
     changes: watch::Sender<u64>,
+    /// Whether the last Consul read of any loop got an answer.
+    reachable: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -77,6 +79,7 @@ impl Watches {
             services: Topics::default(),
             catalog: Topics::default(),
             changes: watch::channel(0).0,
+            reachable: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
         };
         Self { hub: Arc::new(hub) }
@@ -105,6 +108,12 @@ impl Watches {
     /// to it before reading the views, so that no change is missed.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.hub.changes.subscribe()
+    }
+
+    /// Whether Consul answered the last read of any loop: while it does
+    /// not, every view is the last trusted answer, of unknown age.
+    pub fn reachable(&self) -> bool {
+        *self.hub.reachable.borrow()
     }
 
     /// Number of services with a running loop.
@@ -143,6 +152,33 @@ impl Hub {
     /// Tells every subscriber that some view changed.
     fn bump(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records whether a Consul read got an answer. A change wakes the
+    /// subscribers (a stale stream gets a fresh snapshot) and, when Consul
+    /// is back, the loops waiting out a backoff.
+    fn set_reachable(&self, reachable: bool) {
+        if self
+            .reachable
+            .send_if_modified(|r| std::mem::replace(r, reachable) != reachable)
+        {
+            self.metrics
+                .consul_reachable
+                .set(if reachable { 1.0 } else { 0.0 });
+            self.bump();
+        }
+    }
+
+    /// Resolves the next time Consul turns reachable after being away.
+    async fn recovered(&self) {
+        let mut rx = self.reachable.subscribe();
+        rx.borrow_and_update();
+        while rx.changed().await.is_ok() {
+            if *rx.borrow_and_update() {
+                return;
+            }
+        }
+        std::future::pending().await
     }
 }
 

@@ -398,3 +398,43 @@ async fn promtool_check(text: &str) -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn snapshot_while_consul_is_away_is_stale_and_a_fresh_one_follows_its_return() -> Result<()> {
+    let mut h = Harness::start().await?;
+    assert!(!h.register(instance("web", "web-1", 7001)).await?);
+    let mut first = h.watch(&["web"]).await?;
+    let snapshot = until(&mut first, |u| {
+        matches!(&u.kind, Some(Kind::Snapshot(s)) if s.services.iter().any(|s| !s.endpoints.is_empty()))
+            || upserted(u, "web").is_some_and(|ids| !ids.is_empty())
+    })
+    .await?;
+    assert!(!snapshot.stale, "Consul answers: {snapshot:?}");
+
+    h.consul.stop();
+    eventually("the bridge sees Consul gone", || async {
+        Ok(h.admin("/metrics")
+            .await?
+            .1
+            .contains("mesh_bridge_consul_reachable 0"))
+    })
+    .await?;
+    // A proxy subscribing now gets the last answer, marked stale.
+    let mut second = h.watch(&["web"]).await?;
+    let stale = next(&mut second).await?;
+    let Some(Kind::Snapshot(s)) = &stale.kind else {
+        bail!("expected a snapshot, got {stale:?}");
+    };
+    assert!(stale.stale, "{stale:?}");
+    assert_eq!(s.services[0].endpoints[0].id, "web-1");
+
+    // Consul back: the stale stream gets a whole fresh snapshot, no delta.
+    h.consul.restart().await;
+    let fresh = next(&mut second).await?;
+    assert!(
+        matches!(fresh.kind, Some(Kind::Snapshot(_))) && !fresh.stale,
+        "{fresh:?}"
+    );
+    assert_eq!(fresh.version, stale.version + 1);
+    Ok(())
+}

@@ -149,3 +149,58 @@ async fn routing_data_without_endpoints_never_replaces_a_good_dump() {
     assert_eq!(routes["services"]["users"][0]["id"], "users-1");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn stale_bridge_snapshot_keeps_the_dump_until_consul_answers_again() {
+    let orders = TestUpstream::start("orders-1", Behaviour::Echo).await;
+    let orders2 = TestUpstream::start("orders-2", Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = FakeBridge::start(vec![service(
+        "orders",
+        vec![endpoint("orders-1", orders.addr)],
+    )])
+    .await;
+    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    proxy.wait_service("orders", 1).await;
+    let dump_path = proxy.dump_path();
+    eventually("dump written", || async {
+        std::fs::read_to_string(&dump_path)
+            .ok()
+            .filter(|t| t.contains("orders-1"))
+    })
+    .await;
+    proxy.stop().await;
+
+    // The bridge has lost Consul: its snapshot is its last answer, as old
+    // as the outage. The restarted proxy keeps saying it routes from the dump.
+    bridge.set_stale(true);
+    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    eventually("the stale snapshot received", || async {
+        let metrics = get(proxy.admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        text.lines()
+            .any(|l| l.starts_with("mesh_proxy_discovery_updates_total ") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    let routes = proxy.routes().await;
+    assert_eq!(routes["source"], "dump", "{routes}");
+    assert_eq!(
+        get(proxy.addr, "/orders/", &[]).await.instance(),
+        "orders-1"
+    );
+
+    // Consul answers again: the fresh snapshot replaces the dump.
+    bridge.set_stale(false);
+    bridge.snapshot(vec![service(
+        "orders",
+        vec![endpoint("orders-2", orders2.addr)],
+    )]);
+    proxy
+        .wait_routes("live routes from the fresh snapshot", |r| {
+            r["source"] == "live" && r["services"]["orders"][0]["id"] == "orders-2"
+        })
+        .await;
+    proxy.stop().await;
+    bridge.stop().await;
+}

@@ -78,6 +78,8 @@ pub enum Reply {
 pub struct BridgeState {
     services: Mutex<Vec<pb::ServiceEndpoints>>,
     version: AtomicU64,
+    /// Snapshots say the bridge cannot reach Consul.
+    stale: std::sync::atomic::AtomicBool,
     subscribers: Mutex<Vec<mpsc::Sender<Result<pb::RouteUpdate, Status>>>>,
     pub watches: Mutex<Vec<pb::WatchRequest>>,
     pub registered: Mutex<Vec<pb::ServiceRegistration>>,
@@ -104,6 +106,7 @@ impl FakeBridge {
         let state = Arc::new(BridgeState {
             services: Mutex::new(services),
             version: AtomicU64::new(0),
+            stale: std::sync::atomic::AtomicBool::new(false),
             subscribers: Mutex::new(Vec::new()),
             watches: Mutex::new(Vec::new()),
             registered: Mutex::new(Vec::new()),
@@ -140,6 +143,11 @@ impl FakeBridge {
         let removed = removed.into_iter().map(str::to_owned).collect();
         self.state
             .send(Kind::Delta(pb::Delta { upserted, removed }));
+    }
+
+    /// Marks the snapshots sent from now on as stale (Consul unreachable).
+    pub fn set_stale(&self, stale: bool) {
+        self.state.stale.store(stale, Ordering::SeqCst);
     }
 
     pub fn set_reply(&self, reply: Reply) {
@@ -179,6 +187,7 @@ impl BridgeState {
         let update = pb::RouteUpdate {
             version: self.version.fetch_add(1, Ordering::SeqCst) + 1,
             kind: Some(kind),
+            stale: self.stale.load(Ordering::SeqCst),
         };
         let mut subs = self.subscribers.lock().unwrap();
         subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
@@ -244,6 +253,7 @@ impl Discovery for BridgeState {
         let first = pb::RouteUpdate {
             version: self.version.fetch_add(1, Ordering::SeqCst) + 1,
             kind: Some(Kind::Snapshot(pb::Snapshot { services })),
+            stale: self.stale.load(Ordering::SeqCst),
         };
         tx.try_send(Ok(first)).unwrap();
         self.subscribers.lock().unwrap().push(tx);

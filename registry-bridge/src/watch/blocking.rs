@@ -8,7 +8,9 @@
 //! - on an error or an untrusted answer keep the index and what is known,
 //!   and wait a jittered, growing delay ([`Backoff`]);
 //! - reads are `?stale`, so any server answers during an election; the
-//!   `trust` rules keep such answers from shrinking a set.
+//!   `trust` rules keep such answers from shrinking a set;
+//! - every read tells the hub whether Consul answered, and a loop in
+//!   backoff retries at once when another one finds Consul back.
 
 use std::{future::Future, time::Duration};
 
@@ -118,6 +120,7 @@ pub(crate) async fn run<S: Source>(source: &S, tx: watch::Sender<S::View>, hub: 
             return;
         };
         hub.metrics.consul_call(&result);
+        hub.set_reachable(result.is_ok());
         let pause = match result {
             Ok(answer) => {
                 if opts.is_blocking() {
@@ -134,8 +137,11 @@ pub(crate) async fn run<S: Source>(source: &S, tx: watch::Sender<S::View>, hub: 
             }
         };
         if let Some(pause) = pause {
+            // A loop that failed retries as soon as another one finds
+            // Consul back, instead of waiting out its backoff.
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                _ = hub.recovered(), if failing => {}
                 _ = shutdown.requested() => return,
             }
         }
