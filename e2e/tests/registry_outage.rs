@@ -149,9 +149,25 @@ async fn consul_down_routing_goes_on_restarted_proxy_serves_dump_and_registratio
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    // Read once the proxy has had time to reach the (running) bridge, so the
-    // answer does not depend on which came first.
-    tokio::time::sleep_until((started + Duration::from_secs(1)).into()).await;
+    // Read once the proxy got the (running) bridge's snapshot, so the answer
+    // does not depend on which came first.
+    eventually(
+        "the restarted proxy hears from its bridge",
+        Duration::from_secs(10),
+        || async {
+            let metrics = mesh.nodes[n2].proxy_admin("/metrics").await?.text();
+            let received = metrics
+                .lines()
+                .filter_map(|l| l.strip_prefix("mesh_proxy_discovery_updates_total "))
+                .any(|v| v.trim() != "0");
+            if !received {
+                bail!("no discovery update yet");
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
     let source = routes_source(&mesh.nodes[n2]).await.unwrap();
     println!(
         "proxy restarted with Consul down: first 200 after {served:?}, /routes source {source:?}"

@@ -1,0 +1,123 @@
+//! The README's first command: `meshctl dev up --demo` brings up Consul,
+//! mesh-bridge, mesh-proxy and two demo services on one host, the demo
+//! services answer by name through 127.0.0.1:8888, and Ctrl-C stops all
+//! it started. Run in a namespace of its own, so its fixed ports (8500,
+//! 8888, …) are that host's and clash with nothing.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mesh_e2e::{HttpClient, bins, eventually, netns::Network, process::Process};
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
+    let mut net = Network::create().unwrap();
+    let host = net.add_host("dev", 2).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-devup", net.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let meshctl = bins::workspace_bin("meshctl").unwrap();
+    let data = dir.join("data");
+    let mut up = Process::new(
+        "meshctl",
+        &host,
+        &meshctl,
+        [
+            "dev".as_ref(),
+            "up".as_ref(),
+            "--demo".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        dir.join("meshctl.log"),
+    );
+    up.start().unwrap();
+    let started = Instant::now();
+
+    let proxy = "127.0.0.1:8888".parse().unwrap();
+    let result = eventually(
+        "both demo services answer through the proxy",
+        Duration::from_secs(120),
+        || {
+            let host = host.clone();
+            async move {
+                let mut client = HttpClient::new(&host, proxy);
+                let hello = client.get("/hello/some/path").await?;
+                let echo = client
+                    .request(
+                        hyper::Method::GET,
+                        "/any",
+                        &[("host", "echo")],
+                        Default::default(),
+                    )
+                    .await?;
+                if hello.status != 200 || echo.status != 200 {
+                    bail!("hello {} echo {}", hello.status, echo.status);
+                }
+                Ok((hello.json()?, echo.json()?))
+            }
+        },
+    )
+    .await;
+    let (hello, echo) = match result {
+        Ok(answers) => answers,
+        Err(e) => panic!("{e:#}\n--- meshctl log ---\n{}", up.log_tail(40)),
+    };
+    println!(
+        "meshctl dev up --demo: demo services answer after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(hello["service"], "hello", "{hello}");
+    assert_eq!(hello["path"], "/some/path", "{hello}");
+    assert_eq!(echo["service"], "echo", "{echo}");
+    let printed = eventually("meshctl prints its table", Duration::from_secs(30), || {
+        let printed = up.log();
+        async move {
+            if !printed.contains("Press Ctrl-C") {
+                bail!("not yet:\n{printed}");
+            }
+            Ok(printed)
+        }
+    })
+    .await
+    .unwrap();
+    for address in [
+        "127.0.0.1:8500",
+        "127.0.0.1:8888",
+        "127.0.0.1:8889",
+        "127.0.0.1:8890",
+        "127.0.0.1:8891",
+    ] {
+        assert!(
+            printed.contains(address),
+            "meshctl did not print {address}:\n{printed}"
+        );
+    }
+
+    // Ctrl-C: meshctl stops everything it started, then exits cleanly.
+    up.signal(Signal::SIGINT).unwrap();
+    let status = up.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        status.success(),
+        "meshctl exited with {status}:\n{}",
+        up.log_tail(20)
+    );
+    eventually(
+        "no process left in the host",
+        Duration::from_secs(10),
+        || {
+            let host = host.clone();
+            async move {
+                let left = host.pids();
+                if !left.is_empty() {
+                    bail!("still running: {left:?}");
+                }
+                Ok(())
+            }
+        },
+    )
+    .await
+    .context("after Ctrl-C")
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
