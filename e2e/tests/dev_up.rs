@@ -7,15 +7,20 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use mesh_e2e::{HttpClient, bins, eventually, netns::Network, process::Process};
+use mesh_e2e::{
+    HttpClient, bins, eventually,
+    netns::{self, Network},
+    process::Process,
+};
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
     let mut net = Network::create().unwrap();
     let host = net.add_host("dev", 2).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-devup", net.id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch(netns::scratch_dir().join(format!("{}-devup", net.id())));
+    let dir = &dir.0;
+    std::fs::create_dir_all(dir).unwrap();
     let meshctl = bins::workspace_bin("meshctl").unwrap();
     let data = dir.join("data");
     let mut up = Process::new(
@@ -119,5 +124,13 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
     .await
     .context("after Ctrl-C")
     .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The test's files, removed when it ends, also when it fails.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
