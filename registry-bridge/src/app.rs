@@ -11,8 +11,8 @@ use mesh_runtime::{
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tracing::Instrument;
 
 use crate::{
@@ -178,9 +178,13 @@ async fn serve_grpc(
         .add_service(health)
         .add_service(RegistryServer::new(registry))
         .add_service(DiscoveryServer::new(discovery))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.requested().await
-        })
+        // Updates are small writes that must leave at once: without
+        // TCP_NODELAY, Nagle holds one back until the previous is acked,
+        // which a delayed ACK stretches to tens of milliseconds.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move { shutdown.requested().await },
+        )
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
