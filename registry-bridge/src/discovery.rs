@@ -21,7 +21,7 @@ use std::{pin::Pin, time::Duration};
 use futures::{Stream, StreamExt, stream};
 use mesh_proto::v1::{RouteUpdate, WatchRequest, discovery_server::Discovery, route_update::Kind};
 use mesh_runtime::shutdown::Shutdown;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -55,6 +55,7 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<RouteUpdate, Status>> + 
 struct Feed {
     sub: Subscriber,
     watches: Watches,
+    reachability: watch::Receiver<bool>,
     version: u64,
     sent: State,
     /// The last snapshot was sent while Consul was unreachable.
@@ -94,6 +95,7 @@ impl Discovery for DiscoveryApi {
         let feed = Feed {
             sub: Subscriber::new(&self.watches, &names),
             watches: self.watches.clone(),
+            reachability: self.watches.reachability(),
             version: 0,
             sent: State::new(),
             stale: false,
@@ -205,10 +207,13 @@ impl Feed {
         }
     }
 
-    /// Waits for a change; `None` on shutdown.
+    /// Waits for a change of a view, or of Consul's reachability while
+    /// the last snapshot was stale; `None` on shutdown.
     async fn changed(&mut self) -> Option<()> {
+        let stale = self.stale;
         tokio::select! {
             alive = self.sub.changed() => alive.then_some(()),
+            _ = self.reachability.changed(), if stale => Some(()),
             _ = self.shutdown.requested() => None,
         }
     }

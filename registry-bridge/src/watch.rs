@@ -116,6 +116,12 @@ impl Watches {
         *self.hub.reachable.borrow()
     }
 
+    /// Follows [`Watches::reachable`]: changes each time Consul goes away
+    /// or comes back.
+    pub fn reachability(&self) -> watch::Receiver<bool> {
+        self.hub.reachable.subscribe()
+    }
+
     /// Number of services with a running loop.
     pub fn active(&self) -> usize {
         self.hub.services.len()
@@ -155,8 +161,9 @@ impl Hub {
     }
 
     /// Records whether a Consul read got an answer. A change wakes the
-    /// subscribers (a stale stream gets a fresh snapshot) and, when Consul
-    /// is back, the loops waiting out a backoff.
+    /// subscribers following [`Watches::reachability`] (a stale stream gets
+    /// a fresh snapshot) and, when Consul is back, the loops waiting out a
+    /// backoff.
     fn set_reachable(&self, reachable: bool) {
         if self
             .reachable
@@ -165,7 +172,6 @@ impl Hub {
             self.metrics
                 .consul_reachable
                 .set(if reachable { 1.0 } else { 0.0 });
-            self.bump();
         }
     }
 
