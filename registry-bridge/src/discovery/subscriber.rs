@@ -9,6 +9,11 @@ use tokio::sync::watch;
 use super::diff::State;
 use crate::watch::{CatalogView, ServiceView, Watches};
 
+/// Catalog services that are never routes: Consul registers its servers
+/// as `consul`, on their RPC port, which speaks no HTTP. Asked for by name
+/// they are still watched.
+const NOT_ROUTES: &[&str] = &["consul"];
+
 /// The watches of one subscriber.
 #[derive(Debug)]
 pub(crate) struct Subscriber {
@@ -51,7 +56,7 @@ impl Subscriber {
         }
         // Dropping a receiver lets its loop stop when nobody else watches.
         self.services.retain(|name, _| names.contains(name));
-        for name in names.iter() {
+        for name in names.iter().filter(|n| !NOT_ROUTES.contains(&n.as_str())) {
             if !self.services.contains_key(name) {
                 let rx = self.watches.service(name);
                 self.services.insert(name.clone(), rx);
