@@ -5,6 +5,8 @@
 //!
 //! `GET /health` answers 200 or 503; `PUT /_demo/health` with body `fail` or
 //! `ok` flips it, so that tests and demos can make Consul see it critical.
+//! `GET /_demo/ws` is a WebSocket echo: each text message comes back as
+//! `<instance>: <text>`, each binary one as it is.
 
 use std::{
     net::SocketAddr,
@@ -18,7 +20,10 @@ use std::{
 use anyhow::Context;
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{
+        State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
     http::{HeaderMap, StatusCode, Uri},
     response::IntoResponse,
     routing::{get, put},
@@ -77,6 +82,7 @@ pub async fn serve(config: DemoConfig) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/_demo/health", put(set_health))
+        .route("/_demo/ws", get(ws_echo))
         .fallback(answer)
         .with_state(demo);
     let (trigger, mut stop) = shutdown::channel();
@@ -180,6 +186,25 @@ async fn set_health(State(demo): State<Demo>, body: String) -> impl IntoResponse
         }
     }
     (StatusCode::OK, format!("{}\n", body.trim()))
+}
+
+async fn ws_echo(State(demo): State<Demo>, ws: WebSocketUpgrade) -> impl IntoResponse {
+    ws.on_upgrade(move |socket| echo_socket(socket, demo.id))
+}
+
+async fn echo_socket(mut socket: WebSocket, id: Arc<str>) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let reply = match message {
+            Message::Text(text) => Message::Text(format!("{id}: {}", text.as_str()).into()),
+            Message::Binary(bytes) => Message::Binary(bytes),
+            Message::Close(_) => break,
+            // Pings are answered by axum itself.
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn answer(State(demo): State<Demo>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {

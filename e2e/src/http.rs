@@ -161,8 +161,17 @@ impl HttpClient {
         let resp = conn.sender.send_request(req).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.context("read body")?.to_bytes();
-        // Kept for the next request only once the whole exchange succeeded.
-        self.conn = Some(conn);
+        // Kept for the next request only once the whole exchange succeeded,
+        // and unless the server said it closes it (RFC 9112 §9.6: no
+        // further request on that connection).
+        let closing = parts
+            .headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if !closing {
+            self.conn = Some(conn);
+        }
         Ok(Response {
             status: parts.status,
             headers: parts.headers,

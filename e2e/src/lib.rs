@@ -21,21 +21,26 @@
 //!
 //! **Use.** `Mesh::start(MeshOptions::nodes(2))` brings up the cluster and
 //! the nodes; `mesh.nodes[0].serve("svc", "svc-1")` starts a test service
-//! that registers itself through node 1's proxy; `node.get("/svc/")`,
+//! that registers itself through node 1's proxy (`serve_grpc_echo` for
+//! a gRPC one, [`echo::channel`] to call it); `node.get("/svc/")`,
 //! `node.register(..)`, `node.routes()`, `node.proxy.kill()`,
 //! `mesh.kill_leader()`, [`Load::start`] and [`eventually`] do the rest.
 //!
 //! Modules:
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
+//! - [`echo`]: the gRPC echo test service (`grpc-echo` binary) and a client through a proxy.
 //! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
 //! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
 //! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
 //! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
 //! - [`load`]: a load generator through a proxy, recording every outcome.
+//! - [`fault`]: a TCP fault proxy in a namespace: added latency, hang, reset.
 //! - [`wait`]: `eventually`, assertions polled until a deadline.
 
 pub mod bins;
+pub mod echo;
+pub mod fault;
 pub mod http;
 pub mod load;
 pub mod mesh;

@@ -237,25 +237,48 @@ impl Node {
 
     /// Starts an instance without waiting for anything.
     pub fn spawn_instance(&mut self, service: &str, id: &str) -> Result<SocketAddr> {
+        let meshctl = self.meshctl.clone();
+        self.spawn_program(service, id, &meshctl, &["demo", "serve"])
+    }
+
+    /// Starts an instance of the gRPC echo service (`grpc-echo`, tag
+    /// `grpc`) on this node; it registers itself through this node's
+    /// proxy. Waits until its registration is in the node's agent.
+    pub async fn serve_grpc_echo(&mut self, service: &str, id: &str) -> Result<SocketAddr> {
+        let program = crate::bins::workspace_bin("grpc-echo")?;
+        let addr = self.spawn_program(service, id, &program, &[])?;
+        self.wait_registered(id, Duration::from_secs(15)).await?;
+        Ok(addr)
+    }
+
+    /// Starts `program <leading> --name service --listen <addr> --id id`
+    /// on this node's address with its own port.
+    fn spawn_program(
+        &mut self,
+        service: &str,
+        id: &str,
+        program: &Path,
+        leading: &[&str],
+    ) -> Result<SocketAddr> {
         if self.instances.contains_key(id) {
             bail!("{}: instance {id} exists", self.name);
         }
         let addr = SocketAddr::from((self.ip(), self.next_port));
         self.next_port += 1;
+        let mut args: Vec<String> = leading.iter().map(|a| (*a).to_owned()).collect();
+        args.extend([
+            "--name".into(),
+            service.into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--id".into(),
+            id.into(),
+        ]);
         let mut process = Process::new(
             format!("{}/{id}", self.name),
             &self.ns,
-            &self.meshctl,
-            [
-                "demo".to_owned(),
-                "serve".into(),
-                "--name".into(),
-                service.into(),
-                "--listen".into(),
-                addr.to_string(),
-                "--id".into(),
-                id.into(),
-            ],
+            program,
+            args,
             self.dir
                 .parent()
                 .unwrap_or(&self.dir)

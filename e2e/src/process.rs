@@ -55,6 +55,13 @@ impl Process {
         }
     }
 
+    /// A second process like this one (namespace, program, arguments)
+    /// under another name and log file, not started: e.g. a new proxy
+    /// taking over from a running one.
+    pub fn sibling(&self, name: impl Into<String>, log: impl Into<PathBuf>) -> Self {
+        Self::new(name, &self.ns, self.program.clone(), self.args.clone(), log)
+    }
+
     /// The process's name in reports (e.g. `n1/proxy`).
     pub fn name(&self) -> &str {
         &self.name

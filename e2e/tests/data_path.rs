@@ -201,7 +201,13 @@ async fn leaving_instance_gets_no_requests_within_2s(how: Leave) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_share_load_within_10_percent_round_robin() {
-    let mut mesh = Mesh::start(MeshOptions::nodes(2)).await.unwrap();
+    // Round robin by name: the default (P2C over latency) favours the
+    // instance on the caller's own node, by design.
+    let opts = MeshOptions {
+        proxy_args: vec!["--lb".into(), "round-robin".into()],
+        ..MeshOptions::nodes(2)
+    };
+    let mut mesh = Mesh::start(opts).await.unwrap();
     mesh.nodes[0].serve("rr", "rr-1").await.unwrap();
     mesh.nodes[0].serve("rr", "rr-2").await.unwrap();
     mesh.nodes[1].serve("rr", "rr-3").await.unwrap();

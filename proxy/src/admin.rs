@@ -1,6 +1,7 @@
 //! The proxy's own admin route, next to the shared `/live`, `/ready` and
 //! `/metrics`: `/routes`, what the proxy routes to right now and where it
-//! came from (nginx-upsync's `upstream_show`).
+//! came from (nginx-upsync's `upstream_show`), with each endpoint's load,
+//! latency estimate and ejection.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -12,6 +13,9 @@ use crate::table::{Routes, RoutingTable, Source, now_unix_ms};
 /// `/routes` as JSON.
 #[derive(Debug, Serialize)]
 pub struct RoutesView {
+    /// The proxy process's id: during a takeover both processes answer on
+    /// the shared admin port, and this tells them apart.
+    pub pid: u32,
     /// `live`, `dump` or `none`.
     pub source: &'static str,
     /// The bridge's version of the table.
@@ -39,6 +43,13 @@ pub struct EndpointView {
     pub tags: Vec<String>,
     /// Requests in flight to it.
     pub in_flight: usize,
+    /// When its ejection by outlier detection ends, in Unix milliseconds;
+    /// `null` when it is not ejected.
+    pub ejected_until: Option<u64>,
+    /// Its failures in a row so far.
+    pub consecutive_failures: u32,
+    /// Its peak-EWMA latency estimate, in milliseconds.
+    pub latency_ewma_ms: f64,
 }
 
 /// The router serving `/routes`.
@@ -55,6 +66,8 @@ async fn show(State(routes): State<Arc<Routes>>) -> Json<RoutesView> {
 impl RoutesView {
     /// The view of `table`.
     pub fn of(table: &RoutingTable) -> Self {
+        let now = tokio::time::Instant::now();
+        let now_ms = now_unix_ms();
         let services = table
             .services()
             .map(|s| {
@@ -68,6 +81,12 @@ impl RoutesView {
                         node: e.node.clone(),
                         tags: e.tags.clone(),
                         in_flight: e.upstream.in_flight(),
+                        ejected_until: e.state.health.ejected_until(now).map(|until| {
+                            let left = until.saturating_duration_since(now).as_millis();
+                            now_ms.saturating_add(u64::try_from(left).unwrap_or(u64::MAX))
+                        }),
+                        consecutive_failures: e.state.health.consecutive_failures(),
+                        latency_ewma_ms: (e.state.ewma.estimate(now) / 1e4).round() / 100.0,
                     })
                     .collect();
                 (s.name().to_string(), endpoints)
@@ -78,6 +97,7 @@ impl RoutesView {
             _ => now_unix_ms().saturating_sub(table.updated_at_unix_ms),
         };
         Self {
+            pid: std::process::id(),
             source: match table.source {
                 Source::None => "none",
                 Source::Dump => "dump",

@@ -1,9 +1,53 @@
-//! Picking an instance: round robin, or least-request by the power of two
-//! choices (the less busy of two random instances, which is nearly as good
-//! as the least busy of all and needs no scan). A retry passes the
-//! instances already [`Tried`] so that it goes to another one.
+//! Picking an instance for one attempt, as the route's policy says:
+//!
+//! - `p2c-ewma` (the default): the cheaper of two random instances, where
+//!   the cost is the peak-EWMA latency times the requests in flight plus
+//!   one (Finagle's and Linkerd's balancer): slow or busy instances get
+//!   less, without a scan.
+//! - `least-request`: the less busy of two random instances.
+//! - `round-robin`: each instance in turn.
+//! - `consistent-hash`: the instance owning the request's key on a hash
+//!   ring ([`ring`]); without a key, as `p2c-ewma`.
+//!
+//! `weights` split traffic first among groups of instances, by version
+//! (Meta `version`) or else tag: `{ v2 = 10, v1 = 90 }` sends about 10 % to
+//! the `v2` instances, then the algorithm picks within the group (with a
+//! hash key, the group too is chosen by the key, so a user stays on it).
+//!
+//! Ejected instances ([`crate::outlier`]) and those a request was already
+//! [`Tried`] on are left out; when only ejected ones remain, they are used
+//! rather than none. Nothing here locks or allocates: random positions are
+//! drawn until one is usable (a few draws, since at most half are ejected)
+//! before falling back to counting.
 
-use crate::{config::LoadBalancing, table::Service};
+pub mod ewma;
+pub mod ring;
+
+use tokio::time::Instant;
+
+pub use self::{
+    ewma::Ewma,
+    ring::{HashOn, Ring},
+};
+use crate::{
+    config::LoadBalancing,
+    outlier::Health,
+    policy::RoutePolicy,
+    table::{Endpoint, Service},
+};
+
+/// Draws of a random usable instance before counting them instead.
+const DRAWS: usize = 8;
+
+/// An instance's state that outlives routing tables: its latency estimate
+/// and its failure record.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    /// Peak-EWMA latency.
+    pub ewma: Ewma,
+    /// Consecutive failures and ejection.
+    pub health: Health,
+}
 
 /// Instances a request has been tried on, by index in the service's list.
 /// Allocates only past the first retry.
@@ -20,7 +64,7 @@ impl Tried {
     pub fn add(&mut self, i: usize) {
         if self.first.is_none() {
             self.first = Some(i);
-        } else {
+        } else if !self.contains(i) {
             self.more.push(i);
         }
     }
@@ -39,126 +83,163 @@ impl Tried {
     }
 }
 
-/// The index of the instance of `service` to try next, never one in
-/// `tried`; `None` when every instance was tried (or there is none).
-pub fn pick(lb: LoadBalancing, service: &Service, tried: &Tried) -> Option<usize> {
-    let n = service.endpoints().len();
+/// The index of the instance of `service` to try next under `policy`,
+/// never one in `tried`; `None` when every instance was tried (or there is
+/// none). `hash` is the request's key for `consistent-hash`.
+pub fn pick(
+    service: &Service,
+    policy: &RoutePolicy,
+    tried: &Tried,
+    hash: Option<u64>,
+    now: Instant,
+) -> Option<usize> {
+    let endpoints = service.endpoints();
+    let n = endpoints.len();
     if n == 0 || tried.count() >= n {
         return None;
     }
-    match lb {
-        LoadBalancing::RoundRobin => round_robin(service, n, tried),
-        LoadBalancing::LeastRequest => least_request(service, n, tried),
+    let untried = |i: usize| !tried.contains(i);
+    let healthy = |i: usize| !endpoints[i].state.health.is_ejected(now);
+    let group = choose_group(endpoints, &policy.weights, tried, hash, now);
+    let in_group =
+        |i: usize| group.is_none_or(|g| group_of(&endpoints[i], &policy.weights) == Some(g));
+    let pick =
+        |usable: &dyn Fn(usize) -> bool| by_policy(service, policy, tried, hash, now, usable);
+    pick(&|i| untried(i) && in_group(i) && healthy(i))
+        // Only ejected instances left (in the group): better than none.
+        .or_else(|| pick(&|i| untried(i) && in_group(i)))
+        .or_else(|| group.and_then(|_| pick(&untried)))
+}
+
+fn by_policy(
+    service: &Service,
+    policy: &RoutePolicy,
+    tried: &Tried,
+    hash: Option<u64>,
+    now: Instant,
+    usable: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    let endpoints = service.endpoints();
+    match (policy.lb, hash) {
+        (LoadBalancing::RoundRobin, _) => round_robin(service, tried, usable),
+        (LoadBalancing::LeastRequest, _) => {
+            let (a, b) = two(endpoints.len(), usable)?;
+            let load = |i: usize| endpoints[i].upstream.in_flight();
+            Some(b.filter(|b| load(*b) < load(a)).unwrap_or(a))
+        }
+        (LoadBalancing::ConsistentHash, Some(hash)) => service.ring().find(hash, usable),
+        (LoadBalancing::P2cEwma | LoadBalancing::ConsistentHash, _) => {
+            let (a, b) = two(endpoints.len(), usable)?;
+            let cost = |i: usize| {
+                let e = &endpoints[i];
+                e.state.ewma.estimate(now) * (e.upstream.in_flight() + 1) as f64
+            };
+            Some(b.filter(|b| cost(*b) < cost(a)).unwrap_or(a))
+        }
     }
 }
 
-fn round_robin(service: &Service, n: usize, tried: &Tried) -> Option<usize> {
+fn round_robin(service: &Service, tried: &Tried, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    let n = service.endpoints().len();
     // A retry takes the instance after the one that failed without
     // moving the shared cursor: otherwise every retry would skip one turn
     // and the next request would meet the failing instance again.
-    let start = match tried.last() {
-        Some(last) => (last + 1) % n,
-        None => service.next_index() % n,
-    };
-    (0..n)
-        .map(|k| (start + k) % n)
-        .find(|i| !tried.contains(*i))
+    if let Some(last) = tried.last() {
+        return (1..=n).map(|k| (last + k) % n).find(|i| usable(*i));
+    }
+    let turn = service.next_index();
+    if usable(turn % n) {
+        return Some(turn % n);
+    }
+    // Some are left out (ejected, another weight group): the turn goes
+    // round the usable ones, so that each still gets an even share.
+    let count = (0..n).filter(|i| usable(*i)).count();
+    (count > 0)
+        .then(|| (0..n).filter(|i| usable(*i)).nth(turn % count))
+        .flatten()
 }
 
-fn least_request(service: &Service, n: usize, tried: &Tried) -> Option<usize> {
-    let untried = n - tried.count();
-    if untried == 1 {
-        return (0..n).find(|i| !tried.contains(*i));
-    }
-    // Two distinct random positions among the untried instances.
-    let a = fastrand::usize(..untried);
-    let mut b = fastrand::usize(..untried - 1);
-    if b >= a {
-        b += 1;
-    }
-    let (a, b) = (nth_untried(n, tried, a)?, nth_untried(n, tried, b)?);
-    let load = |i: usize| service.endpoints()[i].upstream.in_flight();
-    Some(if load(b) < load(a) { b } else { a })
+/// Two distinct random usable positions out of `n` (the second is `None`
+/// when only one is usable).
+fn two(n: usize, usable: &dyn Fn(usize) -> bool) -> Option<(usize, Option<usize>)> {
+    let a = random_usable(n, &|i| usable(i))?;
+    let b = random_usable(n, &|i| i != a && usable(i));
+    Some((a, b))
 }
 
-fn nth_untried(n: usize, tried: &Tried, k: usize) -> Option<usize> {
-    if tried.count() == 0 {
-        return Some(k);
+/// A uniformly random usable position: a few draws, then counting.
+fn random_usable(n: usize, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    for _ in 0..DRAWS {
+        let i = fastrand::usize(..n);
+        if usable(i) {
+            return Some(i);
+        }
     }
-    (0..n).filter(|i| !tried.contains(*i)).nth(k)
+    let count = (0..n).filter(|i| usable(*i)).count();
+    if count == 0 {
+        return None;
+    }
+    (0..n).filter(|i| usable(*i)).nth(fastrand::usize(..count))
+}
+
+/// The weight group of an instance: the position in `weights` of its Meta
+/// `version`, or else of its first tag that has a weight.
+fn group_of(e: &Endpoint, weights: &[(Box<str>, u32)]) -> Option<usize> {
+    let position = |key: &str| weights.iter().position(|(k, _)| &**k == key);
+    if let Some(g) = e.meta.get("version").and_then(|v| position(v)) {
+        return Some(g);
+    }
+    e.tags.iter().find_map(|t| position(t))
+}
+
+/// The group this attempt goes to: drawn by weight (or by the key's hash)
+/// among the groups that have an untried instance, preferring groups with
+/// a healthy one. `None`: no weights, or no instance in any group.
+fn choose_group(
+    endpoints: &[Endpoint],
+    weights: &[(Box<str>, u32)],
+    tried: &Tried,
+    hash: Option<u64>,
+    now: Instant,
+) -> Option<usize> {
+    if weights.is_empty() {
+        return None;
+    }
+    // Bit g: group g has an untried instance; healthy ones apart.
+    let (mut healthy, mut any) = (0u32, 0u32);
+    for (i, e) in endpoints.iter().enumerate() {
+        if tried.contains(i) {
+            continue;
+        }
+        if let Some(g) = group_of(e, weights) {
+            any |= 1 << g;
+            if !e.state.health.is_ejected(now) {
+                healthy |= 1 << g;
+            }
+        }
+    }
+    let present = if healthy != 0 { healthy } else { any };
+    let total: u64 = weights
+        .iter()
+        .enumerate()
+        .filter(|(g, _)| present & (1 << g) != 0)
+        .map(|(_, (_, w))| u64::from(*w))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = hash.map_or_else(|| fastrand::u64(..total), |h| h % total);
+    for (g, (_, w)) in weights.iter().enumerate() {
+        if present & (1 << g) == 0 {
+            continue;
+        }
+        if r < u64::from(*w) {
+            return Some(g);
+        }
+        r -= u64::from(*w);
+    }
+    None
 }
 
 #[cfg(test)]
-mod tests {
-    use mesh_proto::v1 as pb;
-    use mesh_runtime::metrics::Registry;
-
-    use super::*;
-    use crate::{
-        metrics::ProxyMetrics,
-        table::{Builder, RoutingTable, Source},
-    };
-
-    fn table(n: u32) -> RoutingTable {
-        let metrics = ProxyMetrics::new(&Registry::new());
-        let endpoints = (1..=n)
-            .map(|p| pb::Endpoint {
-                id: format!("i{p}"),
-                address: "127.0.0.1".into(),
-                port: p,
-                ..Default::default()
-            })
-            .collect();
-        let svc = pb::ServiceEndpoints {
-            name: "orders".into(),
-            endpoints,
-        };
-        Builder::new(&RoutingTable::empty(), &metrics).snapshot(&[svc], Source::Live, 1, 0)
-    }
-
-    #[test]
-    fn round_robin_spreads_evenly() {
-        let t = table(3);
-        let s = t.get("orders").unwrap();
-        let mut counts = [0; 3];
-        for _ in 0..300 {
-            counts[pick(LoadBalancing::RoundRobin, s, &Tried::default()).unwrap()] += 1;
-        }
-        assert_eq!(counts, [100, 100, 100]);
-    }
-
-    #[test]
-    fn retries_go_to_another_instance_until_none_is_left() {
-        for lb in [LoadBalancing::RoundRobin, LoadBalancing::LeastRequest] {
-            let t = table(3);
-            let s = t.get("orders").unwrap();
-            let mut tried = Tried::default();
-            for _ in 0..3 {
-                let i = pick(lb, s, &tried).unwrap();
-                assert!(!tried.contains(i), "{lb}: {i} twice");
-                tried.add(i);
-            }
-            assert_eq!(pick(lb, s, &tried), None, "{lb}");
-        }
-    }
-
-    #[test]
-    fn least_request_prefers_the_idle_instance() {
-        let t = table(2);
-        let s = t.get("orders").unwrap();
-        let _busy = s.endpoints()[0].upstream.start();
-        for _ in 0..50 {
-            assert_eq!(
-                pick(LoadBalancing::LeastRequest, s, &Tried::default()),
-                Some(1)
-            );
-        }
-    }
-
-    #[test]
-    fn no_instance_picks_nothing() {
-        let t = table(0);
-        let s = t.get("orders").unwrap();
-        assert_eq!(pick(LoadBalancing::RoundRobin, s, &Tried::default()), None);
-    }
-}
+mod tests;

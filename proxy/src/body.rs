@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::upstream::PooledBody;
+use crate::{retry::RetryBody, upstream::PooledBody};
 
 /// A response body sent to a client.
 #[derive(Debug)]
@@ -30,8 +30,11 @@ pub enum ProxyBody {
 pub enum UpstreamBody {
     /// The client's body, streamed.
     Incoming(Incoming),
-    /// No body: a replayed GET, HEAD or OPTIONS.
+    /// No body: a replayed bodyless request.
     Empty,
+    /// A body that may be sent again: the client's, copied as it streams,
+    /// or the copy (see [`crate::retry`]).
+    Retry(RetryBody),
 }
 
 // === impl ProxyBody ===
@@ -91,6 +94,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             Self::Incoming(body) => Pin::new(body).poll_frame(cx),
             Self::Empty => Poll::Ready(None),
+            Self::Retry(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -98,6 +102,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Incoming(body) => body.is_end_stream(),
             Self::Empty => true,
+            Self::Retry(body) => body.is_end_stream(),
         }
     }
 
@@ -105,6 +110,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Incoming(body) => body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
+            Self::Retry(body) => body.size_hint(),
         }
     }
 }

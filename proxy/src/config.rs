@@ -2,8 +2,14 @@
 //! environment, TOML file; every field optional) and [`Config`], the typed
 //! values [`Args::validate`] makes of them with the defaults of the port
 //! table applied. Libraries take a [`Config`]; only `main` reads argv.
+//!
+//! Route policies live in the file only: `[default_route]` and
+//! `[routes.<service>]` tables of [`RouteSpec`] keys (see [`crate::policy`]).
+//! `lb`, `retries` and `request_timeout` are the default route's `lb`,
+//! `retries` and `timeout` as flags; setting both forms is refused.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -14,6 +20,8 @@ use std::{
 use clap::Parser;
 use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{Policies, RouteSpec};
 
 /// hyper refuses a smaller read buffer than this, so it is also the floor
 /// for `max_header_bytes`.
@@ -69,24 +77,51 @@ pub struct Args {
     /// Largest request header block; larger ones get 431 (default 65536).
     #[arg(long, env = "MESH_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
-    /// Load balancing: round-robin or least-request (default round-robin).
+    /// Time requests, streams and tunnels in flight get to finish after
+    /// SIGTERM before the proxy exits (default 10s).
+    #[arg(long, env = "MESH_DRAIN_GRACE")]
+    pub drain_grace: Option<HumanDuration>,
+    /// Load balancing: p2c-ewma, round-robin, least-request or
+    /// consistent-hash (default p2c-ewma).
     #[arg(long, env = "MESH_LB")]
     pub lb: Option<LoadBalancing>,
     /// Retries on another instance when it is safe (default 2).
     #[arg(long, env = "MESH_RETRIES")]
     pub retries: Option<u32>,
+    /// Concurrent requests the outbound listener takes before it answers
+    /// 503 at once (default 10000; 0: no limit).
+    #[arg(long, env = "MESH_LISTENER_MAX_REQUESTS")]
+    pub listener_max_requests: Option<usize>,
+    /// Client connections the outbound listener keeps open; past them a
+    /// new one gets a 503 and is closed (default 10000; 0: no limit).
+    #[arg(long, env = "MESH_LISTENER_MAX_CONNECTIONS")]
+    pub listener_max_connections: Option<usize>,
+    /// Policy of every route, under the per-service ones (file only:
+    /// `[default_route]`).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_route: Option<RouteSpec>,
+    /// Per-service route policies (file only: `[routes.<service>]`).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, RouteSpec>,
 }
 
 /// How an instance is picked among a service's healthy ones.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadBalancing {
-    /// Each instance in turn.
+    /// The cheaper of two random instances, by peak-EWMA latency times
+    /// requests in flight.
     #[default]
+    P2cEwma,
+    /// Each instance in turn.
     RoundRobin,
     /// The less busy of two random instances (power of two choices on the
     /// number of requests in flight).
     LeastRequest,
+    /// By a hash of a header or cookie on a ring of the instances.
+    ConsistentHash,
 }
 
 /// The validated configuration the proxy runs with.
@@ -114,10 +149,20 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Largest request header block.
     pub max_header_bytes: usize,
-    /// Load balancing.
+    /// Time in-flight work gets to finish after SIGTERM.
+    pub drain_grace: Duration,
+    /// Load balancing of the default route.
     pub lb: LoadBalancing,
-    /// Retries on another instance.
+    /// Retries on another instance, on the default route.
     pub retries: u32,
+    /// The rest of the default route's policy.
+    pub default_route: RouteSpec,
+    /// Per-service route policies, by lowercase service name.
+    pub routes: BTreeMap<String, RouteSpec>,
+    /// Concurrent requests on the outbound listener (`None`: no limit).
+    pub listener_max_requests: Option<usize>,
+    /// Open client connections on the outbound listener (`None`: no limit).
+    pub listener_max_connections: Option<usize>,
     /// Budget for one call to the bridge's Registry.
     pub registration_timeout: Duration,
 }
@@ -162,11 +207,34 @@ impl Args {
                 "max_header_bytes: {max_header_bytes} is outside {MIN_HEADER_BYTES}..=16777216"
             ));
         }
-        let retries = self.retries.unwrap_or(2);
+        // The flags and the default route's keys are one setting each.
+        let mut default_route = self.default_route.unwrap_or_default();
+        let both = |key: &str, route_key: &str| {
+            format!("{key} and default_route.{route_key} are both set; keep one")
+        };
+        if self.lb.is_some() && default_route.lb.is_some() {
+            return Err(both("lb", "lb"));
+        }
+        if self.retries.is_some() && default_route.retries.is_some() {
+            return Err(both("retries", "retries"));
+        }
+        if self.request_timeout.is_some() && default_route.timeout.is_some() {
+            return Err(both("request_timeout", "timeout"));
+        }
+        let lb = self.lb.or(default_route.lb.take()).unwrap_or_default();
+        let retries = self.retries.or(default_route.retries.take()).unwrap_or(2);
         if retries > MAX_RETRIES {
             return Err(format!("retries: {retries} is more than {MAX_RETRIES}"));
         }
-        Ok(Config {
+        let request_timeout = self.request_timeout.or(default_route.timeout.take());
+        let mut routes = BTreeMap::new();
+        for (name, spec) in self.routes {
+            crate::agent::check_name(&name).map_err(|e| format!("routes.{name}: {e}"))?;
+            if routes.insert(name.to_ascii_lowercase(), spec).is_some() {
+                return Err(format!("routes.{name}: given twice (names ignore case)"));
+            }
+        }
+        let config = Config {
             log_format: self.log_format.unwrap_or_default(),
             node,
             listen: self.listen.unwrap_or(([127, 0, 0, 1], 8888).into()),
@@ -176,14 +244,28 @@ impl Args {
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| "/var/lib/meshwork/proxy".into()),
-            request_timeout: secs(self.request_timeout, 15, "request_timeout")?,
+            request_timeout: secs(request_timeout, 15, "request_timeout")?,
             connect_timeout: secs(self.connect_timeout, 1, "connect_timeout")?,
             header_read_timeout: secs(self.header_read_timeout, 10, "header_read_timeout")?,
             max_header_bytes,
-            lb: self.lb.unwrap_or_default(),
+            drain_grace: secs(self.drain_grace, 10, "drain_grace")?,
+            lb,
             retries,
+            default_route,
+            routes,
+            listener_max_requests: match self.listener_max_requests.unwrap_or(10_000) {
+                0 => None,
+                n => Some(n),
+            },
+            listener_max_connections: match self.listener_max_connections.unwrap_or(10_000) {
+                0 => None,
+                n => Some(n),
+            },
             registration_timeout: Duration::from_secs(2),
-        })
+        };
+        // Every route's policy, checked now rather than on first use.
+        Policies::from_config(&config)?;
+        Ok(config)
     }
 }
 
@@ -219,10 +301,13 @@ impl FromStr for LoadBalancing {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "p2c-ewma" => Ok(Self::P2cEwma),
             "round-robin" => Ok(Self::RoundRobin),
             "least-request" => Ok(Self::LeastRequest),
+            "consistent-hash" => Ok(Self::ConsistentHash),
             other => Err(format!(
-                "unknown load balancing {other:?}: expected round-robin or least-request"
+                "unknown load balancing {other:?}: expected p2c-ewma, round-robin, \
+                 least-request or consistent-hash"
             )),
         }
     }
@@ -231,8 +316,10 @@ impl FromStr for LoadBalancing {
 impl fmt::Display for LoadBalancing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::P2cEwma => "p2c-ewma",
             Self::RoundRobin => "round-robin",
             Self::LeastRequest => "least-request",
+            Self::ConsistentHash => "consistent-hash",
         })
     }
 }
@@ -259,8 +346,11 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.max_header_bytes, 65536);
-        assert_eq!(c.lb, LoadBalancing::RoundRobin);
+        assert_eq!(c.drain_grace, Duration::from_secs(10));
+        assert_eq!(c.lb, LoadBalancing::P2cEwma);
         assert_eq!(c.retries, 2);
+        assert_eq!(c.listener_max_requests, Some(10_000));
+        assert_eq!(c.listener_max_connections, Some(10_000));
         assert!(c.services.is_empty());
     }
 
@@ -296,5 +386,85 @@ mod tests {
             assert!(e.contains(key), "{argv:?}: {e}");
         }
         assert!(parse(&["--lb", "random"]).is_err());
+    }
+
+    fn from_file(text: &str, argv: &[&str]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut full = vec!["mesh-proxy", "--config", path.to_str().unwrap()];
+        full.extend_from_slice(argv);
+        let args = Args::try_parse_from(full).map_err(|e| e.to_string())?;
+        mesh_runtime::config::merge(args)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn route_policies_come_from_the_file() {
+        let c = from_file(
+            r#"
+            listener_max_requests = 0
+            [default_route]
+            lb = "round-robin"
+            timeout = "3s"
+            per_try_timeout = "1s"
+            [routes.Orders]
+            lb = "consistent-hash"
+            hash_cookie = "session"
+            [routes.checkout]
+            weights = { v2 = 10, v1 = 90 }
+            retries = 3
+            retry_non_idempotent = true
+            "#,
+            &["--retries", "1"],
+        )
+        .unwrap();
+        assert_eq!(c.lb, LoadBalancing::RoundRobin);
+        assert_eq!(c.retries, 1);
+        assert_eq!(c.request_timeout, Duration::from_secs(3));
+        assert_eq!(c.listener_max_requests, None);
+        let p = Policies::from_config(&c).unwrap();
+        let orders = p.get("orders");
+        assert_eq!(orders.lb, LoadBalancing::ConsistentHash);
+        assert_eq!(orders.per_try_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(orders.retries, 1);
+        let checkout = p.get("checkout");
+        assert_eq!(checkout.lb, LoadBalancing::RoundRobin);
+        assert_eq!(checkout.retries, 3);
+        assert!(checkout.retry_non_idempotent);
+        assert_eq!(checkout.weights.len(), 2);
+        assert_eq!(p.get("other").timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_bad_route_policy_is_one_line_naming_the_key() {
+        for (text, argv, key) in [
+            (
+                "[routes.orders]\nretries = 99",
+                &[][..],
+                "routes.orders.retries",
+            ),
+            ("[routes.orders]\nlbb = \"x\"", &[][..], "lbb"),
+            (
+                "[routes.\"bad name\"]\nretries = 1",
+                &[][..],
+                "routes.bad name",
+            ),
+            (
+                "[default_route]\nlb = \"round-robin\"",
+                &["--lb", "p2c-ewma"][..],
+                "default_route.lb",
+            ),
+            (
+                "[default_route]\nper_try_timeout = \"0s\"",
+                &[][..],
+                "default_route.per_try_timeout",
+            ),
+        ] {
+            let e = from_file(text, argv).unwrap_err();
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

@@ -2,9 +2,15 @@
 //! headers, and those a `Connection` header names, belong to one
 //! connection and are removed from requests and responses; the client's
 //! address is appended to `X-Forwarded-For`.
+//!
+//! Two hop-by-hop headers are forwarded on purpose: `TE: trailers` (gRPC
+//! needs it, and it is the one `TE` HTTP/2 allows), and, on a real HTTP/1.1
+//! upgrade request and its `101` answer, `Connection: upgrade` with
+//! `Upgrade`, which the proxy passes on so that the instance can accept
+//! the tunnel.
 
 use http::{
-    HeaderMap, HeaderName, HeaderValue,
+    HeaderMap, HeaderName, HeaderValue, StatusCode, Version,
     header::{
         CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
         UPGRADE,
@@ -29,6 +35,57 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
     PROXY_AUTHENTICATE,
 ];
+
+/// The `Upgrade` value of an upgrade request the proxy tunnels: HTTP/1.1,
+/// `Connection` names `upgrade`, and `Upgrade` is there. `h2c` is not
+/// tunnelled: it is about the client's hop to the proxy only.
+pub fn upgrade_of(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let upgrade = headers.get(UPGRADE)?;
+    let named = headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "upgrade"));
+    (named && !has_token(upgrade, "h2c")).then(|| upgrade.clone())
+}
+
+/// [`strip_hop_by_hop`] for a request about to go upstream: keeps
+/// `TE: trailers`, and for an upgrade request (`upgrade`, from
+/// [`upgrade_of`]) puts back `Connection: upgrade` and `Upgrade`.
+pub fn strip_request_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let trailers = headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, upgrade);
+    }
+}
+
+/// [`strip_hop_by_hop`] for a response: a `101 Switching Protocols` keeps
+/// its `Connection: upgrade` and `Upgrade`, which the client needs.
+pub fn strip_response_hop_by_hop(status: StatusCode, headers: &mut HeaderMap) {
+    let upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(upgrade) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, upgrade);
+    }
+}
+
+/// Whether a comma-separated header value lists `token` (ASCII case ignored).
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|list| {
+        list.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
 
 /// Removes the hop-by-hop headers and every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -125,6 +182,69 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn request_keeps_te_trailers_and_a_real_upgrade() {
+        let mut h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers, deflate"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "abc"),
+        ]);
+        let upgrade = upgrade_of(Version::HTTP_11, &h);
+        assert_eq!(upgrade.as_ref().unwrap(), "websocket");
+        strip_request_hop_by_hop(&mut h, upgrade);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["sec-websocket-key"], "abc");
+        assert!(!h.contains_key("keep-alive"));
+
+        // Upgrade without Connection naming it, h2c, HTTP/2 or HTTP/1.0:
+        // not an upgrade; both headers go.
+        for (version, pairs) in [
+            (Version::HTTP_11, &[("upgrade", "websocket")][..]),
+            (
+                Version::HTTP_11,
+                &[("connection", "upgrade"), ("upgrade", "h2c")][..],
+            ),
+            (
+                Version::HTTP_10,
+                &[("connection", "upgrade"), ("upgrade", "websocket")][..],
+            ),
+            (
+                Version::HTTP_2,
+                &[("connection", "upgrade"), ("upgrade", "websocket")][..],
+            ),
+        ] {
+            let mut h = map(pairs);
+            let upgrade = upgrade_of(version, &h);
+            assert!(upgrade.is_none(), "{version:?} {pairs:?}");
+            strip_request_hop_by_hop(&mut h, upgrade);
+            assert!(h.is_empty(), "{version:?} {pairs:?}: {h:?}");
+        }
+        let mut h = map(&[("te", "gzip")]);
+        strip_request_hop_by_hop(&mut h, None);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn only_a_101_keeps_its_upgrade_headers() {
+        let pairs = [
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "x"),
+        ];
+        let mut h = map(&pairs);
+        strip_response_hop_by_hop(StatusCode::SWITCHING_PROTOCOLS, &mut h);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        let mut h = map(&pairs);
+        strip_response_hop_by_hop(StatusCode::OK, &mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["sec-websocket-accept"]);
     }
 
     #[test]

@@ -8,8 +8,15 @@
 //! - [`server`]: the outbound listener (hyper, HTTP/1.1 + h2c), drain on shutdown.
 //! - [`proxy`]: the request path: route → prepare → balance → retry/timeout → connect.
 //! - [`route`]: which service a request names (Host, or first path segment).
-//! - [`balance`]: round robin and least-request (power of two choices).
-//! - [`upstream`]: per-instance in-flight count and pool of keep-alive connections.
+//! - [`policy`]: route policies (`[default_route]`, `[routes.<service>]`), validated and swappable.
+//! - [`balance`]: P2C over peak-EWMA latency, round robin, least-request, weights, consistent hash.
+//! - [`outlier`]: passive outlier detection: consecutive failures eject with back-off.
+//! - [`retry`]: which requests may be retried, replay copies of bodies, the retry budget.
+//! - [`limits`]: per-service and listener limits, refused at once with a 503.
+//! - [`upstream`]: per-instance in-flight count, HTTP/1.1 pool and HTTP/2 connection.
+//! - [`protocol`]: which HTTP version a request takes upstream (gRPC, h2, upgrades).
+//! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket), tunnelled once the instance answers 101.
+//! - [`listen`]: listeners shared with a new proxy process (`SO_REUSEPORT`) for restarts.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-For`.
 //! - [`body`]: the request and response body types of the request path.
 //! - [`error`]: the request path's typed errors and their JSON answers.
@@ -30,12 +37,19 @@ pub mod discovery;
 pub mod dump;
 pub mod error;
 pub mod headers;
+pub mod limits;
+pub mod listen;
 pub mod metrics;
+pub mod outlier;
+pub mod policy;
+pub mod protocol;
 pub mod proxy;
 pub mod registrar;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod table;
+pub mod upgrade;
 pub mod upstream;
 
 use std::{
@@ -48,7 +62,7 @@ use std::{
 
 use mesh_runtime::{
     admin::Admin,
-    metrics::Registry,
+    metrics::{Counter, Registry},
     queue::DurableQueue,
     shutdown::{self, Shutdown, Trigger},
 };
@@ -62,6 +76,7 @@ use crate::{
     discovery::Discovery,
     dump::{DumpClock, DumpFile},
     metrics::ProxyMetrics,
+    policy::Policies,
     proxy::Proxy,
     registrar::Registrar,
     table::{Builder, Routes, RoutingTable, Source},
@@ -69,6 +84,11 @@ use crate::{
 
 /// How long background tasks get to stop once asked.
 const TASK_STOP: Duration = Duration::from_secs(2);
+
+/// How long a process taking over from another one waits for its routing
+/// table before it listens anyway (and answers "no routes yet" like a
+/// fresh start would).
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(30);
 
 /// A running proxy: its listeners and the tasks it owns.
 #[derive(Debug)]
@@ -78,6 +98,15 @@ pub struct App {
     trigger: Trigger,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    proxy: Arc<Proxy>,
+    reloads: Reloads,
+}
+
+/// `mesh_proxy_config_reloads_total` by `outcome`.
+#[derive(Debug)]
+struct Reloads {
+    applied: Counter,
+    refused: Counter,
 }
 
 /// Why the proxy could not start.
@@ -117,10 +146,13 @@ impl App {
     /// `registry`.
     pub async fn start(config: Config, registry: Registry) -> Result<Self, StartError> {
         let queue = open_data_dir(&config.data_dir)?;
-        let (outbound, outbound_addr) = bind(config.listen).await?;
-        let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+        let outbound = bind(config.listen)?;
+        let admin_listener = bind(config.admin_listen)?;
+        let (outbound_addr, admin_addr) = (outbound.addr(), admin_listener.addr());
+        let takeover = outbound.is_takeover() || admin_listener.is_takeover();
 
         let metrics = Arc::new(ProxyMetrics::new(&registry));
+        let reloads = Reloads::new(&registry);
         let admin = Admin::new(registry.clone());
         let routes = Arc::new(Routes::new(admin.clone()));
         let dump_path = config.data_dir.join(dump::FILE_NAME);
@@ -151,23 +183,47 @@ impl App {
         let limits = server::Limits::of(&config);
 
         let (trigger, stop) = shutdown::channel();
-        let server = spawn(
-            "outbound",
-            server::serve(outbound, proxy, limits, stop.clone()),
-        );
         let router = admin.router(admin::router(routes.clone()));
+        // Listen now, or, taking over from another process, once the
+        // routing table is loaded: see `listen`.
+        let (server, admin_task) = if takeover {
+            tracing::info!(outbound = %outbound_addr, admin = %admin_addr, "another process serves these ports; listening once the routing table is loaded");
+            let loaded = table_loaded(routes.clone());
+            let (outbound, admin) = listen_later(
+                loaded,
+                outbound,
+                admin_listener,
+                proxy.clone(),
+                limits,
+                router,
+                &stop,
+            );
+            (spawn("outbound", outbound), spawn("admin", admin))
+        } else {
+            let (outbound, admin_listener) = (listen_on(outbound)?, listen_on(admin_listener)?);
+            (
+                spawn(
+                    "outbound",
+                    server::serve(outbound, proxy.clone(), limits, stop.clone()),
+                ),
+                spawn(
+                    "admin",
+                    mesh_runtime::admin::serve(admin_listener, router, stop.clone()),
+                ),
+            )
+        };
         let tasks = vec![
-            spawn(
-                "admin",
-                mesh_runtime::admin::serve(admin_listener, router, stop.clone()),
-            ),
+            admin_task,
             spawn("discovery", discovery.run(stop.clone())),
             spawn(
                 "dump",
                 dump::run_writer(dump_path, routes.subscribe(), clock.clone(), stop.clone()),
             ),
             spawn("queue", registrar.clone().drain(stop.clone())),
-            spawn("gauges", gauges(clock, registrar, metrics, registry, stop)),
+            spawn(
+                "gauges",
+                gauges(clock, registrar, metrics, registry, routes.clone(), stop),
+            ),
         ];
         tracing::info!(outbound = %outbound_addr, admin = %admin_addr, bridge = %config.bridge_addr, lb = %config.lb, "mesh-proxy started");
         Ok(Self {
@@ -176,6 +232,8 @@ impl App {
             trigger,
             server,
             tasks,
+            proxy,
+            reloads,
         })
     }
 
@@ -187,6 +245,39 @@ impl App {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// Reloads the route policies (SIGHUP): the config file named by
+    /// `args` is read again with `args` over it, as at start, validated
+    /// whole, and its `[default_route]` and `[routes.*]` take the place of
+    /// the current ones at once (requests in flight keep theirs). A file
+    /// that does not load or validate changes nothing. Either way one line
+    /// is logged. Other keys take effect at the next start.
+    pub fn reload(&self, args: &Args) -> Result<(), String> {
+        if args.config.is_none() {
+            tracing::info!("no --config file: nothing to reload");
+            return Ok(());
+        }
+        let result = reload_policies(args);
+        match result {
+            Ok(policies) => {
+                let routes = policies.len();
+                self.proxy.set_policies(policies);
+                self.reloads.applied.increment(1);
+                tracing::info!(routes, "route policies reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.reloads.refused.increment(1);
+                tracing::error!(error = %e, "config reload refused; keeping the last good route policies");
+                Err(e)
+            }
+        }
+    }
+
+    /// Upgrade tunnels (WebSocket) open now.
+    pub fn open_tunnels(&self) -> usize {
+        self.proxy.tunnels().len()
     }
 
     /// Stops accepting, lets requests in flight finish within `grace`, then
@@ -212,6 +303,30 @@ impl App {
     }
 }
 
+/// The policies of the config `args` name, checked whole.
+fn reload_policies(args: &Args) -> Result<Policies, String> {
+    let args = mesh_runtime::config::merge(args.clone()).map_err(|e| e.to_string())?;
+    let config = args.validate()?;
+    Policies::from_config(&config)
+}
+
+// === impl Reloads ===
+
+impl Reloads {
+    const NAME: &'static str = "mesh_proxy_config_reloads_total";
+
+    fn new(registry: &Registry) -> Self {
+        registry.describe_counter(
+            Self::NAME,
+            "Config reloads (SIGHUP) by outcome: applied, or refused and the last good kept.",
+        );
+        Self {
+            applied: registry.counter(Self::NAME, &[("outcome", "applied")]),
+            refused: registry.counter(Self::NAME, &[("outcome", "refused")]),
+        }
+    }
+}
+
 /// Spawns a task with a span naming it.
 fn spawn<F>(name: &'static str, task: F) -> JoinHandle<()>
 where
@@ -220,15 +335,71 @@ where
     tokio::spawn(task.instrument(tracing::info_span!("task", name)))
 }
 
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let bound = async {
-        let listener = TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
-        Ok((listener, local))
-    };
+fn bind(addr: SocketAddr) -> Result<listen::Bound, StartError> {
+    listen::Bound::bind(addr).map_err(|source| StartError::Bind { addr, source })
+}
+
+fn listen_on(bound: listen::Bound) -> Result<TcpListener, StartError> {
+    let addr = bound.addr();
     bound
-        .await
+        .listen()
         .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// The outbound and admin tasks of a takeover: both listen once `loaded`
+/// resolves (the admin listener too, so that the new process's `/routes`
+/// answering means it is ready), or end at once on shutdown.
+fn listen_later(
+    loaded: impl std::future::Future<Output = ()> + Send + 'static,
+    outbound: listen::Bound,
+    admin: listen::Bound,
+    proxy: Arc<Proxy>,
+    limits: server::Limits,
+    router: axum::Router,
+    stop: &Shutdown,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+    let (mut stop_outbound, mut stop_admin) = (stop.clone(), stop.clone());
+    let outbound_task = async move {
+        tokio::select! {
+            _ = loaded => {}
+            _ = stop_outbound.requested() => return,
+        }
+        let _ = ready_tx.send(true);
+        let addr = outbound.addr();
+        match listen_on(outbound) {
+            Ok(listener) => {
+                tracing::info!(outbound = %addr, "routing table loaded; taking over");
+                server::serve(listener, proxy, limits, stop_outbound).await;
+            }
+            Err(e) => tracing::error!(error = %e, "this process serves no request"),
+        }
+    };
+    let admin_task = async move {
+        tokio::select! {
+            // An error: the outbound task ended without listening.
+            loaded = ready.wait_for(|r| *r) => if loaded.is_err() { return },
+            _ = stop_admin.requested() => return,
+        }
+        match listen_on(admin) {
+            Ok(listener) => mesh_runtime::admin::serve(listener, router, stop_admin).await,
+            Err(e) => tracing::error!(error = %e, "no admin listener"),
+        }
+    };
+    (outbound_task, admin_task)
+}
+
+/// Resolves once a routing table is loaded (dump or bridge), or after
+/// [`TAKEOVER_WAIT`].
+async fn table_loaded(routes: Arc<Routes>) {
+    let mut changes = routes.subscribe();
+    let loaded = changes.wait_for(|t| t.source != Source::None);
+    if tokio::time::timeout(TAKEOVER_WAIT, loaded).await.is_err() {
+        tracing::warn!(wait = ?TAKEOVER_WAIT, "no routing table yet; listening anyway");
+    }
 }
 
 /// Creates the data folder and opens the registration queue in it.
@@ -292,6 +463,7 @@ async fn gauges(
     registrar: Arc<Registrar>,
     metrics: Arc<ProxyMetrics>,
     registry: Registry,
+    routes: Arc<Routes>,
     mut stop: Shutdown,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -306,6 +478,8 @@ async fn gauges(
             metrics.dump_age.set(age_ms as f64 / 1000.0);
         }
         registrar.update_depth();
+        // Ejections end on their own, without an event to count them down.
+        outlier::update_gauges(&routes.load(), tokio::time::Instant::now());
         registry.run_upkeep();
     }
 }

@@ -1,20 +1,22 @@
 //! mesh-proxy: loads its config (exit 64 with one line when it is bad),
-//! starts the proxy, and drains it on SIGTERM or SIGINT.
+//! starts the proxy, reloads its route policies on SIGHUP, and drains it
+//! on SIGTERM or SIGINT.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use mesh_proxy::{App, Args};
 use mesh_runtime::{config, logging, metrics::Registry, shutdown};
-
-/// Time requests in flight get to finish after a stop signal.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
+use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     mesh_runtime::install_crypto_provider();
-    let args: Args = config::load();
-    let config = args.validate().unwrap_or_else(|e| config::exit_with(&e));
+    // Kept as given: a reload reads the file again under the same flags.
+    let args: Args = config::parse_args();
+    let merged = config::merge(args.clone()).unwrap_or_else(|e| config::exit_with(&e.to_string()));
+    let config = merged.validate().unwrap_or_else(|e| config::exit_with(&e));
     logging::init(config.log_format);
+    let grace = config.drain_grace;
     let app = match App::start(config, Registry::new()).await {
         Ok(app) => app,
         Err(e) => {
@@ -22,7 +24,24 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown::signal().await;
-    app.shutdown(DRAIN_GRACE).await;
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; config reloads are off");
+            None
+        }
+    };
+    let stop = shutdown::signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = async { hangup.as_mut()?.recv().await } => {
+                // `App::reload` logs the outcome; a bad file keeps the last good.
+                let _ = app.reload(&args);
+            }
+        }
+    }
+    app.shutdown(grace).await;
     ExitCode::SUCCESS
 }

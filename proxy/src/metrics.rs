@@ -12,6 +12,8 @@ use std::{
 use http::StatusCode;
 use mesh_runtime::metrics::{Counter, Gauge, Histogram, Registry};
 
+use crate::limits::Limit;
+
 const REQUESTS: &str = "mesh_proxy_requests_total";
 const DURATION: &str = "mesh_proxy_request_duration_seconds";
 const UPSTREAM_ERRORS: &str = "mesh_proxy_upstream_errors_total";
@@ -21,6 +23,13 @@ const DISCOVERY_UPDATES: &str = "mesh_proxy_discovery_updates_total";
 const DUMP_AGE: &str = "mesh_proxy_dump_age_seconds";
 const REGISTRATIONS: &str = "mesh_proxy_registrations_total";
 const QUEUE_DEPTH: &str = "mesh_proxy_queue_depth";
+const RETRIES: &str = "mesh_proxy_retries_total";
+const EJECTIONS: &str = "mesh_proxy_ejections_total";
+const EJECTED: &str = "mesh_proxy_endpoints_ejected";
+const OVERLOADED: &str = "mesh_proxy_overloaded_total";
+
+/// The service label of the outbound listener's own limits.
+pub const LISTENER: &str = "_listener";
 
 /// The service label of requests that matched no service.
 pub const UNROUTED: &str = "_unrouted";
@@ -42,6 +51,10 @@ pub struct ProxyMetrics {
     pub registrations: Registrations,
     /// Items waiting in the registration queue.
     pub queue_depth: Gauge,
+    /// Requests the listener shed (`listener_max_requests`).
+    pub listener_overloaded: Counter,
+    /// Connections the listener shed (`listener_max_connections`).
+    pub listener_shed_connections: Counter,
 }
 
 /// `mesh_proxy_registrations_total` by `outcome`.
@@ -71,6 +84,16 @@ pub struct ServiceMetrics {
     pub timeouts: Counter,
     /// Healthy endpoints in the current table.
     pub endpoints: Gauge,
+    /// Retries sent.
+    pub retries_sent: Counter,
+    /// Retries not sent: over the retry budget.
+    pub retries_budget_exhausted: Counter,
+    /// Instances ejected by outlier detection.
+    pub ejections: Counter,
+    /// Instances ejected now.
+    pub ejected: Gauge,
+    /// Requests refused by a limit: connections, pending, requests.
+    overloaded: [Counter; 3],
 }
 
 // === impl ProxyMetrics ===
@@ -105,6 +128,19 @@ impl ProxyMetrics {
             QUEUE_DEPTH,
             "Registrations waiting in the proxy's durable queue.",
         );
+        registry.describe_counter(
+            RETRIES,
+            "Retries by service and outcome (sent, budget_exhausted).",
+        );
+        registry.describe_counter(
+            EJECTIONS,
+            "Instances ejected by outlier detection, by service.",
+        );
+        registry.describe_gauge(EJECTED, "Instances ejected now, by service.");
+        registry.describe_counter(
+            OVERLOADED,
+            "Requests refused at once by a limit, by service and limit.",
+        );
         let outcome = |o: &str| registry.counter(REGISTRATIONS, &[("outcome", o)]);
         Self {
             unrouted: Arc::new(ServiceMetrics::new(registry, UNROUTED)),
@@ -119,6 +155,20 @@ impl ProxyMetrics {
                 failed: outcome("failed"),
             },
             queue_depth: registry.gauge(QUEUE_DEPTH, &[]),
+            listener_overloaded: registry.counter(
+                OVERLOADED,
+                &[
+                    ("service", LISTENER),
+                    ("limit", Limit::ListenerRequests.as_str()),
+                ],
+            ),
+            listener_shed_connections: registry.counter(
+                OVERLOADED,
+                &[
+                    ("service", LISTENER),
+                    ("limit", Limit::ListenerConnections.as_str()),
+                ],
+            ),
             registry: registry.clone(),
         }
     }
@@ -147,6 +197,9 @@ impl ServiceMetrics {
             |c: &str| registry.counter(REQUESTS, &[("service", service), ("code_class", c)]);
         let error =
             |k: &str| registry.counter(UPSTREAM_ERRORS, &[("service", service), ("kind", k)]);
+        let retries = |o: &str| registry.counter(RETRIES, &[("service", service), ("outcome", o)]);
+        let overloaded =
+            |l: Limit| registry.counter(OVERLOADED, &[("service", service), ("limit", l.as_str())]);
         Self {
             requests: [
                 class("1xx"),
@@ -160,6 +213,26 @@ impl ServiceMetrics {
             send_errors: error("send"),
             timeouts: error("timeout"),
             endpoints: registry.gauge(ENDPOINTS, &[("service", service)]),
+            retries_sent: retries("sent"),
+            retries_budget_exhausted: retries("budget_exhausted"),
+            ejections: registry.counter(EJECTIONS, &[("service", service)]),
+            ejected: registry.gauge(EJECTED, &[("service", service)]),
+            overloaded: [
+                overloaded(Limit::Connections),
+                overloaded(Limit::Pending),
+                overloaded(Limit::Requests),
+            ],
+        }
+    }
+
+    /// Counts a request refused by `limit`.
+    pub fn overloaded(&self, limit: Limit) -> &Counter {
+        match limit {
+            Limit::Connections => &self.overloaded[0],
+            Limit::Pending => &self.overloaded[1],
+            Limit::Requests | Limit::ListenerRequests | Limit::ListenerConnections => {
+                &self.overloaded[2]
+            }
         }
     }
 

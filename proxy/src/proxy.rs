@@ -1,34 +1,52 @@
 //! The request path, one chain read top-down:
-//! route (which service) → prepare (hygiene, URI) → balance (which
-//! instance) → retry/timeout → connect (a pooled connection) → respond.
+//! route (which service) → policy (the route's, its limits) → prepare
+//! (hygiene, URI, replay copy) → balance (which instance) → retry/timeout
+//! (per try, overall, budget) → connect (a pooled connection) → respond;
+//! every attempt's outcome feeds the balancer and outlier detection.
 //!
 //! Nothing here locks the routing table (an `ArcSwap` load) or allocates
 //! beyond what hyper needs for a Host-routed request on a warm connection:
 //! the URI and headers are reused, bodies are enums, metric handles live in
 //! the table. A path-routed request allocates its shortened URI; a
-//! retryable request (bodyless GET/HEAD/OPTIONS, with retries on) keeps a
-//! copy of its headers in case the instance fails after they were sent.
+//! retryable request (idempotent, or allowed by its route) keeps a copy of
+//! its headers, and of its body up to 64 KiB, in case the instance fails
+//! after they were sent. The route's policy is one `ArcSwap` load and a
+//! lookup by name.
 
 use std::{
     convert::Infallible,
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{Arc, OnceLock},
+    time::Duration,
 };
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header::HOST};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header::HOST,
+};
 use http_body::Body;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::{
     agent::Agent,
-    balance::{self, Tried},
+    balance::{self, Tried, ewma::FAILURE_RTT},
     body::{ProxyBody, UpstreamBody},
-    config::{Config, LoadBalancing},
+    config::Config,
     error::ProxyError,
-    headers::{append_forwarded_for, strip_hop_by_hop},
+    headers::{
+        append_forwarded_for, strip_request_hop_by_hop, strip_response_hop_by_hop, upgrade_of,
+    },
+    limits::{Counters, Limit, Permit},
     metrics::ProxyMetrics,
+    outlier,
+    policy::{Policies, RoutePolicy},
+    protocol::{self, Protocol},
+    retry::{self, Captured, REPLAY_LIMIT, RetryBody},
     route::{self, Route},
-    table::{Routes, Service, Source},
+    table::{Endpoint, Routes, Service, Source},
+    upgrade::Tunnels,
     upstream::PooledBody,
 };
 
@@ -38,18 +56,23 @@ pub struct Proxy {
     routes: Arc<Routes>,
     agent: Agent,
     metrics: Arc<ProxyMetrics>,
-    lb: LoadBalancing,
-    retries: u32,
-    request_timeout: Duration,
+    policies: ArcSwap<Policies>,
+    listener: Arc<Counters>,
+    listener_max_requests: Option<usize>,
+    listener_max_connections: Option<usize>,
+    /// What a shed connection is sent (made once).
+    shed_response: Bytes,
     connect_timeout: Duration,
+    tunnels: Tunnels,
 }
 
-/// What a request copies to be replayed after a failure once sent: only a
-/// bodyless idempotent request is replayed.
+/// What a request copies to be replayed after a failure once sent.
 struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The body's copy; `None`: the request has no body.
+    body: Option<Arc<OnceLock<Captured>>>,
 }
 
 // === impl Proxy ===
@@ -62,30 +85,92 @@ impl Proxy {
         agent: Agent,
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
+        // `Config::validate` checked them: only a config built by hand
+        // can get here with bad ones.
+        let policies = Policies::from_config(config).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "route policies refused; using the built-in defaults");
+            Policies::builtin()
+        });
         Self {
             routes,
             agent,
             metrics,
-            lb: config.lb,
-            retries: config.retries,
-            request_timeout: config.request_timeout,
+            policies: ArcSwap::from_pointee(policies),
+            listener: Arc::default(),
+            listener_max_requests: config.listener_max_requests,
+            listener_max_connections: config.listener_max_connections,
+            shed_response: ProxyError::Overloaded {
+                service: None,
+                limit: Limit::ListenerConnections,
+                max: config.listener_max_connections.unwrap_or(0),
+            }
+            .to_raw_response()
+            .into(),
             connect_timeout: config.connect_timeout,
+            tunnels: Tunnels::default(),
         }
+    }
+
+    /// Makes `policies` the route policies of every request from now on
+    /// (requests in flight keep theirs).
+    pub fn set_policies(&self, policies: Policies) {
+        self.policies.store(Arc::new(policies));
+    }
+
+    /// The route policies in effect.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.load_full()
+    }
+
+    /// Whether the listener, holding `open` client connections, must shed
+    /// the next one.
+    pub fn sheds_connection(&self, open: usize) -> bool {
+        self.listener_max_connections.is_some_and(|max| open >= max)
+    }
+
+    /// Sheds a client connection: a 503 written without waiting (the
+    /// socket's buffer is empty), then closed.
+    pub fn shed(&self, stream: tokio::net::TcpStream) {
+        self.metrics.listener_shed_connections.increment(1);
+        let _ = stream.try_write(&self.shed_response);
+        drop(stream);
+    }
+
+    /// The open upgrade tunnels (WebSocket), which the listener drains.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Answers one client request; `client` is the client's address as an
     /// `X-Forwarded-For` value (made once per connection).
     pub async fn serve(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: HeaderValue,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        // A gRPC caller gets the proxy's own errors as gRPC statuses.
+        let grpc = protocol::is_grpc(req.headers());
+        let error_response = |e: &ProxyError| {
+            if grpc {
+                e.to_grpc_response()
+            } else {
+                e.to_response()
+            }
+        };
+        // Shed before doing any work for it.
+        let permit = match Permit::listener(&self.listener, self.listener_max_requests) {
+            Ok(permit) => permit,
+            Err(e) => {
+                self.metrics.listener_overloaded.increment(1);
+                return Ok(error_response(&e));
+            }
+        };
         let target = match self.target(&req) {
             Ok(Some(target)) => target,
             Ok(None) => return Ok(self.agent.handle(req).await),
             Err(e) => {
-                let response = e.to_response();
+                let response = error_response(&e);
                 self.metrics
                     .unrouted()
                     .record(response.status(), start.elapsed());
@@ -93,7 +178,14 @@ impl Proxy {
             }
         };
         let (service, strip) = target;
-        let response = match self.forward(&service, req, strip, &client).await {
+        // The client's side of an upgrade, taken before the request is
+        // forwarded; it completes once the 101 has been relayed.
+        let upgrade =
+            upgrade_of(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        let response = match self.forward(&service, req, strip, &client, permit).await {
+            Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.tunnels.open(service.name(), upgrade, response)
+            }
             Ok(response) => response,
             Err(e) => {
                 // An instance that failed is worth a line; a service
@@ -106,7 +198,7 @@ impl Proxy {
                 ) {
                     tracing::warn!(service = %service.name(), error = %e, cause = ?std::error::Error::source(&e), "request failed");
                 }
-                e.to_response()
+                error_response(&e)
             }
         };
         service.metrics.record(response.status(), start.elapsed());
@@ -134,32 +226,34 @@ impl Proxy {
         }
     }
 
-    /// Prepares the request for the instance and sends it, retrying what
-    /// is safe to retry, within the request timeout.
+    /// Admits the request to its service, prepares it for the instance and
+    /// sends it as the route's policy says.
     async fn forward(
         &self,
         service: &Arc<Service>,
         req: Request<Incoming>,
         strip: usize,
         client: &HeaderValue,
+        mut permit: Permit,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if service.endpoints().is_empty() {
             return Err(ProxyError::NoHealthyInstance {
                 service: service.name().clone(),
             });
         }
-        let (req, replay) = self.prepare(req, strip, client)?;
-        match tokio::time::timeout(self.request_timeout, self.attempts(service, req, replay)).await
-        {
-            Ok(result) => result,
-            Err(_) => {
-                service.metrics.timeouts.increment(1);
-                Err(ProxyError::Timeout {
-                    service: service.name().clone(),
-                    timeout: self.request_timeout,
-                })
-            }
+        let policy = self.policies.load().get(service.name()).clone();
+        let counters = &service.state.counters;
+        if let Err(e) = permit.admit(counters, service.name(), policy.limits.max_requests) {
+            service.metrics.overloaded(Limit::Requests).increment(1);
+            return Err(e);
         }
+        let hash = policy.hash.as_ref().and_then(|h| h.hash(req.headers()));
+        let (req, replay) = self.prepare(req, strip, client, &policy)?;
+        let now = Instant::now();
+        service.state.budget.deposit(&policy.budget, now);
+        let deadline = now + policy.timeout;
+        self.attempts(service, &policy, req, replay, hash, permit, deadline)
+            .await
     }
 
     /// Hygiene and the upstream URI; keeps a replay copy when it may be used.
@@ -168,10 +262,12 @@ impl Proxy {
         req: Request<Incoming>,
         strip: usize,
         client: &HeaderValue,
+        policy: &RoutePolicy,
     ) -> Result<(Request<UpstreamBody>, Option<Replay>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = route::upstream_uri(&parts.uri, strip)?;
-        strip_hop_by_hop(&mut parts.headers);
+        let upgrade = upgrade_of(parts.version, &parts.headers);
+        strip_request_hop_by_hop(&mut parts.headers, upgrade);
         if !parts.headers.contains_key(HOST) {
             // HTTP/2 carries the host in the URI; HTTP/1.1 needs the header.
             if let Some(host) = parts
@@ -186,95 +282,346 @@ impl Proxy {
         if let Some(uri) = uri {
             parts.uri = uri;
         }
-        // Upstream connections are HTTP/1.1 whatever the client spoke.
+        // HTTP/1.1 whatever the client spoke, also towards an HTTP/2
+        // instance: see `upstream::Sender::try_send_request`.
         parts.version = Version::HTTP_11;
-        let replay = (self.retries > 0
-            && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            && body.is_end_stream())
-        .then(|| Replay {
+        let retryable = policy.retries > 0
+            && (retry::is_idempotent(&parts.method) || policy.retry_non_idempotent);
+        let (body, copy) = match body {
+            body if !retryable => (UpstreamBody::Incoming(body), None),
+            body if body.is_end_stream() => (UpstreamBody::Incoming(body), Some(None)),
+            // Too big to keep a copy of: it will not be replayed.
+            body if body.size_hint().lower() > REPLAY_LIMIT as u64 => {
+                (UpstreamBody::Incoming(body), None)
+            }
+            body => {
+                let (tee, captured) = RetryBody::tee(body);
+                (UpstreamBody::Retry(tee), Some(Some(captured)))
+            }
+        };
+        let replay = copy.map(|body| Replay {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
+            body,
         });
-        Ok((
-            Request::from_parts(parts, UpstreamBody::Incoming(body)),
-            replay,
-        ))
+        Ok((Request::from_parts(parts, body), replay))
     }
 
-    /// Up to `1 + retries` attempts, each on an instance not tried yet.
-    /// A failed connect, or a pooled connection found closed before the
-    /// request went out, is retried whatever the method; a failure after
-    /// sending only for a replayable request.
+    /// Up to `1 + retries` attempts, each on an instance not tried yet,
+    /// within the route's deadline, each within its per-try timeout.
+    ///
+    /// A request that never left the proxy (failed connect, pooled
+    /// connection found closed) is tried again whatever its method and
+    /// without spending the budget. One that was sent (and failed, timed
+    /// out, or was answered 502, 503 or 504) only when it is replayable and
+    /// the retry budget allows. Every outcome feeds the instance's latency
+    /// estimate and failure record.
+    #[allow(clippy::too_many_arguments)] // one request's parts, passed once
     async fn attempts(
         &self,
         service: &Arc<Service>,
-        mut req: Request<UpstreamBody>,
+        policy: &RoutePolicy,
+        req: Request<UpstreamBody>,
         replay: Option<Replay>,
+        hash: Option<u64>,
+        permit: Permit,
+        deadline: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut now = deadline - policy.timeout;
         let mut tried = Tried::default();
-        let mut last = None;
-        for _ in 0..=self.retries {
-            let Some(i) = balance::pick(self.lb, service, &tried) else {
+        let mut next = Some(req);
+        // Whether the next attempt is a retry the budget must allow.
+        let mut budgeted = false;
+        let mut answer: Option<Response<ProxyBody>> = None;
+        let mut error: Option<ProxyError> = None;
+        for attempt in 0..=policy.retries {
+            let Some(req) = next.take() else { break };
+            if now >= deadline {
+                error = Some(ProxyError::Timeout {
+                    service: service.name().clone(),
+                    timeout: policy.timeout,
+                });
+                break;
+            }
+            let Some(i) = balance::pick(service, policy, &tried, hash, now) else {
                 break;
             };
-            let upstream = &service.endpoints()[i].upstream;
-            let in_flight = upstream.start();
-            let mut lease = match upstream.checkout(self.connect_timeout).await {
-                Ok(lease) => lease,
-                Err(source) => {
-                    service.metrics.connect_errors.increment(1);
-                    tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), error = %source, "connect failed");
+            if attempt > 0 {
+                if budgeted && !service.state.budget.withdraw(&policy.budget, now) {
+                    service.metrics.retries_budget_exhausted.increment(1);
+                    break;
+                }
+                service.metrics.retries_sent.increment(1);
+            }
+            let remaining = deadline.saturating_duration_since(now);
+            let limit = policy
+                .per_try_timeout
+                .map_or(remaining, |t| t.min(remaining));
+            let endpoint = &service.endpoints()[i];
+            let outcome =
+                tokio::time::timeout(limit, self.attempt(service, policy, endpoint, req)).await;
+            let started = now;
+            now = Instant::now();
+            let elapsed = now - started;
+            // Whether the request went out: then only a replay may go again.
+            let sent = match outcome {
+                Ok(Attempt::Answered(response)) => {
+                    let status = response.status();
+                    self.answered(service, policy, i, status, elapsed, now);
+                    let again = matches!(status.as_u16(), 502..=504)
+                        && attempt < policy.retries
+                        && replay.as_ref().is_some_and(Replay::is_ready);
+                    if !again {
+                        return Ok(hold(response, permit));
+                    }
                     tried.add(i);
-                    last = Some(ProxyError::Connect {
+                    // Kept in case no other instance answers better.
+                    answer = Some(response);
+                    true
+                }
+                Ok(Attempt::Refused(e)) => return Err(e),
+                Ok(Attempt::Unsent {
+                    req,
+                    error: e,
+                    stale,
+                }) => {
+                    if !stale {
+                        tried.add(i);
+                        self.failed(service, policy, i, elapsed, now);
+                    }
+                    next = Some(*req);
+                    budgeted = false;
+                    error = Some(e);
+                    false
+                }
+                Ok(Attempt::Failed { error: e, stale }) => {
+                    if !stale {
+                        tried.add(i);
+                        self.failed(service, policy, i, elapsed, now);
+                    }
+                    error = Some(e);
+                    true
+                }
+                Err(_) => {
+                    service.metrics.timeouts.increment(1);
+                    tried.add(i);
+                    self.failed(service, policy, i, elapsed, now);
+                    tracing::debug!(service = %service.name(), host = endpoint.upstream.host(), port = endpoint.upstream.port(), ?limit, "attempt timed out");
+                    let timeout = if now >= deadline {
+                        policy.timeout
+                    } else {
+                        limit
+                    };
+                    error = Some(ProxyError::Timeout {
                         service: service.name().clone(),
-                        source,
+                        timeout,
                     });
-                    continue;
+                    if now >= deadline {
+                        break;
+                    }
+                    true
                 }
             };
-            match lease.sender.try_send_request(req).await {
-                Ok(response) => return Ok(respond(response, lease.sender, in_flight)),
-                Err(mut e) => {
-                    service.metrics.send_errors.increment(1);
-                    let unsent = e.take_message();
-                    let sent = unsent.is_none();
-                    let source = e.into_error();
-                    tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), reused = lease.reused, sent, error = %source, "instance failed before answering");
-                    // A reused connection most likely went stale while
-                    // idle: the instance itself may be fine.
-                    if !lease.reused {
-                        tried.add(i);
-                    }
-                    let error = ProxyError::Upstream {
+            if sent {
+                next = replay.as_ref().and_then(Replay::request);
+                budgeted = true;
+            }
+        }
+        // The last answer (a 5xx no retry could better), else the last error.
+        match (answer, error) {
+            (Some(response), _) => Ok(hold(response, permit)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(ProxyError::NoHealthyInstance {
+                service: service.name().clone(),
+            }),
+        }
+    }
+
+    /// One attempt on `endpoint`: a connection within the service's
+    /// limits, the request sent, the response headers.
+    async fn attempt(
+        &self,
+        service: &Service,
+        policy: &RoutePolicy,
+        endpoint: &Endpoint,
+        req: Request<UpstreamBody>,
+    ) -> Attempt {
+        let upstream = &endpoint.upstream;
+        let in_flight = upstream.start();
+        let protocol = Protocol::choose(req.headers(), policy.protocol, endpoint.protocol);
+        let limits = &policy.limits;
+        let Some(pending) = service.state.counters.try_pending(limits.max_pending) else {
+            return self.refuse(service, Limit::Pending, limits.max_pending);
+        };
+        let checkout = upstream.checkout(protocol, self.connect_timeout).await;
+        drop(pending);
+        let mut lease = match checkout {
+            Ok(lease) => lease,
+            Err(source) => {
+                service.metrics.connect_errors.increment(1);
+                tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), error = %source, "connect failed");
+                return Attempt::Unsent {
+                    req: Box::new(req),
+                    error: ProxyError::Connect {
                         service: service.name().clone(),
                         source,
-                        sent,
-                    };
-                    req = match (unsent, &replay) {
-                        (Some(req), _) => req,
-                        (None, Some(replay)) => replay.request(),
-                        (None, None) => return Err(error),
-                    };
-                    last = Some(error);
+                    },
+                    stale: false,
+                };
+            }
+        };
+        // Counted only when a connection was opened: the pooled path pays
+        // nothing for the limit. The new one is dropped when over it.
+        if !lease.reused
+            && let Some(max) = limits.max_connections
+            && service
+                .endpoints()
+                .iter()
+                .map(|e| e.upstream.connections())
+                .sum::<usize>()
+                > max
+        {
+            return self.refuse(service, Limit::Connections, Some(max));
+        }
+        match lease.sender.try_send_request(req).await {
+            Ok(response) => Attempt::Answered(respond(response, lease.sender, in_flight)),
+            Err(mut e) => {
+                service.metrics.send_errors.increment(1);
+                let unsent = e.take_message();
+                let sent = unsent.is_none();
+                let source = e.into_error();
+                tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), reused = lease.reused, sent, error = %source, "instance failed before answering");
+                let error = ProxyError::Upstream {
+                    service: service.name().clone(),
+                    source,
+                    sent,
+                };
+                // A reused connection most likely went stale while idle:
+                // the instance itself may be fine.
+                let stale = lease.reused;
+                match unsent {
+                    Some(req) => Attempt::Unsent {
+                        req: Box::new(req),
+                        error,
+                        stale,
+                    },
+                    None => Attempt::Failed { error, stale },
                 }
             }
         }
-        Err(last.unwrap_or_else(|| ProxyError::NoHealthyInstance {
-            service: service.name().clone(),
-        }))
+    }
+
+    fn refuse(&self, service: &Service, limit: Limit, max: Option<usize>) -> Attempt {
+        service.metrics.overloaded(limit).increment(1);
+        Attempt::Refused(ProxyError::Overloaded {
+            service: Some(service.name().clone()),
+            limit,
+            max: max.unwrap_or(0),
+        })
+    }
+
+    /// Instance `i` answered with `status` after `elapsed`: a latency
+    /// sample, and for a 5xx a failure (counted as slow, so that an
+    /// instance failing fast does not draw traffic as if it were fast).
+    fn answered(
+        &self,
+        service: &Service,
+        policy: &RoutePolicy,
+        i: usize,
+        status: StatusCode,
+        elapsed: Duration,
+        now: Instant,
+    ) {
+        let state = &service.endpoints()[i].state;
+        if status.is_server_error() {
+            state.ewma.observe(elapsed.max(FAILURE_RTT), now);
+            self.eject_maybe(service, policy, i, now);
+        } else {
+            state.ewma.observe(elapsed, now);
+            state.health.record_success(now);
+        }
+    }
+
+    /// Instance `i` failed (connect, reset, timeout) after `elapsed`: a
+    /// failure, and a slow answer for its latency estimate.
+    fn failed(
+        &self,
+        service: &Service,
+        policy: &RoutePolicy,
+        i: usize,
+        elapsed: Duration,
+        now: Instant,
+    ) {
+        service.endpoints()[i]
+            .state
+            .ewma
+            .observe(elapsed.max(FAILURE_RTT), now);
+        self.eject_maybe(service, policy, i, now);
+    }
+
+    /// Records a failure of instance `i`; ejects it when its streak is
+    /// long enough and the service can spare it.
+    fn eject_maybe(&self, service: &Service, policy: &RoutePolicy, i: usize, now: Instant) {
+        let endpoint = &service.endpoints()[i];
+        let max = policy.outlier.max_ejected(service.endpoints().len());
+        let ejected = endpoint
+            .state
+            .health
+            .record_failure(&policy.outlier, now, || {
+                outlier::ejected_count(service, now) < max
+            });
+        if let Some(length) = ejected {
+            service.metrics.ejections.increment(1);
+            service
+                .metrics
+                .ejected
+                .set(outlier::ejected_count(service, now) as f64);
+            tracing::warn!(service = %service.name(), instance = %endpoint.id, host = endpoint.upstream.host(), port = endpoint.upstream.port(), ejected_for = ?length, "instance ejected after failing in a row");
+        }
     }
 }
 
+/// How one attempt ended.
+enum Attempt {
+    /// The response headers arrived.
+    Answered(Response<ProxyBody>),
+    /// A limit refused it.
+    Refused(ProxyError),
+    /// It failed before the request left: here it is back (boxed: only
+    /// failures pay for it). `stale`: on a reused connection, likely not
+    /// the instance's fault.
+    Unsent {
+        req: Box<Request<UpstreamBody>>,
+        error: ProxyError,
+        stale: bool,
+    },
+    /// It failed after the request was sent.
+    Failed { error: ProxyError, stale: bool },
+}
+
+/// The response with the request's limit counts held until its body ends.
+fn hold(mut response: Response<ProxyBody>, permit: Permit) -> Response<ProxyBody> {
+    if let ProxyBody::Upstream(body) = response.body_mut() {
+        body.hold(permit);
+    }
+    response
+}
+
 /// The instance's response, cleaned of hop-by-hop headers, its body
-/// holding the connection until read to the end.
+/// holding the connection until read to the end. A 101 holds nothing: its
+/// connection now belongs to the tunnel (its upgrade travels in the
+/// response's extensions), and the request is over.
 fn respond(
     response: Response<Incoming>,
     sender: crate::upstream::Sender,
     in_flight: crate::upstream::InFlight,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_response_hop_by_hop(parts.status, &mut parts.headers);
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        return Response::from_parts(parts, ProxyBody::empty());
+    }
     Response::from_parts(
         parts,
         ProxyBody::Upstream(PooledBody::new(body, sender, in_flight)),
@@ -284,12 +631,22 @@ fn respond(
 // === impl Replay ===
 
 impl Replay {
-    fn request(&self) -> Request<UpstreamBody> {
-        let mut req = Request::new(UpstreamBody::Empty);
+    /// Whether the body was kept whole, so the request may go again.
+    fn is_ready(&self) -> bool {
+        self.body.as_ref().is_none_or(|c| c.get().is_some())
+    }
+
+    /// The request again, if its body was kept whole.
+    fn request(&self) -> Option<Request<UpstreamBody>> {
+        let body = match &self.body {
+            None => UpstreamBody::Empty,
+            Some(captured) => UpstreamBody::Retry(RetryBody::replay(captured)?),
+        };
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.headers.clone();
-        req
+        Some(req)
     }
 }

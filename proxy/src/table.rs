@@ -3,14 +3,16 @@
 //! request path reads it without a lock.
 //!
 //! A new table is built from the current one: a service whose endpoints did
-//! not change in a delta keeps its `Arc` (and round-robin position), and an
+//! not change in a delta keeps its `Arc` (and round-robin position), an
 //! endpoint that stays at the same address keeps its [`Upstream`] (idle
-//! connections and in-flight count).
+//! connections and in-flight count) and its [`EndpointState`] (latency
+//! estimate, ejection), and a service that stays keeps its
+//! [`ServiceState`] (retry budget, limit counters).
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -22,7 +24,10 @@ use mesh_runtime::admin::Admin;
 use tokio::sync::watch;
 
 use crate::{
+    balance::{EndpointState, Ring},
     metrics::{ProxyMetrics, ServiceMetrics},
+    policy::ServiceState,
+    protocol::Protocol,
     upstream::Upstream,
 };
 
@@ -59,8 +64,11 @@ pub struct Service {
     name: Arc<str>,
     endpoints: Box<[Endpoint]>,
     next: AtomicUsize,
+    ring: OnceLock<Ring>,
     /// The service's metric handles.
     pub metrics: Arc<ServiceMetrics>,
+    /// Its retry budget and limit counters, shared across tables.
+    pub state: Arc<ServiceState>,
 }
 
 /// One healthy instance of a service.
@@ -74,8 +82,12 @@ pub struct Endpoint {
     pub tags: Vec<String>,
     /// Meta.
     pub meta: BTreeMap<String, String>,
+    /// The protocol it declares (tags `h2`/`grpc`, `Meta.protocol`).
+    pub protocol: Protocol,
     /// Its connection state, shared across tables.
     pub upstream: Arc<Upstream>,
+    /// Its latency estimate and failure record, shared across tables.
+    pub state: Arc<EndpointState>,
 }
 
 /// The current table, its swaps, and who is told about them.
@@ -89,7 +101,8 @@ pub struct Routes {
 /// Builds tables that share state with the current one.
 pub struct Builder<'a> {
     metrics: &'a ProxyMetrics,
-    upstreams: HashMap<(&'a str, u16), &'a Arc<Upstream>>,
+    upstreams: HashMap<(&'a str, u16), &'a Endpoint>,
+    states: HashMap<&'a str, &'a Arc<ServiceState>>,
 }
 
 // === impl RoutingTable ===
@@ -158,6 +171,17 @@ impl Service {
     pub fn next_index(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Its consistent-hash ring, built on first use.
+    pub fn ring(&self) -> &Ring {
+        self.ring.get_or_init(|| {
+            Ring::new(
+                self.endpoints
+                    .iter()
+                    .map(|e| (e.upstream.host(), e.upstream.port())),
+            )
+        })
+    }
 }
 
 // === impl Routes ===
@@ -209,9 +233,18 @@ impl<'a> Builder<'a> {
             .services
             .values()
             .flat_map(|s| s.endpoints.iter())
-            .map(|e| ((e.upstream.host(), e.upstream.port()), &e.upstream))
+            .map(|e| ((e.upstream.host(), e.upstream.port()), e))
             .collect();
-        Self { metrics, upstreams }
+        let states = current
+            .services
+            .values()
+            .map(|s| (&*s.name, &s.state))
+            .collect();
+        Self {
+            metrics,
+            upstreams,
+            states,
+        }
     }
 
     /// A table of exactly `services` (a snapshot, or a dump).
@@ -273,6 +306,11 @@ impl<'a> Builder<'a> {
             .collect();
         Some(Service {
             metrics: self.metrics.service(&name),
+            state: self
+                .states
+                .get(name.as_str())
+                .map_or_else(Default::default, |s| Arc::clone(s)),
+            ring: OnceLock::new(),
             name: name.into(),
             endpoints,
             // Start each new service at a random position so that many
@@ -287,16 +325,19 @@ impl<'a> Builder<'a> {
             tracing::warn!(service, id = %e.id, address = %e.address, port = e.port, "endpoint without a usable address; skipped");
             return None;
         };
-        let upstream = match self.upstreams.get(&(e.address.as_str(), port)) {
-            Some(u) => Arc::clone(u),
-            None => Arc::new(Upstream::new(&e.address, port)),
+        let (upstream, state) = match self.upstreams.get(&(e.address.as_str(), port)) {
+            Some(e) => (Arc::clone(&e.upstream), Arc::clone(&e.state)),
+            None => (Arc::new(Upstream::new(&e.address, port)), Arc::default()),
         };
+        let meta = e.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Some(Endpoint {
             id: e.id.clone(),
             node: e.node.clone(),
+            protocol: Protocol::of_instance(&e.tags, &meta),
             tags: e.tags.clone(),
-            meta: e.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            meta,
             upstream,
+            state,
         })
     }
 
@@ -348,6 +389,8 @@ mod tests {
             0,
         );
         let a1 = t1.get("orders").unwrap().endpoints()[0].upstream.clone();
+        let a1_state = t1.get("orders").unwrap().endpoints()[0].state.clone();
+        let orders_state = t1.get("orders").unwrap().state.clone();
         let t2 = Builder::new(&t1, &metrics).snapshot(
             &[svc("orders", vec![ep("a", 1), ep("c", 3)])],
             Source::Live,
@@ -356,6 +399,10 @@ mod tests {
         );
         let orders = t2.get("orders").unwrap();
         assert!(Arc::ptr_eq(&a1, &orders.endpoints()[0].upstream));
+        // Ejections and latency estimates survive the swap too, and the
+        // service keeps its retry budget and limit counters.
+        assert!(Arc::ptr_eq(&a1_state, &orders.endpoints()[0].state));
+        assert!(Arc::ptr_eq(&orders_state, &orders.state));
         assert_eq!(orders.endpoints()[1].upstream.port(), 3);
     }
 

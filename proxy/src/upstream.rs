@@ -1,16 +1,26 @@
-//! One instance's connection state: its requests in flight and its pool of
-//! idle keep-alive HTTP/1.1 connections.
+//! One instance's connection state: its requests in flight, its pool of
+//! idle keep-alive HTTP/1.1 connections, and its one multiplexed HTTP/2
+//! connection.
 //!
 //! An [`Upstream`] is keyed by address and outlives routing tables: a new
 //! table reuses the `Arc` of every instance that stays, so swapping tables
 //! neither drops warm connections nor resets the least-request counts.
 //!
-//! A connection is checked out for one request ([`Lease`]) and goes back
-//! to the idle list when the response body has been read to the end
-//! ([`PooledBody`]); a body dropped half-read closes its connection, since
-//! HTTP/1.1 cannot reuse it. A checked-out connection that turns out to be
-//! closed is thrown away: the request was not sent, so the caller may try
-//! again elsewhere.
+//! HTTP/1.1: a connection is checked out for one request ([`Lease`]) and
+//! goes back to the idle list when the response body has been read to the
+//! end ([`PooledBody`]); a body dropped half-read closes its connection,
+//! since HTTP/1.1 cannot reuse it. A checked-out connection that turns out
+//! to be closed is thrown away: the request was not sent, so the caller may
+//! try again elsewhere. Connections are driven with upgrades on, so that a
+//! `101 Switching Protocols` hands the socket over to a tunnel.
+//!
+//! HTTP/2 (h2c, prior knowledge): one connection per instance carries every
+//! request as a stream. Streams are bounded ([`H2_MAX_STREAMS`] per
+//! connection, as a semaphore whose permit a stream holds until its
+//! response body ends); past the bound requests wait for a free stream
+//! within the request's deadline rather than queueing without limit inside
+//! hyper. A closed connection is replaced on the next checkout, one connect
+//! at a time.
 
 use std::{
     io,
@@ -24,14 +34,22 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::{body::Incoming, client::conn::http1};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::{
+    body::Incoming,
+    client::conn::{TrySendError, http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::Instrument;
 
-use crate::body::UpstreamBody;
+use crate::{body::UpstreamBody, limits::Permit, protocol::Protocol};
 
 /// Idle connections kept per instance; more are closed. Enough for the
 /// concurrency of one busy caller without keeping sockets nobody uses.
@@ -41,10 +59,25 @@ pub const MAX_IDLE: usize = 128;
 /// instance has likely timed it out already (nginx's default is 60s too).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The sending half of one HTTP/1.1 connection to an instance.
-pub type Sender = http1::SendRequest<UpstreamBody>;
+/// Streams in flight on one HTTP/2 connection to an instance, at most. An
+/// instance may allow fewer (its `SETTINGS_MAX_CONCURRENT_STREAMS`); HTTP/2
+/// then holds the extra streams back itself.
+pub const H2_MAX_STREAMS: usize = 512;
 
-/// One instance's address, requests in flight and idle connections.
+/// HTTP/2 PING interval on a connection to an instance, and how long the
+/// answer may take: finds an instance that vanished without a FIN.
+const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// The sending half of one connection to an instance.
+#[derive(Debug)]
+pub enum Sender {
+    /// An HTTP/1.1 connection, checked out for this one request.
+    Http1(http1::SendRequest<UpstreamBody>),
+    /// The instance's HTTP/2 connection, with the stream this request holds.
+    Http2(http2::SendRequest<UpstreamBody>, OwnedSemaphorePermit),
+}
+
+/// One instance's address, requests in flight and connections.
 #[derive(Debug)]
 pub struct Upstream {
     host: Box<str>,
@@ -53,33 +86,88 @@ pub struct Upstream {
     addr: Option<SocketAddr>,
     in_flight: AtomicUsize,
     idle: Mutex<Vec<Idle>>,
+    h2: ArcSwapOption<H2Conn>,
+    // Held while connecting over HTTP/2, so that a burst of requests to a
+    // fresh instance opens one connection, not one each.
+    h2_connecting: tokio::sync::Mutex<()>,
+    // Open connections (HTTP/1.1 and HTTP/2), for the service's
+    // `max_connections`: each connection task holds one count.
+    connections: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
-/// Counts a request against an instance from pick to end of response body.
 #[derive(Debug)]
-pub struct InFlight(Arc<Upstream>);
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    streams: Arc<Semaphore>,
+}
+
+/// Counts a request against an instance from pick to end of response body
+/// (and holds the request's limit counts, [`crate::limits::Permit`], as long).
+#[derive(Debug)]
+pub struct InFlight(Arc<Upstream>, Option<Permit>);
+
+/// One open connection's count, given back when its task ends.
+#[derive(Debug)]
+struct OpenCount(Arc<AtomicUsize>);
 
 /// A connection checked out for one request.
 #[derive(Debug)]
 pub struct Lease {
     /// The connection.
     pub sender: Sender,
-    /// Whether it came from the idle list (so may have gone stale).
+    /// Whether the connection was open already (so may have gone stale).
     pub reused: bool,
 }
 
-/// An instance's response body. Returns its connection to the pool once
-/// read to the end, and ends the request's in-flight count when done.
+/// An instance's response body. Returns its connection to the pool (or
+/// its HTTP/2 stream) once read to the end, and ends the request's
+/// in-flight count when done.
 #[derive(Debug)]
 pub struct PooledBody {
     inner: Incoming,
     held: Option<(Sender, InFlight)>,
+}
+
+// === impl Sender ===
+
+impl Sender {
+    /// Sends `req`; on an error before the request went out, the error
+    /// gives it back (`TrySendError::take_message`).
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        // The request stays HTTP/1.1 with an origin-form URI and its Host
+        // header for HTTP/2 too: h2 then sends `:scheme http` and the Host
+        // header as is, which RFC 9113 §8.3.1 allows, without building an
+        // absolute URI for each request.
+        match self {
+            Self::Http1(sender) => sender.try_send_request(req).await,
+            Self::Http2(sender, _) => sender.try_send_request(req).await,
+        }
+    }
+
+    /// The protocol of the connection.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Self::Http1(_) => Protocol::Http1,
+            Self::Http2(..) => Protocol::Http2,
+        }
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Self::Http1(sender) => sender.is_closed(),
+            Self::Http2(sender, _) => sender.is_closed(),
+        }
+    }
 }
 
 // === impl Upstream ===
@@ -94,6 +182,9 @@ impl Upstream {
             addr,
             in_flight: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            connections: Arc::default(),
         }
     }
 
@@ -105,6 +196,16 @@ impl Upstream {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections open to this instance.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn count_open(&self) -> OpenCount {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        OpenCount(self.connections.clone())
     }
 
     /// Requests in flight to this instance.
@@ -120,12 +221,28 @@ impl Upstream {
     /// Counts one more request in flight until the guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight(self.clone(), None)
     }
 
-    /// An open idle connection, most recently used first (its socket is
-    /// warm), or a new one within `connect_timeout`.
-    pub async fn checkout(&self, connect_timeout: Duration) -> io::Result<Lease> {
+    /// A connection for one request over `protocol`, within
+    /// `connect_timeout` when one must be opened.
+    ///
+    /// HTTP/1.1: an open idle connection, most recently used first (its
+    /// socket is warm), or a new one. HTTP/2: a stream on the instance's
+    /// connection (opened when there is none or it closed), waiting for a
+    /// free stream when [`H2_MAX_STREAMS`] are in flight.
+    pub async fn checkout(
+        &self,
+        protocol: Protocol,
+        connect_timeout: Duration,
+    ) -> io::Result<Lease> {
+        match protocol {
+            Protocol::Http1 => self.checkout_h1(connect_timeout).await,
+            Protocol::Http2 => self.checkout_h2(connect_timeout).await,
+        }
+    }
+
+    async fn checkout_h1(&self, connect_timeout: Duration) -> io::Result<Lease> {
         while let Some(mut idle) = self.pop_idle() {
             if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
                 continue;
@@ -134,20 +251,47 @@ impl Upstream {
             // have marked it ready yet; it does so at once, or it has closed.
             if idle.sender.ready().await.is_ok() {
                 return Ok(Lease {
-                    sender: idle.sender,
+                    sender: Sender::Http1(idle.sender),
                     reused: true,
                 });
             }
         }
-        let sender = self.connect(connect_timeout).await?;
+        let sender = self.connect_h1(connect_timeout).await?;
         Ok(Lease {
-            sender,
+            sender: Sender::Http1(sender),
             reused: false,
         })
     }
 
+    async fn checkout_h2(&self, connect_timeout: Duration) -> io::Result<Lease> {
+        let (conn, reused) = match self.open_h2() {
+            Some(conn) => (conn, true),
+            None => (self.connect_h2(connect_timeout).await?, false),
+        };
+        // Lock-free while streams are free; waits (within the caller's
+        // deadline) once the connection carries its bound.
+        let permit = match conn.streams.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => conn
+                .streams
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("HTTP/2 connection closed"))?,
+        };
+        Ok(Lease {
+            sender: Sender::Http2(conn.sender.clone(), permit),
+            reused,
+        })
+    }
+
+    /// The instance's HTTP/2 connection while it is open.
+    fn open_h2(&self) -> Option<Arc<H2Conn>> {
+        self.h2.load_full().filter(|c| !c.sender.is_closed())
+    }
+
     /// Puts a connection whose exchange completed back in the idle list.
-    pub fn release(&self, sender: Sender) {
+    pub fn release(&self, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
@@ -160,11 +304,16 @@ impl Upstream {
         }
     }
 
+    /// Whether the instance has an open HTTP/2 connection.
+    pub fn has_h2(&self) -> bool {
+        self.open_h2().is_some()
+    }
+
     fn pop_idle(&self) -> Option<Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    async fn connect(&self, timeout: Duration) -> io::Result<Sender> {
+    async fn tcp(&self, timeout: Duration) -> io::Result<TcpStream> {
         let connect = async {
             match self.addr {
                 Some(addr) => TcpStream::connect(addr).await,
@@ -175,22 +324,73 @@ impl Upstream {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn connect_h1(&self, timeout: Duration) -> io::Result<http1::SendRequest<UpstreamBody>> {
+        let stream = self.tcp(timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
         // The task ends when the connection closes, which happens once its
-        // sender is dropped (pool full, instance gone, proxy stopping).
+        // sender is dropped (pool full, instance gone, proxy stopping), or
+        // when a 101 hands the socket to a tunnel.
         let span = tracing::debug_span!("upstream_conn", host = %self.host, port = self.port);
+        let open = self.count_open();
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
+                let _open = open;
+                if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream connection ended");
                 }
             }
             .instrument(span),
         );
         Ok(sender)
+    }
+
+    /// Opens the instance's HTTP/2 connection, unless a concurrent
+    /// checkout just did.
+    async fn connect_h2(&self, timeout: Duration) -> io::Result<Arc<H2Conn>> {
+        let _one_at_a_time = tokio::time::timeout(timeout, self.h2_connecting.lock())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?;
+        if let Some(conn) = self.open_h2() {
+            return Ok(conn);
+        }
+        let stream = self.tcp(timeout).await?;
+        let handshake = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(H2_KEEP_ALIVE.0)
+            .keep_alive_timeout(H2_KEEP_ALIVE.1)
+            .handshake(TokioIo::new(stream));
+        let (sender, conn) = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"))?
+            .map_err(io::Error::other)?;
+        let span = tracing::debug_span!("upstream_h2", host = %self.host, port = self.port);
+        let open = self.count_open();
+        tokio::spawn(
+            async move {
+                let _open = open;
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            }
+            .instrument(span),
+        );
+        let conn = Arc::new(H2Conn {
+            sender,
+            streams: Arc::new(Semaphore::new(H2_MAX_STREAMS)),
+        });
+        // Streams waiting on the closed connection's permits wake with an
+        // error and the request fails over like any closed connection.
+        if let Some(old) = self.h2.swap(Some(conn.clone())) {
+            old.streams.close();
+        }
+        Ok(conn)
     }
 }
 
@@ -209,6 +409,12 @@ impl Drop for InFlight {
     }
 }
 
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 // === impl PooledBody ===
 
 impl PooledBody {
@@ -220,11 +426,19 @@ impl PooledBody {
         }
     }
 
-    /// Ends the exchange: the connection goes back to the pool when the
-    /// body was read whole, else it is closed (dropped).
+    /// Keeps the request's limit counts until the body ends.
+    pub fn hold(&mut self, permit: Permit) {
+        if let Some((_, in_flight)) = &mut self.held {
+            in_flight.1 = Some(permit);
+        }
+    }
+
+    /// Ends the exchange: an HTTP/1.1 connection goes back to the pool
+    /// when the body was read whole, else it is closed (dropped); an
+    /// HTTP/2 stream is freed either way.
     fn finish(&mut self, complete: bool) {
         // Taken either way: the in-flight count ends here.
-        if let Some((sender, in_flight)) = self.held.take()
+        if let Some((Sender::Http1(sender), in_flight)) = self.held.take()
             && complete
         {
             in_flight.upstream().release(sender);
@@ -292,7 +506,65 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let up = Upstream::new("127.0.0.1", port);
-        let e = up.checkout(Duration::from_secs(1)).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let e = up
+                .checkout(protocol, Duration::from_secs(1))
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{protocol}");
+        }
+    }
+
+    /// An h2c server on port 0 that answers 200; counts its connections.
+    async fn h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(
+                        http_body_util::Empty::<Bytes>::new(),
+                    ))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test]
+    async fn h2_streams_share_one_connection_and_wait_past_the_bound() {
+        let (addr, connections) = h2_server().await;
+        let up = Upstream::new("127.0.0.1", addr.port());
+        let timeout = Duration::from_secs(1);
+        let mut leases = Vec::new();
+        for _ in 0..H2_MAX_STREAMS {
+            leases.push(up.checkout(Protocol::Http2, timeout).await.unwrap());
+        }
+        assert!(leases[1..].iter().all(|l| l.reused));
+
+        // One more waits for a free stream...
+        let waiting = up.checkout(Protocol::Http2, timeout);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut waiting).await;
+        assert!(early.is_err(), "a stream past the bound waits");
+        // ...and gets the one a finished request frees.
+        leases.pop();
+        let mut lease = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a freed stream")
+            .unwrap();
+        assert_eq!(lease.sender.protocol(), Protocol::Http2);
+        let req = Request::get("/").body(UpstreamBody::Empty).unwrap();
+        let resp = lease.sender.try_send_request(req).await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        assert!(up.has_h2());
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 }

@@ -6,7 +6,13 @@
 
 mod admin;
 mod agent;
+mod drain;
 mod dump;
 mod hygiene;
+mod protocols;
+mod reload;
+mod resilience;
 mod routing;
 mod support;
+mod upgrade;
+mod upstreams;

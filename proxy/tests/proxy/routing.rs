@@ -144,7 +144,10 @@ async fn round_robin_spreads_requests_evenly() {
         .collect();
     let bridge = FakeBridge::start(vec![service("orders", eps)]).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    let proxy = TestProxy::start_with(bridge.addr, dir.path(), |c| {
+        c.lb = LoadBalancing::RoundRobin;
+    })
+    .await;
     proxy.wait_service("orders", 3).await;
 
     let mut counts = HashMap::new();
@@ -198,7 +201,10 @@ async fn failed_connect_is_retried_on_another_instance() {
     )])
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    let proxy = TestProxy::start_with(bridge.addr, dir.path(), |c| {
+        c.lb = LoadBalancing::RoundRobin;
+    })
+    .await;
     proxy.wait_service("orders", 2).await;
 
     for i in 0..20 {
@@ -209,10 +215,16 @@ async fn failed_connect_is_retried_on_another_instance() {
         assert_eq!(r.instance(), "good");
     }
     assert_eq!(good.requests(), 20);
+    // Five failed connects in a row, and the dead instance is ejected.
     let metrics = proxy.registry.render();
     assert!(
-        metrics.contains(r#"mesh_proxy_upstream_errors_total{service="orders",kind="connect"} 10"#),
+        metrics.contains(r#"mesh_proxy_upstream_errors_total{service="orders",kind="connect"} 5"#),
         "{metrics}"
+    );
+    let routes = proxy.routes().await;
+    assert!(
+        routes["services"]["orders"][0]["ejected_until"].is_u64(),
+        "{routes}"
     );
     proxy.stop().await;
 }
@@ -227,7 +239,12 @@ async fn get_is_retried_when_an_instance_resets_the_connection() {
     )])
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    // Round robin without ejection: the resetting instance keeps its turn.
+    let proxy = TestProxy::start_with(bridge.addr, dir.path(), |c| {
+        c.lb = LoadBalancing::RoundRobin;
+        c.default_route.outlier_consecutive_failures = Some(0);
+    })
+    .await;
     proxy.wait_service("orders", 2).await;
 
     for _ in 0..10 {

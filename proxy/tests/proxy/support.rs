@@ -448,6 +448,11 @@ impl TestProxy {
         }
     }
 
+    /// The running proxy.
+    pub fn app(&self) -> &App {
+        self.app.as_ref().unwrap()
+    }
+
     pub async fn stop(mut self) {
         if let Some(app) = self.app.take() {
             app.shutdown(Duration::from_secs(2)).await;

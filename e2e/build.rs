@@ -1,0 +1,18 @@
+//! Generates the gRPC echo test service (`proto/echo.proto`) with a
+//! vendored `protoc`, so a fresh machine needs nothing installed by hand
+//! (`$PROTOC` wins when set).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(path) => path.into(),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/echo.proto"],
+        &["proto"],
+    )?;
+    Ok(())
+}
