@@ -3,6 +3,12 @@
 //! (`<sequence>.json`, written atomically) in a folder of its own, so a
 //! crash loses nothing that [`DurableQueue::push`] returned for, and an
 //! item is removed only after it was applied.
+//!
+//! Two processes may share a folder for a while (a proxy taking over from
+//! its predecessor): an item is linked into place without ever replacing
+//! another (a taken sequence number moves on to the next), and only the
+//! process holding the folder's lock file drains, so items are applied in
+//! order, once.
 
 use std::{
     fs,
@@ -17,6 +23,10 @@ use std::{
     time::Duration,
 };
 
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
@@ -71,10 +81,25 @@ impl<T: Serialize + DeserializeOwned> DurableQueue<T> {
     /// Appends `item` durably; returns once it is on disk.
     pub fn push(&self, item: &T) -> io::Result<u64> {
         let bytes = serde_json::to_vec(item).map_err(io::Error::other)?;
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        write_atomic(&self.path(seq), &bytes)?;
-        drop(_guard);
+        let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tmp = self.dir.join(format!(".push.{}.tmp", std::process::id()));
+        write_atomic(&tmp, &bytes)?;
+        let seq = loop {
+            let seq = self.next.fetch_add(1, Ordering::SeqCst);
+            // A hard link never replaces: a number another process took is
+            // skipped, and its item kept.
+            match fs::hard_link(&tmp, self.path(seq)) {
+                Ok(()) => break seq,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            }
+        };
+        fs::remove_file(&tmp)?;
+        fs::File::open(&self.dir)?.sync_all()?;
+        drop(guard);
         self.notify.notify_one();
         Ok(seq)
     }
@@ -126,6 +151,9 @@ impl<T: Serialize + DeserializeOwned> DurableQueue<T> {
         F: FnMut(T) -> Fut,
         Fut: Future<Output = Apply>,
     {
+        let Some(_lock) = self.drain_lock(&mut shutdown).await else {
+            return;
+        };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let notified = self.notify.notified();
@@ -163,6 +191,43 @@ impl<T: Serialize + DeserializeOwned> DurableQueue<T> {
                 _ = backoff.wait() => {}
                 _ = shutdown.requested() => return,
             }
+        }
+    }
+
+    /// Waits until this process holds the folder's drain lock (another
+    /// process sharing the folder may hold it until it exits); `None` on
+    /// shutdown. The lock is released when the returned guard drops.
+    async fn drain_lock(&self, shutdown: &mut Shutdown) -> Option<Flock<fs::File>> {
+        let mut logged = false;
+        loop {
+            match self.try_drain_lock() {
+                Ok(Some(lock)) => return Some(lock),
+                Ok(None) if !logged => {
+                    tracing::info!(dir = %self.dir.display(), "another process drains this queue; waiting for it to finish");
+                    logged = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "cannot lock queue")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.requested() => return None,
+            }
+        }
+    }
+
+    fn try_drain_lock(&self) -> io::Result<Option<Flock<fs::File>>> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(".drain.lock"))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(errno.into()),
         }
     }
 
@@ -206,6 +271,34 @@ mod tests {
         q.push(&"c".into()).unwrap();
         assert_eq!(q.front().unwrap().unwrap().1, "b");
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn two_queues_on_one_folder_never_overwrite_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = DurableQueue::<String>::open(dir.path()).unwrap();
+        let new = DurableQueue::<String>::open(dir.path()).unwrap();
+        // Both start at the same next number: the second push moves on.
+        let a = old.push(&"from old".into()).unwrap();
+        let b = new.push(&"from new".into()).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(old.len(), 2);
+        let (seq, first) = new.front().unwrap().unwrap();
+        assert_eq!(first, "from old");
+        new.remove(seq).unwrap();
+        assert_eq!(old.front().unwrap().unwrap().1, "from new");
+    }
+
+    #[tokio::test]
+    async fn only_one_process_drains_a_folder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DurableQueue::<u32>::open(dir.path()).unwrap();
+        let held = first.try_drain_lock().unwrap().expect("free at first");
+        // flock is per open file description: a second open, as another
+        // process would make, is refused while the first holds it.
+        assert!(first.try_drain_lock().unwrap().is_none());
+        drop(held);
+        assert!(first.try_drain_lock().unwrap().is_some());
     }
 
     #[test]
