@@ -23,6 +23,10 @@ use crate::{
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The largest routing update accepted from the bridge (a snapshot of
+/// about 4 million endpoints).
+pub const MAX_UPDATE_BYTES: usize = 256 * 1024 * 1024;
+
 /// The discovery client of one proxy.
 #[derive(Debug)]
 pub struct Discovery {
@@ -85,7 +89,10 @@ impl Discovery {
     }
 
     async fn watch(&self, backoff: &mut Backoff, healthy: &mut bool) -> Result<(), tonic::Status> {
-        let mut client = DiscoveryClient::new(self.channel.clone());
+        // tonic refuses messages over 4 MiB by default, about 64,000
+        // endpoints in one snapshot: a large mesh would never subscribe.
+        let mut client =
+            DiscoveryClient::new(self.channel.clone()).max_decoding_message_size(MAX_UPDATE_BYTES);
         let response = tokio::time::timeout(self.open_timeout, client.watch(self.request.clone()))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("the bridge did not answer in time"))??;

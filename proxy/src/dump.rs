@@ -211,6 +211,8 @@ pub async fn run_writer(
     clock: Arc<DumpClock>,
     mut shutdown: Shutdown,
 ) {
+    // The table current at start may be live already: write it too.
+    tables.mark_changed();
     loop {
         tokio::select! {
             changed = tables.changed() => if changed.is_err() { return },

@@ -212,13 +212,14 @@ impl App {
                 ),
             )
         };
+        // The dump writer subscribes before discovery starts, so that no
+        // table the bridge sends goes unwritten.
+        let dump_writer =
+            dump::run_writer(dump_path, routes.subscribe(), clock.clone(), stop.clone());
         let tasks = vec![
             admin_task,
+            spawn("dump", dump_writer),
             spawn("discovery", discovery.run(stop.clone())),
-            spawn(
-                "dump",
-                dump::run_writer(dump_path, routes.subscribe(), clock.clone(), stop.clone()),
-            ),
             spawn("queue", registrar.clone().drain(stop.clone())),
             spawn(
                 "gauges",

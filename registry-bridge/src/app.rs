@@ -146,10 +146,22 @@ fn open_registry(
         .map_err(|source| StartError::Queue { path, source })
 }
 
+/// Pending connections the listeners queue: every proxy of a node (and
+/// of a takeover) may reconnect at once after a bridge restart; tokio's
+/// default of 128 overflowed with a few hundred subscribers.
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
