@@ -2,7 +2,7 @@
 //! and the few API calls the propagation and fan-out phases make. The
 //! agent allows 4,096 connections per client address: the bridge holds one
 //! blocking query per service (1,001 with the fan-out's catalog), over the
-//! default of 200 (DESIGN.md, "Facts measured").
+//! default of 200.
 
 use std::{
     net::SocketAddr,

@@ -82,7 +82,7 @@ pub enum Layout {
     /// The upstream shares the load CPU with wrk: the proxy's CPU is its
     /// own, but wrk + upstream may saturate theirs first.
     Split,
-    /// The upstream shares the proxy CPU (as DESIGN.md measured nginx):
+    /// The upstream shares the proxy CPU (how the nginx reference figures were taken):
     /// every target is bound by that CPU, and a direct call crosses CPUs
     /// as often as a proxied one, so the added latency is the proxy's.
     Shared,
