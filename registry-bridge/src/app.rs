@@ -16,8 +16,11 @@ use tonic::transport::server::TcpIncoming;
 use tracing::Instrument;
 
 use crate::{
-    config::Config, discovery::DiscoveryApi, metrics::BridgeMetrics, registry::RegistryApi,
-    watch::Watches,
+    config::Config,
+    discovery::DiscoveryApi,
+    metrics::BridgeMetrics,
+    registry::RegistryApi,
+    watch::{Reads, Watches},
 };
 
 /// Keepalive pings on gRPC connections, so a proxy that vanished without a
@@ -75,7 +78,11 @@ impl Bridge {
         let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
 
         let (trigger, shutdown) = shutdown::channel();
-        let watches = Watches::new(consul, config.wait, metrics.clone(), shutdown.clone());
+        let reads = Reads {
+            wait: config.wait,
+            stale: config.stale_reads,
+        };
+        let watches = Watches::new(consul, reads, metrics.clone(), shutdown.clone());
         let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone());
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();

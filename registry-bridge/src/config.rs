@@ -57,6 +57,12 @@ pub struct Args {
     /// How long Consul may hold a blocking query, 1s to 10m [default: 60s].
     #[arg(long, env = "MESH_WAIT")]
     pub wait: Option<HumanDuration>,
+    /// Read from any Consul server (`?stale`) instead of the leader:
+    /// spreads the watches of a large mesh over the servers, but a change
+    /// reaches followers only with the leader's next heartbeat (tens of
+    /// milliseconds later) [default: false].
+    #[arg(long, env = "MESH_STALE_READS", num_args = 0..=1, default_missing_value = "true")]
+    pub stale_reads: Option<bool>,
 }
 
 /// The checked configuration.
@@ -76,6 +82,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Blocking-query wait.
     pub wait: Duration,
+    /// Read from any server rather than the leader.
+    pub stale_reads: bool,
 }
 
 /// Default Consul agent address.
@@ -138,6 +146,7 @@ impl Args {
             admin_listen,
             data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             wait,
+            stale_reads: self.stale_reads.unwrap_or(false),
         })
     }
 

@@ -45,6 +45,15 @@ pub type ServiceView = Option<Endpoints>;
 /// The catalog's service names: `None` until Consul's first trusted answer.
 pub type CatalogView = Option<Arc<BTreeSet<String>>>;
 
+/// How the watches read Consul.
+#[derive(Clone, Copy, Debug)]
+pub struct Reads {
+    /// How long Consul may hold a blocking query.
+    pub wait: Duration,
+    /// Read from any server (`?stale`) rather than the leader.
+    pub stale: bool,
+}
+
 /// The shared watches. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Watches {
@@ -54,7 +63,7 @@ pub struct Watches {
 /// What every watch loop shares.
 pub(crate) struct Hub {
     client: Client,
-    wait: Duration,
+    reads: Reads,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
     services: Topics<ServiceView>,
@@ -68,12 +77,12 @@ pub(crate) struct Hub {
 // === impl Watches ===
 
 impl Watches {
-    /// Watches through `client` with blocking queries of `wait`, until
-    /// `shutdown`.
-    pub fn new(client: Client, wait: Duration, metrics: BridgeMetrics, shutdown: Shutdown) -> Self {
+    /// Watches through `client` with blocking queries read as `reads`
+    /// says, until `shutdown`.
+    pub fn new(client: Client, reads: Reads, metrics: BridgeMetrics, shutdown: Shutdown) -> Self {
         let hub = Hub {
             client,
-            wait,
+            reads,
             metrics,
             shutdown,
             services: Topics::default(),
@@ -191,7 +200,7 @@ impl Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("wait", &self.wait)
+            .field("reads", &self.reads)
             .field("services", &self.services.len())
             .finish_non_exhaustive()
     }

@@ -7,8 +7,10 @@
 //!   right after a reset waits first;
 //! - on an error or an untrusted answer keep the index and what is known,
 //!   and wait a jittered, growing delay ([`Backoff`]);
-//! - reads are `?stale`, so any server answers during an election; the
-//!   `trust` rules keep such answers from shrinking a set;
+//! - reads go to the leader, which sees a change as soon as it is
+//!   committed; with `stale` (for large meshes) any server answers, a
+//!   follower only after the leader's next heartbeat, and the `trust`
+//!   rules keep answers from a server without a leader from shrinking a set;
 //! - every read tells the hub whether Consul answered, and a loop in
 //!   backoff retries at once when another one finds Consul back.
 
@@ -18,7 +20,7 @@ use consul_client::{Client, Error, QueryOptions, QueryResult};
 use mesh_runtime::{backoff::Backoff, shutdown::Shutdown};
 use tokio::{sync::watch, time::Instant};
 
-use super::{Hub, topics::Topics, trust::Decision};
+use super::{Hub, Reads, topics::Topics, trust::Decision};
 
 /// Shortest and longest pause after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -60,23 +62,26 @@ pub(crate) trait Source: Send + Sync + 'static {
 pub(crate) struct BlockingQuery {
     index: u64,
     wait: Duration,
+    stale: bool,
     backoff: Backoff,
 }
 
 // === impl BlockingQuery ===
 
 impl BlockingQuery {
-    pub(crate) fn new(wait: Duration) -> Self {
+    pub(crate) fn new(reads: Reads) -> Self {
         Self {
             index: 0,
-            wait,
+            wait: reads.wait,
+            stale: reads.stale,
             backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         }
     }
 
     /// The options of the next read.
     pub(crate) fn options(&self) -> QueryOptions {
-        QueryOptions::blocking(self.index, self.wait).stale()
+        let opts = QueryOptions::blocking(self.index, self.wait);
+        if self.stale { opts.stale() } else { opts }
     }
 
     /// Takes the index of an answer; returns a pause when Consul keeps
@@ -110,7 +115,7 @@ pub(crate) fn next_index(sent: u64, returned: u64) -> u64 {
 /// Runs the loop of `source`, publishing on `tx`, until shutdown or until
 /// nobody receives anymore.
 pub(crate) async fn run<S: Source>(source: &S, tx: watch::Sender<S::View>, hub: &Hub) {
-    let mut query = BlockingQuery::new(hub.wait);
+    let mut query = BlockingQuery::new(hub.reads);
     let mut shutdown = hub.shutdown.clone();
     let mut failing = false;
     loop {
@@ -225,6 +230,11 @@ mod tests {
 
     type Answer = Result<QueryResult<Vec<ServiceEntry>>, Error>;
 
+    const READS: Reads = Reads {
+        wait: Duration::from_secs(60),
+        stale: false,
+    };
+
     /// A service source answering from a script, then never again.
     struct Scripted {
         script: Mutex<VecDeque<Answer>>,
@@ -300,7 +310,7 @@ mod tests {
         let (trigger, shutdown) = shutdown::channel();
         let client = Client::new(&ClientConfig::new(["http://127.0.0.1:1"])).unwrap();
         let metrics = BridgeMetrics::new(&registry);
-        let watches = Watches::new(client, Duration::from_secs(60), metrics, shutdown);
+        let watches = Watches::new(client, READS, metrics, shutdown);
         let unreachable = Error::Unreachable {
             addr: "a".into(),
             reason: "down".into(),
@@ -351,8 +361,11 @@ mod tests {
     }
 
     #[test]
-    fn blocking_reads_carry_the_index_and_are_stale() {
-        let mut q = BlockingQuery::new(Duration::from_secs(60));
+    fn blocking_reads_carry_the_index_and_read_as_configured() {
+        let mut q = BlockingQuery::new(Reads {
+            stale: true,
+            ..READS
+        });
         assert!(!q.options().is_blocking(), "the first read answers at once");
         assert_eq!(q.answered(42), None);
         let opts = q.options();
@@ -362,11 +375,15 @@ mod tests {
         );
         assert_eq!(q.answered(3), None, "a reset reads again at once");
         assert_eq!(q.options().index, 0);
+        assert!(
+            !BlockingQuery::new(READS).options().stale,
+            "the leader by default"
+        );
     }
 
     #[test]
     fn repeated_zero_indexes_pause_instead_of_spinning() {
-        let mut q = BlockingQuery::new(Duration::from_secs(60));
+        let mut q = BlockingQuery::new(READS);
         let first = q.answered(0).expect("index 0 after index 0 pauses");
         assert!(first <= BACKOFF_MIN);
         let mut last = first;
@@ -379,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_failure_keeps_the_index() {
-        let mut q = BlockingQuery::new(Duration::from_secs(60));
+        let mut q = BlockingQuery::new(READS);
         q.answered(9);
         assert!(q.failed() <= BACKOFF_MIN);
         assert_eq!(q.options().index, 9);
