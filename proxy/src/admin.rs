@@ -68,30 +68,20 @@ impl RoutesView {
     pub fn of(table: &RoutingTable) -> Self {
         let now = tokio::time::Instant::now();
         let now_ms = now_unix_ms();
-        let services = table
-            .services()
-            .map(|s| {
-                let endpoints = s
-                    .endpoints()
-                    .iter()
-                    .map(|e| EndpointView {
-                        id: e.id.clone(),
-                        address: e.upstream.host().to_owned(),
-                        port: e.upstream.port(),
-                        node: e.node.clone(),
-                        tags: e.tags.clone(),
-                        in_flight: e.upstream.in_flight(),
-                        ejected_until: e.state.health.ejected_until(now).map(|until| {
-                            let left = until.saturating_duration_since(now).as_millis();
-                            now_ms.saturating_add(u64::try_from(left).unwrap_or(u64::MAX))
-                        }),
-                        consecutive_failures: e.state.health.consecutive_failures(),
-                        latency_ewma_ms: (e.state.ewma.estimate(now) / 1e4).round() / 100.0,
-                    })
-                    .collect();
-                (s.name().to_string(), endpoints)
-            })
-            .collect();
+        let services = table.map_endpoints(|e| EndpointView {
+            id: e.id.clone(),
+            address: e.upstream.host().to_owned(),
+            port: e.upstream.port(),
+            node: e.node.clone(),
+            tags: e.tags.clone(),
+            in_flight: e.upstream.in_flight(),
+            ejected_until: e.state.health.ejected_until(now).map(|until| {
+                let left = until.saturating_duration_since(now).as_millis();
+                now_ms.saturating_add(u64::try_from(left).unwrap_or(u64::MAX))
+            }),
+            consecutive_failures: e.state.health.consecutive_failures(),
+            latency_ewma_ms: (e.state.ewma.estimate(now) / 1e4).round() / 100.0,
+        });
         let age_ms = match table.source {
             Source::None => 0,
             _ => now_unix_ms().saturating_sub(table.updated_at_unix_ms),

@@ -100,24 +100,14 @@ pub struct DumpClock(AtomicU64);
 impl DumpFile {
     /// The dump of `table`, stamped now.
     pub fn of(table: &RoutingTable) -> Self {
-        let services = table
-            .services()
-            .map(|s| {
-                let endpoints = s
-                    .endpoints()
-                    .iter()
-                    .map(|e| DumpEndpoint {
-                        id: e.id.clone(),
-                        address: e.upstream.host().to_owned(),
-                        port: e.upstream.port(),
-                        node: e.node.clone(),
-                        tags: e.tags.clone(),
-                        meta: e.meta.clone(),
-                    })
-                    .collect();
-                (s.name().to_string(), endpoints)
-            })
-            .collect();
+        let services = table.map_endpoints(|e| DumpEndpoint {
+            id: e.id.clone(),
+            address: e.upstream.host().to_owned(),
+            port: e.upstream.port(),
+            node: e.node.clone(),
+            tags: e.tags.clone(),
+            meta: e.meta.clone(),
+        });
         Self {
             version: table.version,
             written_at_unix_ms: now_unix_ms(),

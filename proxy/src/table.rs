@@ -138,6 +138,23 @@ impl RoutingTable {
         all.into_iter()
     }
 
+    /// Every service's endpoints, each mapped by `f`, keyed by service
+    /// name: what `/routes` and the dump file show of a table.
+    pub fn map_endpoints<T>(
+        &self,
+        mut f: impl FnMut(&Endpoint) -> T,
+    ) -> std::collections::BTreeMap<String, Vec<T>> {
+        self.services
+            .values()
+            .map(|s| {
+                (
+                    s.name().to_string(),
+                    s.endpoints().iter().map(&mut f).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Number of services.
     pub fn len(&self) -> usize {
         self.services.len()
