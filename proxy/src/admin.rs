@@ -1,14 +1,18 @@
 //! The proxy's own admin route, next to the shared `/live`, `/ready` and
 //! `/metrics`: `/routes`, what the proxy routes to right now and where it
 //! came from (nginx-upsync's `upstream_show`), with each endpoint's load,
-//! latency estimate and ejection.
+//! latency estimate and ejection, and the other nodes' proxies requests to
+//! their nodes' instances go through.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Serialize;
 
-use crate::table::{Routes, RoutingTable, Source, now_unix_ms};
+use crate::{
+    peer::{PeerView, Peers},
+    table::{Routes, RoutingTable, Source, now_unix_ms},
+};
 
 /// `/routes` as JSON.
 #[derive(Debug, Serialize)]
@@ -26,6 +30,9 @@ pub struct RoutesView {
     pub updated_at_unix_ms: u64,
     /// Services and their endpoints, by name.
     pub services: BTreeMap<String, Vec<EndpointView>>,
+    /// Other nodes' proxies, by node: requests to an instance on one of
+    /// these nodes go through its proxy.
+    pub peers: BTreeMap<String, PeerView>,
 }
 
 /// One endpoint in `/routes`.
@@ -53,12 +60,16 @@ pub struct EndpointView {
 }
 
 /// The router serving `/routes`.
-pub fn router(routes: Arc<Routes>) -> Router {
-    Router::new().route("/routes", get(show)).with_state(routes)
+pub fn router(routes: Arc<Routes>, peers: Arc<Peers>) -> Router {
+    Router::new()
+        .route("/routes", get(show))
+        .with_state((routes, peers))
 }
 
-async fn show(State(routes): State<Arc<Routes>>) -> Json<RoutesView> {
-    Json(RoutesView::of(&routes.load_full()))
+async fn show(State((routes, peers)): State<(Arc<Routes>, Arc<Peers>)>) -> Json<RoutesView> {
+    let mut view = RoutesView::of(&routes.load_full());
+    view.peers = peers.view();
+    Json(view)
 }
 
 // === impl RoutesView ===
@@ -97,6 +108,7 @@ impl RoutesView {
             age_seconds: age_ms as f64 / 1000.0,
             updated_at_unix_ms: table.updated_at_unix_ms,
             services,
+            peers: BTreeMap::new(),
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -101,6 +101,15 @@ pub struct Args {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_route: Option<RouteSpec>,
+    /// Inbound listener for other nodes' proxies (HTTP/2 between
+    /// proxies), e.g. 0.0.0.0:8892; off unless set.
+    #[arg(long, env = "MESH_INBOUND_LISTEN")]
+    pub inbound_listen: Option<SocketAddr>,
+    /// Address other nodes' proxies reach the inbound listener at (default:
+    /// its listen IP, or the node's address in Consul when it listens on
+    /// 0.0.0.0 or ::).
+    #[arg(long, env = "MESH_INBOUND_ADDRESS")]
+    pub inbound_address: Option<String>,
     /// Per-service route policies (file only: `[routes.<service>]`).
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -165,6 +174,19 @@ pub struct Config {
     pub listener_max_connections: Option<usize>,
     /// Budget for one call to the bridge's Registry.
     pub registration_timeout: Duration,
+    /// The inbound listener for other nodes' proxies; `None`: off.
+    pub inbound: Option<InboundConfig>,
+}
+
+/// The inbound listener other nodes' proxies send to (see [`crate::inbound`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The address it is registered with (`mesh-proxy` in Consul); `None`:
+    /// the listen IP, or, for an unspecified one (0.0.0.0, ::), the node's
+    /// own address as Consul knows it.
+    pub address: Option<String>,
 }
 
 // === impl Args ===
@@ -234,11 +256,18 @@ impl Args {
                 return Err(format!("routes.{name}: given twice (names ignore case)"));
             }
         }
+        let listen = self.listen.unwrap_or(([127, 0, 0, 1], 8888).into());
+        let admin_listen = self.admin_listen.unwrap_or(([127, 0, 0, 1], 8889).into());
+        let inbound = inbound(
+            self.inbound_listen,
+            self.inbound_address,
+            &[("listen", listen), ("admin_listen", admin_listen)],
+        )?;
         let config = Config {
             log_format: self.log_format.unwrap_or_default(),
             node,
-            listen: self.listen.unwrap_or(([127, 0, 0, 1], 8888).into()),
-            admin_listen: self.admin_listen.unwrap_or(([127, 0, 0, 1], 8889).into()),
+            listen,
+            admin_listen,
             bridge_addr,
             services,
             data_dir: self
@@ -262,6 +291,7 @@ impl Args {
                 n => Some(n),
             },
             registration_timeout: Duration::from_secs(2),
+            inbound,
         };
         // Every route's policy, checked now rather than on first use.
         Policies::from_config(&config)?;
@@ -272,6 +302,75 @@ impl Args {
 impl ConfigFile for Args {
     fn config_file(&self) -> Option<&Path> {
         self.config.as_deref()
+    }
+}
+
+/// The inbound listener's settings, checked: its address must be one other
+/// nodes can reach, and its port none of the proxy's other listeners.
+fn inbound(
+    listen: Option<SocketAddr>,
+    address: Option<String>,
+    others: &[(&str, SocketAddr)],
+) -> Result<Option<InboundConfig>, String> {
+    let address = address
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty());
+    let Some(listen) = listen else {
+        return match address {
+            Some(a) => Err(format!(
+                "inbound_address: {a:?} is set but inbound_listen is not"
+            )),
+            None => Ok(None),
+        };
+    };
+    if let Some((key, _)) = others
+        .iter()
+        .find(|(_, other)| listen.port() != 0 && overlaps(listen, *other))
+    {
+        return Err(format!(
+            "inbound_listen: {listen} is also {key}; give the inbound listener a port of its own"
+        ));
+    }
+    match &address {
+        Some(a) => check_address(a).map_err(|e| format!("inbound_address: {a:?} {e}"))?,
+        None if listen.ip().is_loopback() => {
+            return Err(format!(
+                "inbound_listen: {listen} is a loopback address other nodes cannot reach; \
+                 listen on the node's address or 0.0.0.0, or set inbound_address"
+            ));
+        }
+        None => {}
+    }
+    Ok(Some(InboundConfig { listen, address }))
+}
+
+/// Whether two listen addresses would share a port.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// An address other hosts can connect to: an IP that is not unspecified,
+/// or a host name.
+fn check_address(a: &str) -> Result<(), String> {
+    if let Ok(ip) = a.parse::<IpAddr>() {
+        return if ip.is_unspecified() {
+            Err("is unspecified: give the address other nodes reach this one at".into())
+        } else {
+            Ok(())
+        };
+    }
+    let host = a.strip_suffix('.').unwrap_or(a);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.len() <= 253 && host.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err("is neither an IP address nor a host name".into())
     }
 }
 
@@ -352,6 +451,77 @@ mod tests {
         assert_eq!(c.listener_max_requests, Some(10_000));
         assert_eq!(c.listener_max_connections, Some(10_000));
         assert!(c.services.is_empty());
+        assert_eq!(c.inbound, None, "the inbound listener is off unless set");
+    }
+
+    #[test]
+    fn the_inbound_listener_takes_a_reachable_address_and_a_port_of_its_own() {
+        let c = parse(&["--inbound-listen", "0.0.0.0:8892"]).unwrap();
+        assert_eq!(
+            c.inbound,
+            Some(InboundConfig {
+                listen: "0.0.0.0:8892".parse().unwrap(),
+                address: None
+            })
+        );
+        let c = parse(&[
+            "--inbound-listen",
+            "127.0.0.1:0",
+            "--inbound-address",
+            "node1.example",
+        ])
+        .unwrap();
+        assert_eq!(c.inbound.unwrap().address.as_deref(), Some("node1.example"));
+        for (argv, key, what) in [
+            (
+                &["--inbound-listen", "127.0.0.1:8892"][..],
+                "inbound_listen",
+                "loopback",
+            ),
+            (
+                &["--inbound-address", "10.0.0.1"][..],
+                "inbound_address",
+                "inbound_listen is not",
+            ),
+            (
+                &["--inbound-listen", "0.0.0.0:8888"][..],
+                "inbound_listen",
+                "also listen",
+            ),
+            (
+                &[
+                    "--inbound-listen",
+                    "10.0.0.1:8889",
+                    "--admin-listen",
+                    "0.0.0.0:8889",
+                ][..],
+                "inbound_listen",
+                "also admin_listen",
+            ),
+            (
+                &[
+                    "--inbound-listen",
+                    "0.0.0.0:8892",
+                    "--inbound-address",
+                    "0.0.0.0",
+                ][..],
+                "inbound_address",
+                "unspecified",
+            ),
+            (
+                &[
+                    "--inbound-listen",
+                    "0.0.0.0:8892",
+                    "--inbound-address",
+                    "not a host!",
+                ][..],
+                "inbound_address",
+                "neither",
+            ),
+        ] {
+            let e = parse(argv).unwrap_err();
+            assert!(e.starts_with(key) && e.contains(what), "{argv:?}: {e}");
+        }
     }
 
     #[test]
@@ -381,6 +551,7 @@ mod tests {
             (&["--bridge-addr", "nowhere"][..], "bridge_addr"),
             (&["--connect-timeout", "0s"][..], "connect_timeout"),
             (&["--services", "bad name"][..], "services"),
+            (&["--services", "orders,mesh-proxy"][..], "services"),
         ] {
             let e = parse(argv).unwrap_err();
             assert!(e.contains(key), "{argv:?}: {e}");

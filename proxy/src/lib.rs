@@ -6,6 +6,8 @@
 //!
 //! - [`config`]: flags, environment and file into a validated [`Config`].
 //! - [`server`]: the outbound listener (hyper, HTTP/1.1 + h2c), drain on shutdown.
+//! - [`inbound`]: the inbound listener other nodes' proxies send to (h2c, HTTP/1.1 upgrades).
+//! - [`peer`]: other nodes' proxies (service `mesh-proxy`) and the HTTP/2 hop through them.
 //! - [`proxy`]: the request path: route → prepare → balance → retry/timeout → connect.
 //! - [`route`]: which service a request names (Host, or first path segment).
 //! - [`policy`]: route policies (`[default_route]`, `[routes.<service>]`), validated and swappable.
@@ -37,10 +39,12 @@ pub mod discovery;
 pub mod dump;
 pub mod error;
 pub mod headers;
+pub mod inbound;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod outlier;
+pub mod peer;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
@@ -70,11 +74,12 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-pub use crate::config::{Args, Config, LoadBalancing};
+pub use crate::config::{Args, Config, InboundConfig, LoadBalancing};
 use crate::{
     agent::Agent,
     discovery::Discovery,
     dump::{DumpClock, DumpFile},
+    inbound::Inbound,
     metrics::ProxyMetrics,
     policy::Policies,
     proxy::Proxy,
@@ -95,8 +100,11 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(30);
 pub struct App {
     outbound: SocketAddr,
     admin: SocketAddr,
+    inbound: Option<SocketAddr>,
     trigger: Trigger,
     server: JoinHandle<()>,
+    /// The inbound listener's task, drained like the outbound one.
+    inbound_server: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     proxy: Arc<Proxy>,
     reloads: Reloads,
@@ -150,6 +158,12 @@ impl App {
         let admin_listener = bind(config.admin_listen)?;
         let (outbound_addr, admin_addr) = (outbound.addr(), admin_listener.addr());
         let takeover = outbound.is_takeover() || admin_listener.is_takeover();
+        let inbound = config
+            .inbound
+            .as_ref()
+            .map(|i| bind(i.listen))
+            .transpose()?;
+        let inbound_addr = inbound.as_ref().map(listen::Bound::addr);
 
         let metrics = Arc::new(ProxyMetrics::new(&registry));
         let reloads = Reloads::new(&registry);
@@ -172,18 +186,26 @@ impl App {
             Agent::new(registrar.clone()),
             metrics.clone(),
         ));
-        let discovery = Discovery::new(
-            channel,
-            config.node.clone(),
-            config.services.clone(),
-            config.connect_timeout + config.registration_timeout,
-            routes.clone(),
-            metrics.clone(),
-        );
+        // One subscription, to the services `peer::watch` says.
+        let subscribe = {
+            let (node, routes, metrics) = (config.node.clone(), routes.clone(), metrics.clone());
+            let open_timeout = config.connect_timeout + config.registration_timeout;
+            move |services: Vec<String>, stop: Shutdown| {
+                let discovery = Discovery::new(
+                    channel.clone(),
+                    node.clone(),
+                    services,
+                    open_timeout,
+                    routes.clone(),
+                    metrics.clone(),
+                );
+                discovery.run(stop)
+            }
+        };
         let limits = server::Limits::of(&config);
 
         let (trigger, stop) = shutdown::channel();
-        let router = admin.router(admin::router(routes.clone()));
+        let router = admin.router(admin::router(routes.clone(), proxy.peers().clone()));
         // Listen now, or, taking over from another process, once the
         // routing table is loaded: see `listen`.
         let (server, admin_task) = if takeover {
@@ -216,22 +238,64 @@ impl App {
         // table the bridge sends goes unwritten.
         let dump_writer =
             dump::run_writer(dump_path, routes.subscribe(), clock.clone(), stop.clone());
-        let tasks = vec![
+        let discovery = {
+            let subscription_stop = stop.clone();
+            // With an inbound listener, a list of services also follows the
+            // services registered on this node.
+            let local = inbound.is_some().then(|| registrar.clone());
+            peer::watch::run(
+                config.services.clone(),
+                local,
+                move |services| subscribe(services, subscription_stop.clone()),
+                stop.clone(),
+            )
+        };
+        let mut tasks = vec![
             admin_task,
             spawn("dump", dump_writer),
-            spawn("discovery", discovery.run(stop.clone())),
-            spawn("queue", registrar.clone().drain(stop.clone())),
+            spawn("discovery", discovery),
             spawn(
-                "gauges",
-                gauges(clock, registrar, metrics, registry, routes.clone(), stop),
+                "peers",
+                proxy
+                    .peers()
+                    .clone()
+                    .follow(routes.subscribe(), stop.clone()),
             ),
+            spawn("queue", registrar.clone().drain(stop.clone())),
         ];
-        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, bridge = %config.bridge_addr, lb = %config.lb, "mesh-proxy started");
+        let inbound_server = match (inbound, &config.inbound) {
+            (Some(bound), Some(inbound_config)) => {
+                let registration =
+                    peer::registration::own(&config.node, inbound_config, bound.addr());
+                tasks.push(spawn(
+                    "peer-registration",
+                    peer::registration::register(
+                        registrar.clone(),
+                        registration,
+                        table_loaded(routes.clone()),
+                        stop.clone(),
+                    ),
+                ));
+                let inbound = Arc::new(Inbound::new(&config, routes.clone(), metrics.inbound()));
+                Some(spawn(
+                    "inbound",
+                    serve_inbound(bound, inbound, limits, routes.clone(), stop.clone()),
+                ))
+            }
+            _ => None,
+        };
+        tasks.push(spawn(
+            "gauges",
+            gauges(clock, registrar, metrics, registry, routes.clone(), stop),
+        ));
+        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, inbound = ?inbound_addr, bridge = %config.bridge_addr, lb = %config.lb, "mesh-proxy started");
         Ok(Self {
             outbound: outbound_addr,
             admin: admin_addr,
+            inbound: inbound_addr,
             trigger,
             server,
+            inbound_server,
             tasks,
             proxy,
             reloads,
@@ -246,6 +310,11 @@ impl App {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The inbound listener's address, when it is on.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound
     }
 
     /// Reloads the route policies (SIGHUP): the config file named by
@@ -285,14 +354,16 @@ impl App {
     /// closes what is left and stops every task.
     pub async fn shutdown(self, grace: Duration) {
         self.trigger.trigger();
-        let mut server = self.server;
-        if tokio::time::timeout(grace, &mut server).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "grace period over; closing the remaining connections"
-            );
-            server.abort();
-            let _ = server.await;
+        let end = tokio::time::Instant::now() + grace;
+        for mut server in std::iter::once(self.server).chain(self.inbound_server) {
+            if tokio::time::timeout_at(end, &mut server).await.is_err() {
+                tracing::warn!(
+                    ?grace,
+                    "grace period over; closing the remaining connections"
+                );
+                server.abort();
+                let _ = server.await;
+            }
         }
         for mut task in self.tasks {
             if tokio::time::timeout(TASK_STOP, &mut task).await.is_err() {
@@ -391,6 +462,32 @@ fn listen_later(
         }
     };
     (outbound_task, admin_task)
+}
+
+/// The inbound listener's task: listens at once, or, taking over from
+/// another process, once the routing table is loaded (as the outbound
+/// listener does), then serves until shutdown.
+async fn serve_inbound(
+    bound: listen::Bound,
+    inbound: Arc<Inbound>,
+    limits: server::Limits,
+    routes: Arc<Routes>,
+    mut stop: Shutdown,
+) {
+    let addr = bound.addr();
+    if bound.is_takeover() {
+        tokio::select! {
+            () = table_loaded(routes) => {}
+            _ = stop.requested() => return,
+        }
+    }
+    match bound.listen() {
+        Ok(listener) => {
+            tracing::info!(inbound = %addr, "inbound listener for other nodes' proxies");
+            inbound::serve(listener, inbound, limits, inbound::Acceptor::Plain, stop).await;
+        }
+        Err(e) => tracing::error!(inbound = %addr, error = %e, "no inbound listener"),
+    }
 }
 
 /// Resolves once a routing table is loaded (dump or bridge), or after

@@ -12,7 +12,7 @@ use std::{
 use http::StatusCode;
 use mesh_runtime::metrics::{Counter, Gauge, Histogram, Registry};
 
-use crate::limits::Limit;
+use crate::{limits::Limit, protocol::Protocol};
 
 const REQUESTS: &str = "mesh_proxy_requests_total";
 const DURATION: &str = "mesh_proxy_request_duration_seconds";
@@ -27,6 +27,12 @@ const RETRIES: &str = "mesh_proxy_retries_total";
 const EJECTIONS: &str = "mesh_proxy_ejections_total";
 const EJECTED: &str = "mesh_proxy_endpoints_ejected";
 const OVERLOADED: &str = "mesh_proxy_overloaded_total";
+const PEERS: &str = "mesh_proxy_peers";
+const PEER_REQUESTS: &str = "mesh_proxy_peer_requests_total";
+const PEER_CONNECTIONS: &str = "mesh_proxy_peer_connections";
+const INBOUND_REQUESTS: &str = "mesh_proxy_inbound_requests_total";
+const INBOUND_CONNECTIONS: &str = "mesh_proxy_inbound_connections_total";
+const INBOUND_REFUSED: &str = "mesh_proxy_inbound_refused_total";
 
 /// The service label of the outbound listener's own limits.
 pub const LISTENER: &str = "_listener";
@@ -40,6 +46,7 @@ pub const UNROUTED: &str = "_unrouted";
 pub struct ProxyMetrics {
     registry: Registry,
     services: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
+    peer_handles: Mutex<HashMap<String, Arc<PeerMetrics>>>,
     unrouted: Arc<ServiceMetrics>,
     /// 1 while the discovery stream is up.
     pub discovery_connected: Gauge,
@@ -55,6 +62,28 @@ pub struct ProxyMetrics {
     pub listener_overloaded: Counter,
     /// Connections the listener shed (`listener_max_connections`).
     pub listener_shed_connections: Counter,
+    /// Other nodes' proxies known now.
+    pub peers: Gauge,
+}
+
+/// One peer's handles (another node's proxy), kept in the peer map.
+#[derive(Debug)]
+pub struct PeerMetrics {
+    /// Requests sent through it, HTTP/1.1 (upgrades) and HTTP/2.
+    requests: [Counter; 2],
+    /// Connections open to it, HTTP/1.1 and HTTP/2.
+    connections: [Gauge; 2],
+}
+
+/// The inbound listener's handles (requests from other nodes' proxies).
+#[derive(Debug)]
+pub struct InboundMetrics {
+    /// Requests by protocol (HTTP/1.1, HTTP/2) and status class 1xx..5xx.
+    requests: [[Counter; 5]; 2],
+    /// Connections that carried a request, by protocol.
+    connections: [Counter; 2],
+    /// Requests the listener answered itself, by reason.
+    refused: [Counter; InboundMetrics::REASONS.len()],
 }
 
 /// `mesh_proxy_registrations_total` by `outcome`.
@@ -141,10 +170,33 @@ impl ProxyMetrics {
             OVERLOADED,
             "Requests refused at once by a limit, by service and limit.",
         );
+        registry.describe_gauge(PEERS, "Other nodes' proxies known (service mesh-proxy).");
+        registry.describe_counter(
+            PEER_REQUESTS,
+            "Requests sent through another node's proxy, by peer node and protocol.",
+        );
+        registry.describe_gauge(
+            PEER_CONNECTIONS,
+            "Connections open to another node's proxy, by peer node and protocol.",
+        );
+        registry.describe_counter(
+            INBOUND_REQUESTS,
+            "Requests from other nodes' proxies on the inbound listener, by protocol and status class.",
+        );
+        registry.describe_counter(
+            INBOUND_CONNECTIONS,
+            "Inbound listener connections that carried a request, by protocol.",
+        );
+        registry.describe_counter(
+            INBOUND_REFUSED,
+            "Requests the inbound listener answered itself, by reason.",
+        );
         let outcome = |o: &str| registry.counter(REGISTRATIONS, &[("outcome", o)]);
         Self {
             unrouted: Arc::new(ServiceMetrics::new(registry, UNROUTED)),
             services: Mutex::new(HashMap::new()),
+            peer_handles: Mutex::new(HashMap::new()),
+            peers: registry.gauge(PEERS, &[]),
             discovery_connected: registry.gauge(DISCOVERY_CONNECTED, &[]),
             discovery_updates: registry.counter(DISCOVERY_UPDATES, &[]),
             dump_age: registry.gauge(DUMP_AGE, &[]),
@@ -186,6 +238,111 @@ impl ProxyMetrics {
     /// The handles for requests that matched no service.
     pub fn unrouted(&self) -> &ServiceMetrics {
         &self.unrouted
+    }
+
+    /// The handles of the peer on `node`, made on first use. Called when
+    /// the peers are rebuilt, never per request.
+    pub fn peer(&self, node: &str) -> Arc<PeerMetrics> {
+        let mut peers = self.peer_handles.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .entry(node.to_owned())
+            .or_insert_with(|| Arc::new(PeerMetrics::new(&self.registry, node)))
+            .clone()
+    }
+
+    /// The inbound listener's handles.
+    pub fn inbound(&self) -> InboundMetrics {
+        InboundMetrics::new(&self.registry)
+    }
+}
+
+// === impl PeerMetrics ===
+
+impl PeerMetrics {
+    fn new(registry: &Registry, node: &str) -> Self {
+        let requests =
+            |p: &str| registry.counter(PEER_REQUESTS, &[("peer", node), ("protocol", p)]);
+        let connections =
+            |p: &str| registry.gauge(PEER_CONNECTIONS, &[("peer", node), ("protocol", p)]);
+        Self {
+            requests: [requests("http1"), requests("h2")],
+            connections: [connections("http1"), connections("h2")],
+        }
+    }
+
+    /// Counts a request sent through the peer over `protocol`.
+    pub fn request(&self, protocol: Protocol) {
+        self.requests[protocol_index(protocol)].increment(1);
+    }
+
+    /// Sets the connections open to the peer.
+    pub fn set_connections(&self, http1: usize, h2: usize) {
+        self.connections[0].set(http1 as f64);
+        self.connections[1].set(h2 as f64);
+    }
+}
+
+// === impl InboundMetrics ===
+
+impl InboundMetrics {
+    /// Why the inbound listener answers a request itself: the `reason` label.
+    pub const REASONS: [&'static str; 8] = [
+        "bad_request",
+        "missing_endpoint",
+        "bad_endpoint",
+        "unknown_instance",
+        "foreign_instance",
+        "overloaded",
+        "connect_failed",
+        "upstream_failed",
+    ];
+
+    fn new(registry: &Registry) -> Self {
+        let class = |p: &str, c: &str| {
+            registry.counter(INBOUND_REQUESTS, &[("protocol", p), ("code_class", c)])
+        };
+        let classes = |p: &str| {
+            [
+                class(p, "1xx"),
+                class(p, "2xx"),
+                class(p, "3xx"),
+                class(p, "4xx"),
+                class(p, "5xx"),
+            ]
+        };
+        let connections = |p: &str| registry.counter(INBOUND_CONNECTIONS, &[("protocol", p)]);
+        Self {
+            requests: [classes("http1"), classes("h2")],
+            connections: [connections("http1"), connections("h2")],
+            refused: Self::REASONS.map(|r| registry.counter(INBOUND_REFUSED, &[("reason", r)])),
+        }
+    }
+
+    /// Records one request that arrived over `protocol` and was answered
+    /// with `status`.
+    pub fn record(&self, protocol: Protocol, status: StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[protocol_index(protocol)][class].increment(1);
+    }
+
+    /// Counts a connection whose first request arrived over `protocol`.
+    pub fn connection(&self, protocol: Protocol) {
+        self.connections[protocol_index(protocol)].increment(1);
+    }
+
+    /// Counts a request answered by the listener itself for `reason`, one
+    /// of [`InboundMetrics::REASONS`].
+    pub fn refused(&self, reason: &str) {
+        if let Some(i) = Self::REASONS.iter().position(|r| *r == reason) {
+            self.refused[i].increment(1);
+        }
+    }
+}
+
+fn protocol_index(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::Http1 => 0,
+        Protocol::Http2 => 1,
     }
 }
 

@@ -41,6 +41,7 @@ use crate::{
     limits::{Counters, Limit, Permit},
     metrics::ProxyMetrics,
     outlier,
+    peer::{self, Peers},
     policy::{Policies, RoutePolicy},
     protocol::{self, Protocol},
     retry::{self, Captured, REPLAY_LIMIT, RetryBody},
@@ -64,6 +65,8 @@ pub struct Proxy {
     shed_response: Bytes,
     connect_timeout: Duration,
     tunnels: Tunnels,
+    /// Other nodes' proxies, which carry requests to their nodes' instances.
+    peers: Arc<Peers>,
 }
 
 /// What a request copies to be replayed after a failure once sent.
@@ -94,6 +97,7 @@ impl Proxy {
         Self {
             routes,
             agent,
+            peers: Arc::new(Peers::new(&config.node, metrics.clone())),
             metrics,
             policies: ArcSwap::from_pointee(policies),
             listener: Arc::default(),
@@ -139,6 +143,11 @@ impl Proxy {
     /// The open upgrade tunnels (WebSocket), which the listener drains.
     pub fn tunnels(&self) -> &Tunnels {
         &self.tunnels
+    }
+
+    /// Other nodes' proxies, as the request path sees them.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
     }
 
     /// Answers one client request; `client` is the client's address as an
@@ -216,6 +225,12 @@ impl Proxy {
             Route::Host(name) => (name, 0),
             Route::Path { name, strip } => (name, strip),
         };
+        // The peers' own service is no destination (see `peer`).
+        if peer::is_peer_service(name) {
+            return Err(ProxyError::UnknownService {
+                service: name.to_ascii_lowercase().into(),
+            });
+        }
         let table = self.routes.load();
         match table.get(name) {
             Some(service) => Ok(Some((service.clone(), strip))),
@@ -445,7 +460,7 @@ impl Proxy {
         service: &Service,
         policy: &RoutePolicy,
         endpoint: &Endpoint,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
     ) -> Attempt {
         let upstream = &endpoint.upstream;
         let in_flight = upstream.start();
@@ -454,7 +469,12 @@ impl Proxy {
         let Some(pending) = service.state.counters.try_pending(limits.max_pending) else {
             return self.refuse(service, Limit::Pending, limits.max_pending);
         };
-        let checkout = upstream.checkout(protocol, self.connect_timeout).await;
+        // Through the instance's node's proxy when it has one (see `peer`).
+        let hop = self.peers.hop(endpoint);
+        let checkout = match &hop {
+            Some(peer) => peer.checkout(req.headers(), self.connect_timeout).await,
+            None => upstream.checkout(protocol, self.connect_timeout).await,
+        };
         drop(pending);
         let mut lease = match checkout {
             Ok(lease) => lease,
@@ -484,11 +504,26 @@ impl Proxy {
         {
             return self.refuse(service, Limit::Connections, Some(max));
         }
+        if let Some(peer) = &hop {
+            peer.mark(req.headers_mut(), service.name(), endpoint, protocol);
+        }
         match lease.sender.try_send_request(req).await {
-            Ok(response) => Attempt::Answered(respond(response, lease.sender, in_flight)),
+            Ok(response) => match hop
+                .as_ref()
+                .and_then(|peer| peer.refused(&response, service.name()))
+            {
+                Some(error) => Attempt::Failed {
+                    error,
+                    stale: false,
+                },
+                None => Attempt::Answered(respond(response, lease.sender, in_flight)),
+            },
             Err(mut e) => {
                 service.metrics.send_errors.increment(1);
-                let unsent = e.take_message();
+                let mut unsent = e.take_message();
+                if let (Some(req), Some(_)) = (unsent.as_mut(), &hop) {
+                    peer::unmark(req.headers_mut());
+                }
                 let sent = unsent.is_none();
                 let source = e.into_error();
                 tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), reused = lease.reused, sent, error = %source, "instance failed before answering");
@@ -612,7 +647,7 @@ fn hold(mut response: Response<ProxyBody>, permit: Permit) -> Response<ProxyBody
 /// holding the connection until read to the end. A 101 holds nothing: its
 /// connection now belongs to the tunnel (its upgrade travels in the
 /// response's extensions), and the request is over.
-fn respond(
+pub(crate) fn respond(
     response: Response<Incoming>,
     sender: crate::upstream::Sender,
     in_flight: crate::upstream::InFlight,

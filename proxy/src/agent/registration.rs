@@ -13,7 +13,7 @@ use mesh_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::route::RESERVED;
+use crate::{peer, route::RESERVED};
 
 /// Longest service name (a DNS label).
 pub const MAX_NAME_LEN: usize = 63;
@@ -237,7 +237,8 @@ impl CheckSpec {
 }
 
 /// Checks a service name: ASCII letters, digits, `-` and `_`, at most 63,
-/// starting with a letter or digit, not reserved.
+/// starting with a letter or digit, not reserved (nor `mesh-proxy`, the
+/// proxies' own).
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("missing Name".into());
@@ -245,13 +246,26 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
         return Err(format!("Name {name:?} is reserved by the proxy"));
     }
+    if peer::is_peer_service(name) {
+        return Err(format!(
+            "Name {name:?} is reserved for the mesh's own proxies"
+        ));
+    }
     check_chars("Name", name, MAX_NAME_LEN, &['-', '_'])
 }
 
-/// Checks an instance ID: as a name, plus `.` and `:`, at most 128.
+/// Checks an instance ID: as a name, plus `.` and `:`, at most 128; not
+/// one of the proxies' own (`mesh-proxy-<node>`), which a service must
+/// neither replace nor remove.
 pub fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("missing ID".into());
+    }
+    let n = peer::SERVICE.len();
+    if id.get(..n).is_some_and(peer::is_peer_service) && id[n..].starts_with('-') {
+        return Err(format!(
+            "ID {id:?} is reserved for the mesh's own proxies (mesh-proxy-<node>)"
+        ));
     }
     check_chars("ID", id, MAX_ID_LEN, &['-', '_', '.', ':'])
 }
@@ -446,6 +460,14 @@ mod tests {
             ),
             (r#"{"Name": "v1", "Port": 80}"#, "reserved"),
             (r#"{"Name": "_mesh", "Port": 80}"#, "reserved"),
+            (
+                r#"{"Name": "Mesh-Proxy", "Port": 80}"#,
+                "reserved for the mesh's own",
+            ),
+            (
+                r#"{"Name": "x", "ID": "mesh-proxy-n2", "Port": 80}"#,
+                "reserved for the mesh's own",
+            ),
             (r#"{"Name": "x", "Port": 0}"#, "Port 0"),
             (r#"{"Name": "x", "Port": 70000}"#, "Port 70000"),
             (r#"{"Name": "x"}"#, "missing Port"),

@@ -326,7 +326,8 @@ async fn deltas_update_routes_and_the_proxy_resubscribes_after_a_bridge_restart(
     proxy.wait_service("orders", 1).await;
     let watch = bridge.state.watches.lock().unwrap()[0].clone();
     assert_eq!(watch.node, "test-node");
-    assert_eq!(watch.services, vec!["orders", "users"]);
+    // The peers' service joins a list (see `peer::watch`).
+    assert_eq!(watch.services, vec!["orders", "users", "mesh-proxy"]);
 
     bridge.delta(vec![service("users", vec![endpoint("b", b.addr)])], vec![]);
     proxy.wait_service("users", 1).await;

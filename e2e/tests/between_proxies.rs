@@ -1,0 +1,433 @@
+//! HTTP/2 between proxies (the proxy issue's last point): every proxy runs
+//! an inbound listener and registers itself as `mesh-proxy`; a call through
+//! node 1's proxy to an instance on node 2 travels over one multiplexed
+//! HTTP/2 connection to node 2's proxy, which forwards it only if the named
+//! instance is registered on node 2. gRPC streams and WebSockets cross the
+//! same hop; a node whose proxy is gone is called directly.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use futures::{SinkExt as _, StreamExt as _};
+use mesh_e2e::{
+    HttpClient, Mesh, MeshOptions, Node,
+    echo::{
+        self,
+        pb::{EchoRequest, StreamRequest, echo_client::EchoClient},
+    },
+    eventually,
+};
+use tokio_tungstenite::{client_async, tungstenite::Message};
+
+/// The inbound listener's port on every node.
+const INBOUND: u16 = 8892;
+
+/// How long a routing change may take to show where nothing is measured.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Requests counted on the peer connection.
+const REQUESTS: usize = 100;
+
+fn opts() -> MeshOptions {
+    MeshOptions {
+        proxy_args: vec!["--inbound-listen".into(), format!("0.0.0.0:{INBOUND}")],
+        ..MeshOptions::nodes(2)
+    }
+}
+
+fn proxy() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8888))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_another_node_ride_one_http2_connection_between_the_proxies() {
+    let mut mesh = Mesh::start(opts()).await.unwrap();
+    mesh.nodes[1].serve("backend", "backend-1").await.unwrap();
+    mesh.nodes[1].serve("wsdemo", "wsdemo-1").await.unwrap();
+    mesh.nodes[1]
+        .serve_grpc_echo("echo", "echo-1")
+        .await
+        .unwrap();
+    mesh.nodes[0].serve("local", "local-1").await.unwrap();
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    wait_peer(n1, "n2", n2).await.unwrap();
+    wait_peer(n2, "n1", n1).await.unwrap();
+    n1.wait_answers("backend", &["backend-1"], CONVERGE)
+        .await
+        .unwrap();
+
+    plain_requests(n1, n2).await.unwrap();
+    grpc_calls(n1, n2).await.unwrap();
+    websocket_echo(n1, n2).await.unwrap();
+    // Everything above shared the one HTTP/2 connection.
+    assert_eq!(
+        metric(n2, r#"mesh_proxy_inbound_connections_total{protocol="h2"}"#)
+            .await
+            .unwrap(),
+        1.0,
+        "n2's inbound listener saw one HTTP/2 connection"
+    );
+    forged_requests_are_refused(n1, n2).await.unwrap();
+    mesh.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_proxy_died_is_called_directly_until_the_proxy_is_back() {
+    let mut mesh = Mesh::start(opts()).await.unwrap();
+    mesh.nodes[1].serve("backend", "backend-1").await.unwrap();
+    wait_peer(&mesh.nodes[0], "n2", &mesh.nodes[1])
+        .await
+        .unwrap();
+    mesh.nodes[0]
+        .wait_answers("backend", &["backend-1"], CONVERGE)
+        .await
+        .unwrap();
+    let through_n2 = r#"mesh_proxy_inbound_requests_total{protocol="h2",code_class="2xx"}"#;
+    assert!(metric(&mesh.nodes[1], through_n2).await.unwrap() >= 1.0);
+
+    mesh.nodes[1].proxy.kill().await.unwrap();
+    let killed = Instant::now();
+    // Its TCP check fails, the registry drops it, and node 1 calls
+    // backend-1 directly.
+    let n1 = &mesh.nodes[0];
+    eventually("n1 knows no peer", CONVERGE, || async {
+        let routes = n1.routes().await?;
+        ensure!(
+            routes["peers"].as_object().is_some_and(|p| p.is_empty()),
+            "peers: {}",
+            routes["peers"]
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    n1.wait_answers("backend", &["backend-1"], CONVERGE)
+        .await
+        .unwrap();
+    println!(
+        "n2's proxy SIGKILLed: n1 calls backend-1 directly {:?} later",
+        killed.elapsed()
+    );
+
+    mesh.nodes[1].proxy.start().unwrap();
+    mesh.nodes[1]
+        .wait_proxy_live(Duration::from_secs(20))
+        .await
+        .unwrap();
+    wait_peer(&mesh.nodes[0], "n2", &mesh.nodes[1])
+        .await
+        .unwrap();
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    eventually(
+        "calls reach backend-1 through n2's new proxy",
+        CONVERGE,
+        || async {
+            let resp = n1.get("/backend/").await?;
+            ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
+            let through = metric(n2, through_n2).await?;
+            ensure!(through >= 1.0, "{through} through n2's inbound listener");
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    mesh.finish();
+}
+
+/// Waits until `node`'s proxy has `peer`'s proxy as its peer for `peer`'s node.
+async fn wait_peer(node: &Node, name: &str, peer: &Node) -> Result<()> {
+    let want = peer.ip().to_string();
+    let what = format!("{}'s proxy has {name}'s as a peer", node.name);
+    eventually(&what, CONVERGE, || async {
+        let routes = node.routes().await?;
+        let p = &routes["peers"][name];
+        ensure!(
+            p["address"] == want.as_str() && p["port"] == INBOUND,
+            "peers: {}",
+            routes["peers"]
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// One sample of `node`'s proxy's `/metrics` (0 when the series is absent).
+async fn metric(node: &Node, line_start: &str) -> Result<f64> {
+    let resp = node.proxy_admin("/metrics").await?;
+    ensure!(resp.status == 200, "/metrics: {}", resp.status);
+    Ok(resp
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+async fn plain_requests(n1: &Node, n2: &Node) -> Result<()> {
+    let arrived = r#"mesh_proxy_inbound_requests_total{protocol="h2",code_class="2xx"}"#;
+    let sent = r#"mesh_proxy_peer_requests_total{peer="n2",protocol="h2"}"#;
+    let (arrived_before, sent_before) = (metric(n2, arrived).await?, metric(n1, sent).await?);
+    let mut client = n1.proxy_client();
+    for i in 0..REQUESTS {
+        let resp = client.get(&format!("/backend/hop?i={i}")).await?;
+        ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
+        ensure!(resp.header("x-instance") == Some("backend-1"));
+        let json = resp.json()?;
+        ensure!(json["path"] == format!("/hop?i={i}"), "{json}");
+        // The caller's address, as on a direct call: the hop is the mesh's.
+        ensure!(json["forwarded_for"] == "127.0.0.1", "{json}");
+    }
+    let arrived = metric(n2, arrived).await? - arrived_before;
+    let sent = metric(n1, sent).await? - sent_before;
+    ensure!(
+        arrived >= REQUESTS as f64,
+        "n2's inbound listener saw {arrived} HTTP/2 requests, want {REQUESTS}"
+    );
+    ensure!(
+        sent >= REQUESTS as f64,
+        "n1 sent {sent} requests through n2's proxy, want {REQUESTS}"
+    );
+    // One connection carried them: n1 keeps one HTTP/2 connection to n2.
+    eventually(
+        "n1 holds one HTTP/2 connection to n2's proxy",
+        CONVERGE,
+        || async {
+            let open = metric(
+                n1,
+                r#"mesh_proxy_peer_connections{peer="n2",protocol="h2"}"#,
+            )
+            .await?;
+            ensure!(open == 1.0, "{open} open");
+            Ok(())
+        },
+    )
+    .await?;
+    println!(
+        "{REQUESTS} calls n1 -> n2 over HTTP/2 between the proxies: {sent} sent, {arrived} arrived"
+    );
+    Ok(())
+}
+
+async fn grpc_calls(n1: &Node, n2: &Node) -> Result<()> {
+    let arrived = r#"mesh_proxy_inbound_requests_total{protocol="h2",code_class="2xx"}"#;
+    let before = metric(n2, arrived).await?;
+    let channel = echo::channel(&n1.ns, proxy(), "echo").await?;
+    let unary = |text: &str| EchoRequest {
+        message: text.into(),
+    };
+    eventually("echo answers through n1's proxy", CONVERGE, || {
+        let mut client = EchoClient::new(channel.clone());
+        async move {
+            let reply = client.unary(unary("ping")).await?.into_inner();
+            ensure!(reply.instance == "echo-1", "answered by {reply:?}");
+            Ok(())
+        }
+    })
+    .await?;
+    let mut client = EchoClient::new(channel.clone());
+
+    // Server streaming: each message as it is sent.
+    let start = Instant::now();
+    let mut stream = client
+        .server_stream(StreamRequest {
+            message: "tick".into(),
+            count: 10,
+            interval_ms: 50,
+            fail_after: 0,
+        })
+        .await?
+        .into_inner();
+    let mut arrivals = Vec::new();
+    while let Some(reply) = stream.message().await? {
+        ensure!(
+            reply.seq as usize == arrivals.len(),
+            "out of order: {reply:?}"
+        );
+        arrivals.push(start.elapsed());
+    }
+    ensure!(arrivals.len() == 10, "{} messages", arrivals.len());
+    ensure!(
+        arrivals[0] + Duration::from_millis(200) < arrivals[9],
+        "not streamed: {arrivals:?}"
+    );
+
+    // A status in the trailers, after messages.
+    let mut stream = client
+        .server_stream(StreamRequest {
+            message: "x".into(),
+            count: 10,
+            interval_ms: 0,
+            fail_after: 3,
+        })
+        .await?
+        .into_inner();
+    for _ in 0..3 {
+        ensure!(
+            stream.message().await?.is_some(),
+            "a message before the error"
+        );
+    }
+    match stream.message().await {
+        Err(status) => ensure!(
+            status.code() == tonic::Code::Aborted && status.message() == "stream broke on purpose",
+            "{status:?}"
+        ),
+        Ok(other) => bail!("expected ABORTED, got {other:?}"),
+    }
+
+    // Bidirectional: each reply before the next message is sent.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    for i in 0..5 {
+        tx.send(unary(&format!("m{i}"))).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .context("bidi reply in time")??
+            .context("bidi stream ended early")?;
+        ensure!(
+            reply.message == format!("m{i}") && reply.seq == i,
+            "{reply:?}"
+        );
+    }
+    drop(tx);
+    ensure!(replies.message().await?.is_none(), "bidi ends with OK");
+    let through = metric(n2, arrived).await? - before;
+    ensure!(
+        through >= 4.0,
+        "{through} gRPC calls arrived at n2's inbound listener"
+    );
+    Ok(())
+}
+
+async fn websocket_echo(n1: &Node, n2: &Node) -> Result<()> {
+    let upgrades = r#"mesh_proxy_inbound_requests_total{protocol="http1",code_class="1xx"}"#;
+    let before = metric(n2, upgrades).await?;
+    for url in [
+        "ws://127.0.0.1:8888/wsdemo/_demo/ws",
+        "ws://wsdemo.mesh/_demo/ws",
+    ] {
+        let stream = n1.ns.connect(proxy(), Duration::from_secs(5)).await?;
+        let (mut socket, response) =
+            tokio::time::timeout(Duration::from_secs(10), client_async(url, stream))
+                .await
+                .context("WebSocket handshake in time")?
+                .with_context(|| format!("WebSocket handshake for {url}"))?;
+        ensure!(response.status() == 101, "{url}: {}", response.status());
+        for i in 0..5 {
+            socket.send(Message::text(format!("hello {i}"))).await?;
+            let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
+                .await
+                .context("echo in time")?
+                .context("socket closed")??;
+            ensure!(
+                reply == Message::text(format!("wsdemo-1: hello {i}")),
+                "{url}: {reply:?}"
+            );
+        }
+        let big = vec![42u8; 128 * 1024];
+        socket.send(Message::binary(big.clone())).await?;
+        let reply = socket.next().await.context("socket closed")??;
+        ensure!(
+            reply.into_data().as_ref() == &big[..],
+            "{url}: binary echo differs"
+        );
+        socket.close(None).await?;
+    }
+    let through = metric(n2, upgrades).await? - before;
+    ensure!(
+        through >= 2.0,
+        "{through} upgrades arrived at n2's inbound listener over HTTP/1.1"
+    );
+    Ok(())
+}
+
+/// Straight to n2's inbound listener from n1's namespace, as anything on
+/// n1 could: only n2's own instances are served.
+async fn forged_requests_are_refused(n1: &Node, n2: &Node) -> Result<()> {
+    let inbound = SocketAddr::from((n2.ip(), INBOUND));
+    let mut client = HttpClient::new(&n1.ns, inbound);
+    let resp = client.get("/").await?;
+    ensure!(
+        resp.status == 400,
+        "no header: {} {}",
+        resp.status,
+        resp.text()
+    );
+    ensure!(
+        resp.json()?["error"] == "missing_endpoint",
+        "{}",
+        resp.text()
+    );
+
+    for (named, kind, says) in [
+        (
+            "local/local-1",
+            "foreign_instance",
+            "runs on node n1, not on n2",
+        ),
+        (
+            "backend/nope",
+            "unknown_instance",
+            "not registered on node n2",
+        ),
+        ("unknown/x", "unknown_instance", "not registered on node n2"),
+    ] {
+        let mut client = HttpClient::new(&n1.ns, inbound);
+        let resp = client
+            .request(
+                hyper::Method::GET,
+                "/",
+                &[("x-mesh-endpoint", named)],
+                Default::default(),
+            )
+            .await?;
+        ensure!(
+            resp.status == 421,
+            "{named}: {} {}",
+            resp.status,
+            resp.text()
+        );
+        let json = resp.json()?;
+        let reason = json["reason"].as_str().unwrap_or_default();
+        let id = named.split_once('/').map_or(named, |(_, id)| id);
+        ensure!(
+            json["error"] == kind && reason.contains(id) && reason.contains(says),
+            "{named}: {json}"
+        );
+    }
+    // Its own node's instance it serves, named properly.
+    let mut client = HttpClient::new(&n1.ns, inbound);
+    let resp = client
+        .request(
+            hyper::Method::GET,
+            "/",
+            &[("x-mesh-endpoint", "backend/backend-1")],
+            Default::default(),
+        )
+        .await?;
+    ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
+    ensure!(resp.header("x-instance") == Some("backend-1"));
+
+    // Nobody calls the proxies' own service by name.
+    let resp = n1
+        .proxy_client()
+        .request(
+            hyper::Method::GET,
+            "/",
+            &[("host", "mesh-proxy")],
+            Default::default(),
+        )
+        .await?;
+    ensure!(
+        resp.status == 404,
+        "Host: mesh-proxy: {} {}",
+        resp.status,
+        resp.text()
+    );
+    Ok(())
+}

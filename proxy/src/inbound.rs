@@ -1,0 +1,547 @@
+//! The inbound listener: where other nodes' proxies send requests for this
+//! node's instances (see [`crate::peer`]). It serves HTTP/2 (h2c, prior
+//! knowledge: the peers' multiplexed connections) and HTTP/1.1 (upgrades,
+//! such as WebSocket, which exist in HTTP/1.1 only).
+//!
+//! Each request names its instance in `x-mesh-endpoint:
+//! <service>/<instance id>`. The listener is no open relay: it forwards
+//! only to an instance its own routing table shows registered on its own
+//! node ([`resolve`]); a request without the header gets 400, one naming
+//! an unknown instance or one on another node gets 421 (Misdirected
+//! Request) naming it. It then strips the hop's headers and forwards the
+//! request to the instance over the instance's protocol, once: balancing,
+//! retries and outlier detection are the calling proxy's. Answers it makes
+//! itself carry `x-mesh-refused: <kind>` so that the calling proxy counts
+//! them as a failed attempt on the instance and does not relay them.
+//!
+//! The accepted stream goes through an [`Acceptor`] before HTTP is spoken
+//! on it: plain TCP today, the place where mTLS wraps it.
+//!
+//! On shutdown the listener closes, HTTP/2 connections get a GOAWAY, and
+//! requests and tunnels in flight finish within the owner's grace period.
+
+use std::{
+    convert::Infallible,
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version,
+    header::{CONNECTION, HOST},
+};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use mesh_runtime::{backoff::Backoff, shutdown::Shutdown};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tracing::Instrument;
+
+use crate::{
+    body::{ProxyBody, UpstreamBody},
+    config::{Config, MIN_HEADER_BYTES},
+    error::json_error,
+    headers::{strip_request_hop_by_hop, upgrade_of},
+    limits::{Counters, Permit},
+    metrics::InboundMetrics,
+    peer::{self, ENDPOINT_HEADER, EndpointRef, PROTOCOL_HEADER, REFUSED_HEADER},
+    protocol::Protocol,
+    route,
+    server::Limits,
+    table::{Routes, RoutingTable},
+    upgrade::Tunnels,
+    upstream::{H2_MAX_STREAMS, Upstream},
+};
+
+/// HTTP/2 PING interval on a peer's connection, and how long the answer may
+/// take: finds a peer that vanished without a FIN.
+const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// How an accepted connection is secured before HTTP is spoken on it.
+///
+/// Plain TCP for now. mTLS between proxies adds a variant holding the TLS
+/// acceptor: its handshake (with a timeout) runs in [`Acceptor`]'s match in
+/// the connection's task, and the TLS stream is served like the TCP one.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Acceptor {
+    /// Cleartext: h2c with prior knowledge, or HTTP/1.1.
+    #[default]
+    Plain,
+}
+
+/// The inbound side of the proxy: what every inbound request needs.
+#[derive(Debug)]
+pub struct Inbound {
+    routes: Arc<Routes>,
+    node: Box<str>,
+    metrics: InboundMetrics,
+    connect_timeout: Duration,
+    counters: Arc<Counters>,
+    max_requests: Option<usize>,
+    max_connections: Option<usize>,
+    tunnels: Tunnels,
+}
+
+/// Why the inbound listener answers a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not a request the hop carries.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// No `x-mesh-endpoint`.
+    #[error(
+        "no x-mesh-endpoint header: the inbound listener takes requests from other nodes' proxies, naming an instance as <service>/<instance id>"
+    )]
+    MissingEndpoint,
+    /// `x-mesh-endpoint` does not read.
+    #[error("bad x-mesh-endpoint header: {0}")]
+    BadEndpoint(String),
+    /// The instance is not in this node's table.
+    #[error("instance {id:?} of service {service:?} is not registered on node {node}")]
+    UnknownInstance {
+        /// The service named.
+        service: String,
+        /// The instance named.
+        id: String,
+        /// This node.
+        node: String,
+    },
+    /// The instance runs on another node.
+    #[error(
+        "instance {id:?} of service {service:?} runs on node {on}, not on {node}: this proxy forwards only to its own node's instances"
+    )]
+    ForeignInstance {
+        /// The service named.
+        service: String,
+        /// The instance named.
+        id: String,
+        /// Its node.
+        on: String,
+        /// This node.
+        node: String,
+    },
+    /// Over `listener_max_requests`.
+    #[error("the inbound listener is at its limit ({max} concurrent requests); try again later")]
+    Overloaded {
+        /// The limit.
+        max: usize,
+    },
+    /// No connection to the instance.
+    #[error("could not connect to instance {id:?} of service {service:?}")]
+    Connect {
+        /// The service.
+        service: String,
+        /// The instance.
+        id: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The instance failed before answering.
+    #[error("instance {id:?} of service {service:?} failed before answering")]
+    Upstream {
+        /// The service.
+        service: String,
+        /// The instance.
+        id: String,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// The instance a request is forwarded to.
+#[derive(Debug)]
+pub struct Target {
+    /// Its service's name.
+    pub service: Arc<str>,
+    /// Its ID.
+    pub id: String,
+    /// Its connection state, shared with the routing table.
+    pub upstream: Arc<Upstream>,
+    /// The protocol it declares.
+    pub protocol: Protocol,
+    /// The protocol the calling proxy chose for it, if it said.
+    pub chosen: Option<Protocol>,
+}
+
+/// What each connection shares with the listener.
+#[derive(Clone)]
+struct Shared {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    inbound: Arc<Inbound>,
+    acceptor: Acceptor,
+    closing: watch::Receiver<bool>,
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    /// The inbound side of a proxy on `config.node`, forwarding by `routes`.
+    pub fn new(config: &Config, routes: Arc<Routes>, metrics: InboundMetrics) -> Self {
+        Self {
+            routes,
+            node: config.node.as_str().into(),
+            metrics,
+            connect_timeout: config.connect_timeout,
+            counters: Arc::default(),
+            max_requests: config.listener_max_requests,
+            max_connections: config.listener_max_connections,
+            tunnels: Tunnels::default(),
+        }
+    }
+
+    /// The open upgrade tunnels, which the listener drains.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
+    }
+
+    /// Answers one request from another node's proxy.
+    pub async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let protocol = protocol_of(req.version());
+        let response = match self.forward(req).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                if matches!(refusal, Refusal::Connect { .. } | Refusal::Upstream { .. }) {
+                    tracing::warn!(error = %refusal, cause = ?std::error::Error::source(&refusal), "inbound request failed");
+                } else {
+                    tracing::debug!(error = %refusal, "inbound request refused");
+                }
+                self.metrics.refused(refusal.kind());
+                refusal.to_response()
+            }
+        };
+        self.metrics.record(protocol, response.status());
+        response
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::BadRequest("CONNECT is not supported"));
+        }
+        let permit = Permit::listener(&self.counters, self.max_requests).map_err(|_| {
+            Refusal::Overloaded {
+                max: self.max_requests.unwrap_or(0),
+            }
+        })?;
+        let target = resolve(&self.routes.load(), &self.node, req.headers())?;
+        // The calling proxy's side of an upgrade, completed once the 101
+        // has been relayed.
+        let upgrade =
+            upgrade_of(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        let req = prepare(req)?;
+        let protocol = Protocol::choose(req.headers(), target.chosen, target.protocol);
+        let in_flight = target.upstream.start();
+        let mut lease = target
+            .upstream
+            .checkout(protocol, self.connect_timeout)
+            .await
+            .map_err(|source| Refusal::Connect {
+                service: target.service.to_string(),
+                id: target.id.clone(),
+                source,
+            })?;
+        // No deadline of its own: the calling proxy's per-try and overall
+        // timeouts end the request by resetting its stream, which drops
+        // this future and the instance's request with it.
+        let response = lease
+            .sender
+            .try_send_request(req)
+            .await
+            .map_err(|e| Refusal::Upstream {
+                service: target.service.to_string(),
+                id: target.id.clone(),
+                source: e.into_error(),
+            })?;
+        let mut response = crate::proxy::respond(response, lease.sender, in_flight);
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(self.tunnels.open(&target.service, upgrade, response));
+        }
+        if let ProxyBody::Upstream(body) = response.body_mut() {
+            body.hold(permit);
+        }
+        Ok(response)
+    }
+}
+
+/// The instance `headers` name, if this proxy (on `node`, routing by
+/// `table`) may forward to it: registered, passing, and on this node.
+pub fn resolve(table: &RoutingTable, node: &str, headers: &HeaderMap) -> Result<Target, Refusal> {
+    let mut values = headers.get_all(ENDPOINT_HEADER).iter();
+    let value = values.next().ok_or(Refusal::MissingEndpoint)?;
+    if values.next().is_some() {
+        return Err(Refusal::BadEndpoint("more than one header".into()));
+    }
+    let named = EndpointRef::decode(value).map_err(Refusal::BadEndpoint)?;
+    let unknown = || Refusal::UnknownInstance {
+        service: named.service.clone(),
+        id: named.id.clone(),
+        node: node.to_owned(),
+    };
+    // The peers' own service is never a destination: it would loop.
+    if peer::is_peer_service(&named.service) {
+        return Err(unknown());
+    }
+    let service = table.get(&named.service).ok_or_else(unknown)?;
+    // IDs are unique per node only: look for the one on this node first.
+    let mut elsewhere = None;
+    for e in service.endpoints().iter().filter(|e| e.id == named.id) {
+        if *e.node == *node {
+            return Ok(Target {
+                service: service.name().clone(),
+                id: named.id,
+                upstream: e.upstream.clone(),
+                protocol: e.protocol,
+                chosen: headers
+                    .get(PROTOCOL_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+            });
+        }
+        elsewhere.get_or_insert_with(|| e.node.clone());
+    }
+    match elsewhere {
+        Some(on) => Err(Refusal::ForeignInstance {
+            service: named.service,
+            id: named.id,
+            on,
+            node: node.to_owned(),
+        }),
+        None => Err(unknown()),
+    }
+}
+
+/// The request as the instance gets it: the hop's headers and hop-by-hop
+/// headers gone, an origin-form URI with a `Host` header, HTTP/1.1 (see
+/// `upstream::Sender::try_send_request`). `X-Forwarded-For` stays as the
+/// calling proxy set it: the hop between proxies is not the caller's.
+fn prepare(req: Request<Incoming>) -> Result<Request<UpstreamBody>, Refusal> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade_of(parts.version, &parts.headers);
+    peer::unmark(&mut parts.headers);
+    strip_request_hop_by_hop(&mut parts.headers, upgrade);
+    if !parts.headers.contains_key(HOST)
+        && let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(HOST, host);
+    }
+    if let Some(uri) = route::upstream_uri(&parts.uri, 0)
+        .map_err(|_| Refusal::BadRequest("the request target is not a valid path"))?
+    {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, UpstreamBody::Incoming(body)))
+}
+
+fn protocol_of(version: Version) -> Protocol {
+    if version == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    }
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    /// A stable machine-readable name: the body's `error`, the
+    /// `x-mesh-refused` value and the metric's `reason`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::MissingEndpoint => "missing_endpoint",
+            Self::BadEndpoint(_) => "bad_endpoint",
+            Self::UnknownInstance { .. } => "unknown_instance",
+            Self::ForeignInstance { .. } => "foreign_instance",
+            Self::Overloaded { .. } => "overloaded",
+            Self::Connect { .. } => "connect_failed",
+            Self::Upstream { .. } => "upstream_failed",
+        }
+    }
+
+    /// The status the sender receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::MissingEndpoint | Self::BadEndpoint(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnknownInstance { .. } | Self::ForeignInstance { .. } => {
+                StatusCode::MISDIRECTED_REQUEST
+            }
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The service concerned, when the request named one.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Self::UnknownInstance { service, .. }
+            | Self::ForeignInstance { service, .. }
+            | Self::Connect { service, .. }
+            | Self::Upstream { service, .. } => Some(service),
+            _ => None,
+        }
+    }
+
+    /// The answer: the status, `{"error", "reason", "service"}` and
+    /// `x-mesh-refused: <kind>`. Plain HTTP even for gRPC: the calling
+    /// proxy reads it, and answers its own caller as that caller expects.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let mut response = json_error(
+            self.status(),
+            self.kind(),
+            &self.to_string(),
+            self.service(),
+        );
+        response
+            .headers_mut()
+            .insert(REFUSED_HEADER, HeaderValue::from_static(self.kind()));
+        response
+    }
+}
+
+// === the listener ===
+
+/// Serves `inbound` on `listener` until `shutdown`, then drains: see the
+/// module. The owner aborts the task when its grace period ends.
+pub async fn serve(
+    listener: TcpListener,
+    inbound: Arc<Inbound>,
+    limits: Limits,
+    acceptor: Acceptor,
+    mut shutdown: Shutdown,
+) {
+    let (closing, closing_rx) = watch::channel(false);
+    let shared = Shared {
+        builder: Arc::new(builder(limits)),
+        inbound,
+        acceptor,
+        closing: closing_rx,
+    };
+    let mut connections = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.requested() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff.reset();
+                    if shared.inbound.max_connections.is_some_and(|max| connections.len() >= max) {
+                        tracing::warn!(%peer, "inbound listener at listener_max_connections; connection closed");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let span = tracing::debug_span!("inbound", %peer);
+                    connections.spawn(connection(shared.clone(), stream).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = shutdown.requested() => break,
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    tracing::info!(
+        connections = connections.len(),
+        "inbound listener closed; draining"
+    );
+    while connections.join_next().await.is_some() {}
+    shared.inbound.tunnels().drain().await;
+}
+
+/// Secures `stream` as the acceptor says, then serves it.
+async fn connection(shared: Shared, stream: TcpStream) {
+    match shared.acceptor {
+        Acceptor::Plain => serve_connection(shared, stream).await,
+    }
+}
+
+/// Serves one connection until it closes, or until the listener drains.
+async fn serve_connection<IO>(shared: Shared, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Shared {
+        builder,
+        inbound,
+        mut closing,
+        ..
+    } = shared;
+    // Counted at the first request: a health check's bare connect is none.
+    let counted = Arc::new(AtomicBool::new(false));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (inbound, counted) = (inbound.clone(), counted.clone());
+        async move {
+            let protocol = protocol_of(req.version());
+            if !counted.swap(true, Ordering::Relaxed) {
+                inbound.metrics.connection(protocol);
+            }
+            let mut response = inbound.serve(req).await;
+            // An HTTP/1.1 connection serves one exchange, unless it became
+            // a tunnel: the calling proxy then never pools it with the
+            // instance's own connections.
+            if protocol == Protocol::Http1 && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let done = |result: Result<(), Box<dyn std::error::Error + Send + Sync>>| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "inbound connection ended with an error");
+        }
+    };
+    tokio::select! {
+        result = conn.as_mut() => return done(result),
+        _ = closing.wait_for(|c| *c) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    done(conn.await);
+}
+
+fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // As many streams as a calling proxy sends on one connection.
+        .max_concurrent_streams(u32::try_from(H2_MAX_STREAMS).unwrap_or(u32::MAX))
+        .adaptive_window(true)
+        .keep_alive_interval(H2_KEEP_ALIVE.0)
+        .keep_alive_timeout(H2_KEEP_ALIVE.1);
+    builder
+}
+
+#[cfg(test)]
+mod tests;
