@@ -4,7 +4,7 @@
 use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
 
 use consul_client::{Client, ConfigError};
-use mesh_proto::v1::{discovery_server::DiscoveryServer, registry_server::RegistryServer};
+use mesh_proto::v1::registry_server::RegistryServer;
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
@@ -86,6 +86,8 @@ impl Bridge {
         let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone());
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
+        let hub = discovery.clone();
+        tasks.spawn(async move { hub.run().await }.instrument(tracing::info_span!("discovery")));
         let drain_shutdown = shutdown.clone();
         let drainer = registry_api.clone();
         tasks.spawn(
@@ -188,15 +190,13 @@ async fn serve_grpc(
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RegistryServer<RegistryApi>>().await;
-    reporter
-        .set_serving::<DiscoveryServer<DiscoveryApi>>()
-        .await;
+    reporter.set_serving::<DiscoveryApi>().await;
     let result = Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(RegistryServer::new(registry))
-        .add_service(DiscoveryServer::new(discovery))
+        .add_service(discovery)
         // Updates are small writes that must leave at once: without
         // TCP_NODELAY, Nagle holds one back until the previous is acked,
         // which a delayed ACK stretches to tens of milliseconds.

@@ -13,25 +13,34 @@
 //! the last trusted answers, of unknown age. No delta follows it; a fresh
 //! snapshot does, as soon as Consul answers again.
 //!
-//! - `subscriber`: the watches one stream follows.
-//! - `diff`: snapshot and delta computation (pure).
+//! Each change is worked out once for every stream: one hub records it,
+//! encoded, in a shared ledger, and each stream only picks from the
+//! ledger what it follows and changed since its last message (a stream
+//! too far behind gets a fresh snapshot).
+//!
+//! - `ledger`: the shared services and change log, and each stream's cursor.
+//! - `hub`: follows the watches for every stream and fills the ledger.
+//! - `wire`: messages put together from shared, encoded pieces.
+//! - `grpc`: the service on the wire.
 
-use std::{pin::Pin, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt, stream};
-use mesh_proto::v1::{RouteUpdate, WatchRequest, discovery_server::Discovery, route_update::Kind};
+use futures::{StreamExt, stream};
+use mesh_proto::v1::WatchRequest;
 use mesh_runtime::shutdown::Shutdown;
 use tokio::{sync::watch, time::Instant};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 use tracing::Instrument;
 
 use crate::{metrics::BridgeMetrics, watch::Watches};
 
-mod diff;
-mod subscriber;
+mod grpc;
+mod hub;
+mod ledger;
+mod wire;
 
-use diff::State;
-use subscriber::Subscriber;
+use hub::{Hub, Registration};
+use ledger::{Cursor, Follow, Update};
 
 /// The longest a snapshot waits for Consul's first answers.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(2);
@@ -39,27 +48,30 @@ pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// Most services one Watch may name.
 pub const MAX_SERVICES: usize = 10_000;
 
-/// The Discovery service.
+/// The Discovery service (a tower service for tonic's router). Cheap to
+/// clone.
 #[derive(Clone, Debug)]
 pub struct DiscoveryApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hub: Hub,
     watches: Watches,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
 }
 
-/// The stream a Watch answers with.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<RouteUpdate, Status>> + Send>>;
-
 /// One stream's state between messages.
 #[derive(Debug)]
 struct Feed {
-    sub: Subscriber,
+    hub: Hub,
+    registration: Registration,
+    cursor: Cursor,
+    changes: watch::Receiver<u64>,
     watches: Watches,
     reachability: watch::Receiver<bool>,
-    version: u64,
-    sent: State,
-    /// The last snapshot was sent while Consul was unreachable.
-    stale: bool,
     shutdown: Shutdown,
     metrics: BridgeMetrics,
 }
@@ -70,21 +82,28 @@ struct Counted(BridgeMetrics);
 // === impl DiscoveryApi ===
 
 impl DiscoveryApi {
-    /// Streams from `watches` until `shutdown`.
+    /// Streams from `watches` until `shutdown`, once [`DiscoveryApi::run`]
+    /// runs.
     pub fn new(watches: Watches, metrics: BridgeMetrics, shutdown: Shutdown) -> Self {
-        Self {
+        let inner = Inner {
+            hub: Hub::new(watches.clone()),
             watches,
             metrics,
             shutdown,
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
-}
 
-#[tonic::async_trait]
-impl Discovery for DiscoveryApi {
-    type WatchStream = WatchStream;
+    /// Takes every answer of the watches into the shared ledger and wakes
+    /// the streams, until shutdown. The bridge runs it once, as a task.
+    pub async fn run(&self) {
+        self.inner.hub.run(self.inner.shutdown.clone()).await;
+    }
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+    /// Opens a Watch stream.
+    fn watch(&self, request: Request<WatchRequest>) -> Result<grpc::Messages, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
         let names = requested(req.services)?;
@@ -92,28 +111,36 @@ impl Discovery for DiscoveryApi {
         span.in_scope(|| {
             tracing::info!(services = names.len(), all = names.is_empty(), "subscribed")
         });
-        let feed = Feed {
-            sub: Subscriber::new(&self.watches, &names),
-            watches: self.watches.clone(),
-            reachability: self.watches.reachability(),
-            version: 0,
-            sent: State::new(),
-            stale: false,
-            shutdown: self.shutdown.clone(),
-            metrics: self.metrics.clone(),
+        let follow = match names.is_empty() {
+            true => Follow::All,
+            false => Follow::Named(names),
         };
-        let counted = Counted::new(self.metrics.clone());
-        // The stream owns the feed: when the proxy goes away tonic drops it,
-        // and with it the watches it held.
-        let updates = stream::unfold((feed, counted), move |(mut feed, counted)| {
+        let inner = &self.inner;
+        // Subscribed before registering, so that no change recorded after
+        // the ledger is first read goes unnoticed.
+        let changes = inner.hub.changes();
+        let feed = Feed {
+            registration: inner.hub.register(follow),
+            hub: inner.hub.clone(),
+            cursor: Cursor::default(),
+            changes,
+            watches: inner.watches.clone(),
+            reachability: inner.watches.reachability(),
+            shutdown: inner.shutdown.clone(),
+            metrics: inner.metrics.clone(),
+        };
+        let counted = Counted::new(inner.metrics.clone());
+        // The stream owns the feed: when the proxy goes away the server
+        // drops it, and with it what it followed.
+        let messages = stream::unfold((feed, counted), move |(mut feed, counted)| {
             let span = span.clone();
             async move {
-                let update = feed.next().await?;
-                Some((Ok(update), (feed, counted)))
+                let chunks = feed.next().await?;
+                Some((chunks, (feed, counted)))
             }
             .instrument(span)
         });
-        Ok(Response::new(updates.boxed()))
+        Ok(messages.boxed())
     }
 }
 
@@ -137,27 +164,26 @@ fn requested(services: Vec<String>) -> Result<Vec<String>, Status> {
 // === impl Feed ===
 
 impl Feed {
-    /// The next message; `None` ends the stream (shutdown).
-    async fn next(&mut self) -> Option<RouteUpdate> {
-        if self.version == 0 {
+    /// The chunks of the next message; `None` ends the stream (shutdown).
+    async fn next(&mut self) -> Option<Vec<bytes::Bytes>> {
+        if !self.cursor.started() {
             self.first_answers().await?;
-            return Some(self.snapshot());
+            let reachable = self.watches.reachable();
+            let (cursor, follow) = (&mut self.cursor, self.registration.follow());
+            let update = self
+                .hub
+                .read(|ledger| cursor.snapshot(ledger, follow, reachable));
+            return Some(self.sent(update));
         }
         loop {
             self.changed().await?;
-            self.sub.follow_catalog();
-            if self.stale {
-                // What the proxy got was of unknown age: once Consul
-                // answers, it gets everything afresh, never a delta.
-                if self.watches.reachable() {
-                    return Some(self.snapshot());
-                }
-                continue;
-            }
-            let now = self.sub.state();
-            if let Some(delta) = diff::delta(&self.sent, &now) {
-                self.sent = now;
-                return Some(self.message(Kind::Delta(delta)));
+            let reachable = self.watches.reachable();
+            let (cursor, follow) = (&mut self.cursor, self.registration.follow());
+            if let Some(update) = self
+                .hub
+                .read(|ledger| cursor.next(ledger, follow, reachable))
+            {
+                return Some(self.sent(update));
             }
         }
     }
@@ -167,9 +193,12 @@ impl Feed {
     async fn first_answers(&mut self) -> Option<()> {
         let deadline = Instant::now() + FIRST_ANSWER_WAIT;
         loop {
-            self.sub.follow_catalog();
+            let follow = self.registration.follow();
+            let (all, any) = self
+                .hub
+                .read(|l| (l.all_answered(follow), l.any_answered(follow)));
             let late = Instant::now() >= deadline;
-            if self.sub.all_answered() || (late && self.sub.any_answered()) {
+            if all || (late && any) {
                 return Some(());
             }
             let timer = async move {
@@ -185,34 +214,25 @@ impl Feed {
         }
     }
 
-    fn snapshot(&mut self) -> RouteUpdate {
-        self.sent = self.sub.state();
-        self.stale = !self.watches.reachable();
-        let snapshot = diff::snapshot(&self.sent);
-        tracing::info!(
-            services = snapshot.services.len(),
-            stale = self.stale,
-            "snapshot sent"
-        );
-        self.message(Kind::Snapshot(snapshot))
-    }
-
-    fn message(&mut self, kind: Kind) -> RouteUpdate {
-        self.version += 1;
-        self.metrics.update_sent(matches!(kind, Kind::Snapshot(_)));
-        RouteUpdate {
-            version: self.version,
-            kind: Some(kind),
-            stale: self.stale,
+    fn sent(&self, update: Update) -> Vec<bytes::Bytes> {
+        self.metrics.update_sent(update.snapshot);
+        if update.snapshot {
+            tracing::info!(
+                version = update.version,
+                services = update.services,
+                stale = update.stale,
+                "snapshot sent"
+            );
         }
+        update.chunks
     }
 
-    /// Waits for a change of a view, or of Consul's reachability while
+    /// Waits for a change of the ledger, or of Consul's reachability while
     /// the last snapshot was stale; `None` on shutdown.
     async fn changed(&mut self) -> Option<()> {
-        let stale = self.stale;
+        let stale = self.cursor.stale();
         tokio::select! {
-            alive = self.sub.changed() => alive.then_some(()),
+            alive = self.changes.changed() => alive.is_ok().then_some(()),
             _ = self.reachability.changed(), if stale => Some(()),
             _ = self.shutdown.requested() => None,
         }

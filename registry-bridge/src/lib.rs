@@ -7,7 +7,8 @@
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`watch`]: one shared blocking-query loop per watched service, and
 //!   one on the catalog; untrusted answers never shrink a set.
-//! - [`discovery`]: the Watch streams (snapshot, then deltas).
+//! - [`discovery`]: the Watch streams (snapshot, then deltas), all fed from
+//!   one shared change log.
 //! - [`registry`]: Register/Deregister/ListInstances and the durable queue.
 //! - [`metrics`]: the bridge's Prometheus metrics.
 //! - [`app`]: the running [`Bridge`]: listeners, tasks, shutdown.

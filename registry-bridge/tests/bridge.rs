@@ -439,3 +439,76 @@ async fn snapshot_while_consul_is_away_is_stale_and_a_fresh_one_follows_its_retu
     assert_eq!(fresh.version, stale.version + 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn subscribers_each_get_only_their_services_in_consecutive_versions() -> Result<()> {
+    let mut h = Harness::start().await?;
+    let mut web = h.watch(&["web"]).await?;
+    let mut api = h.watch(&["api"]).await?;
+    let mut all = h.watch(&[]).await?;
+    for stream in [&mut web, &mut api, &mut all] {
+        let snapshot = next(stream).await?;
+        assert!(
+            matches!(snapshot.kind, Some(Kind::Snapshot(_))),
+            "{snapshot:?}"
+        );
+        assert_eq!(snapshot.version, 1);
+    }
+
+    h.register(instance("web", "web-1", 8080)).await?;
+    h.register(instance("api", "api-1", 9090)).await?;
+    h.register(instance("web", "web-2", 8081)).await?;
+
+    // Each stream reads until it has the last state of what it follows;
+    // every message it gets is about its own services, versions +1.
+    let wanted = [("web", vec!["web-1", "web-2"]), ("api", vec!["api-1"])];
+    for (stream, follows) in [
+        (&mut web, &["web"][..]),
+        (&mut api, &["api"]),
+        (&mut all, &["api", "web"]),
+    ] {
+        let mut version = 1;
+        let mut seen: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let done = |seen: &std::collections::BTreeMap<String, Vec<String>>| {
+            wanted
+                .iter()
+                .filter(|(name, _)| follows.contains(name))
+                .all(|(name, ids)| seen.get(*name).is_some_and(|got| got == ids))
+        };
+        while !done(&seen) {
+            let update = next(stream).await?;
+            version += 1;
+            assert_eq!(update.version, version, "{update:?}");
+            let Some(Kind::Delta(d)) = update.kind else {
+                bail!("expected a delta: {update:?}")
+            };
+            for s in d.upserted {
+                assert!(
+                    follows.contains(&s.name.as_str()),
+                    "{} sent to {follows:?}",
+                    s.name
+                );
+                seen.insert(s.name, s.endpoints.into_iter().map(|e| e.id).collect());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_naming_too_many_services_is_refused_with_the_limit() -> Result<()> {
+    let mut h = Harness::start().await?;
+    let names: Vec<String> = (0..=mesh_registry_bridge::discovery::MAX_SERVICES)
+        .map(|i| format!("svc-{i}"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let status = h
+        .watch(&names)
+        .await
+        .unwrap_err()
+        .downcast::<tonic::Status>()?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("10000"), "{status:?}");
+    assert_eq!(h.bridge.watches().active(), 0, "nothing watched");
+    Ok(())
+}
