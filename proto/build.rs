@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/mesh/v1/registry.proto",
         "proto/mesh/v1/discovery.proto",
+        "proto/mesh/v1/control.proto",
     ];
     tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
     Ok(())

@@ -13,7 +13,8 @@
 //!   and the rustls setup built from it.
 //! - [`client`]: the [`Client`], which sends every call to the current agent
 //!   address, fails over to the next one on a connect error, and exposes
-//!   the typed calls (agent, health, catalog, status, KV, sessions).
+//!   the typed calls (agent, health, catalog, status, KV and KV
+//!   transactions, sessions).
 //! - [`query`]: the [`QueryOptions`] for blocking queries and [`QueryResult`],
 //!   the value with Consul's `X-Consul-*` metadata.
 //! - [`model`]: the JSON shapes Consul sends and accepts.
@@ -34,7 +35,7 @@ pub use client::Client;
 pub use config::{ClientConfig, ConfigError, TlsFiles};
 pub use error::Error;
 pub use model::{
-    AgentService, AgentServiceCheck, AgentServiceRegistration, HealthCheck, KvPair, Node,
-    ServiceEntry, SessionRequest,
+    AgentService, AgentServiceCheck, AgentServiceRegistration, HealthCheck, KvPair, KvTxnOp,
+    KvTxnOutcome, Node, ServiceEntry, SessionRequest,
 };
 pub use query::{QueryOptions, QueryResult};

@@ -179,6 +179,40 @@ pub struct SessionRequest {
     pub lock_delay: Option<String>,
 }
 
+/// One operation of a KV transaction (`PUT /v1/txn`): every operation of
+/// a transaction is applied, or none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvTxnOp {
+    /// Sets `key` to `value` only if its modify index is still `index`
+    /// (0: only if the key does not exist).
+    Cas {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+        /// The modify index the key must have.
+        index: u64,
+    },
+    /// Fails the transaction unless `key`'s modify index is `index`.
+    CheckIndex {
+        /// The key.
+        key: String,
+        /// The modify index the key must have.
+        index: u64,
+    },
+}
+
+/// What a KV transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvTxnOutcome {
+    /// Every operation was applied: per operation, the key and its modify
+    /// index after the transaction.
+    Committed(Vec<(String, u64)>),
+    /// Nothing was applied: per failed operation, its position and Consul's
+    /// reason.
+    RolledBack(Vec<(usize, String)>),
+}
+
 // === impl ServiceEntry ===
 
 impl ServiceEntry {

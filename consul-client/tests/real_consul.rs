@@ -7,8 +7,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use consul_client::{
-    AgentServiceCheck, AgentServiceRegistration, Client, ClientConfig, QueryOptions,
-    SessionRequest, TlsFiles,
+    AgentServiceCheck, AgentServiceRegistration, Client, ClientConfig, KvTxnOp, KvTxnOutcome,
+    QueryOptions, SessionRequest, TlsFiles,
     testing::{DevAgent, Ports, free_port},
 };
 use rcgen::{
@@ -145,6 +145,102 @@ async fn kv_check_and_set_and_session_lock() -> Result<()> {
             .await?
             .value
             .is_none()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn kv_list_returns_a_prefix_in_key_order_and_catalog_nodes_the_agent() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let c = client(&agent);
+    let empty = c
+        .kv_list("mesh/versions/n1/", QueryOptions::default())
+        .await?;
+    assert!(empty.value.is_empty(), "{:?}", empty.value);
+    for (key, value) in [
+        ("mesh/versions/n1/2", "b"),
+        ("mesh/versions/n1/1", "a"),
+        ("mesh/versions/n10/1", "other node"),
+    ] {
+        assert!(c.kv_put(key, value.as_bytes(), Some(0)).await?);
+    }
+    let listed = c
+        .kv_list("mesh/versions/n1/", QueryOptions::default())
+        .await?;
+    let got: Vec<(&str, &[u8])> = listed
+        .value
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_slice()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("mesh/versions/n1/1", &b"a"[..]),
+            ("mesh/versions/n1/2", &b"b"[..])
+        ]
+    );
+    assert!(listed.value.iter().all(|p| p.modify_index > 0));
+
+    let nodes = c.catalog_nodes(QueryOptions::default()).await?;
+    assert_eq!(nodes.value.len(), 1, "{:?}", nodes.value);
+    assert_eq!(nodes.value[0].address, "127.0.0.1");
+    assert!(!nodes.value[0].node.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn kv_txn_applies_every_operation_or_none() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let c = client(&agent);
+    let cas = |key: &str, value: &str, index: u64| KvTxnOp::Cas {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        index,
+    };
+    let outcome = c
+        .kv_txn(&[cas("mesh/t/head", "1", 0), cas("mesh/t/v/1", "one", 0)])
+        .await?;
+    let KvTxnOutcome::Committed(written) = outcome else {
+        bail!("not committed: {outcome:?}");
+    };
+    assert_eq!(written.len(), 2);
+    assert_eq!(written[0].0, "mesh/t/head");
+    let head = c.kv_get("mesh/t/head", QueryOptions::default()).await?;
+    let head_index = head.value.context("head")?.modify_index;
+    assert_eq!(written[0].1, head_index);
+
+    // A stale index on the first operation: the second is not applied.
+    let outcome = c
+        .kv_txn(&[
+            cas("mesh/t/head", "2", head_index + 1000),
+            cas("mesh/t/v/2", "two", 0),
+        ])
+        .await?;
+    let KvTxnOutcome::RolledBack(errors) = outcome else {
+        bail!("not rolled back: {outcome:?}");
+    };
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, 0, "{errors:?}");
+    assert!(
+        c.kv_get("mesh/t/v/2", QueryOptions::default())
+            .await?
+            .value
+            .is_none(),
+        "a rolled-back transaction wrote"
+    );
+    // An existing key refuses a create (index 0); check-index guards a read.
+    let outcome = c
+        .kv_txn(&[
+            KvTxnOp::CheckIndex {
+                key: "mesh/t/head".into(),
+                index: head_index,
+            },
+            cas("mesh/t/v/1", "again", 0),
+        ])
+        .await?;
+    assert!(
+        matches!(&outcome, KvTxnOutcome::RolledBack(e) if e[0].0 == 1),
+        "{outcome:?}"
     );
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! `meshctl dev up`: a whole mesh on one machine for a first look. Starts a
 //! Consul agent in dev mode (installing Consul when it is missing), or joins
-//! the one at `--consul-addr`; then mesh-bridge and mesh-proxy on their
-//! standard ports; with `--demo` two demo services that register themselves
-//! through the proxy. Prints every address and stops all it started, newest
-//! first, on Ctrl-C.
+//! the one at `--consul-addr`; then mesh-bridge, mesh-proxy and
+//! mesh-control on their standard ports; with `--demo` two demo services
+//! that register themselves through the proxy. Prints every address and
+//! stops all it started, newest first, on Ctrl-C.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -31,7 +31,8 @@ pub struct DevConfig {
     pub consul_addr: Option<String>,
     /// Where logs, the proxy's dump and the queues go.
     pub data_dir: PathBuf,
-    /// Where mesh-bridge and mesh-proxy are; defaults to meshctl's own folder.
+    /// Where mesh-bridge, mesh-proxy and mesh-control are; defaults to
+    /// meshctl's own folder.
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -41,6 +42,8 @@ const PROXY: &str = "127.0.0.1:8888";
 const PROXY_ADMIN: &str = "127.0.0.1:8889";
 const BRIDGE_GRPC: &str = "127.0.0.1:8890";
 const BRIDGE_ADMIN: &str = "127.0.0.1:8891";
+const CONTROL_GRPC: &str = "127.0.0.1:8892";
+const CONTROL_HTTP: &str = "127.0.0.1:8893";
 
 /// Brings the mesh up, waits for Ctrl-C, stops it.
 pub async fn up(config: DevConfig) -> anyhow::Result<()> {
@@ -121,6 +124,8 @@ async fn start(
     .await?;
     ensure_free(BRIDGE_GRPC, "mesh-bridge")?;
     ensure_free(PROXY, "mesh-proxy")?;
+    ensure_free(CONTROL_GRPC, "mesh-control")?;
+    ensure_free(CONTROL_HTTP, "mesh-control")?;
     let data = |name: &str| config.data_dir.join(name).display().to_string();
     let bridge_args = vec![
         "--consul-addr".into(),
@@ -139,12 +144,38 @@ async fn start(
         is_ok(&http, format!("http://{PROXY_ADMIN}/ready"))
     })
     .await?;
+    let control_args = vec![
+        "--consul-addr".into(),
+        consul_addr.clone(),
+        "--grpc-listen".into(),
+        CONTROL_GRPC.into(),
+        "--http-listen".into(),
+        CONTROL_HTTP.into(),
+        "--replica".into(),
+        "dev".into(),
+    ];
+    group.spawn(
+        "mesh-control",
+        &bins.join("mesh-control"),
+        &control_args,
+        logs,
+    )?;
+    wait_until("mesh-control is ready", Duration::from_secs(20), || {
+        is_ok(&http, format!("http://{CONTROL_HTTP}/ready"))
+    })
+    .await?;
     let mut table = vec![
         format!("Consul HTTP API       {consul_addr}  (UI: {consul_addr}/ui/)"),
         format!("mesh-proxy outbound   http://{PROXY}  (call services: http://{PROXY}/<service>/)"),
         format!("mesh-proxy admin      http://{PROXY_ADMIN}  (/routes /metrics /ready /live)"),
         format!("mesh-bridge gRPC      http://{BRIDGE_GRPC}"),
         format!("mesh-bridge admin     http://{BRIDGE_ADMIN}  (/metrics /ready /live)"),
+        format!(
+            "mesh-control gRPC     http://{CONTROL_GRPC}  (meshctl nodes, routes, render, ...)"
+        ),
+        format!(
+            "mesh-control HTTP     http://{CONTROL_HTTP}  (REST /v1/nodes ..., /metrics /ready /live)"
+        ),
     ];
     if config.demo {
         table.extend(start_demo(bins, logs, group, &http).await?);
@@ -195,7 +226,7 @@ fn bin_dir(config: &DevConfig) -> anyhow::Result<PathBuf> {
             .context("meshctl has no folder")?
             .to_path_buf(),
     };
-    for bin in ["mesh-bridge", "mesh-proxy"] {
+    for bin in ["mesh-bridge", "mesh-proxy", "mesh-control"] {
         if !dir.join(bin).is_file() {
             bail!(
                 "{bin} not found in {}: build the workspace first (cargo build --bins) or pass --bin-dir",

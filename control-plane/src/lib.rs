@@ -1,14 +1,46 @@
-//! `meshctl`, the operator's command line. For now it brings up a whole
-//! mesh on one machine for a first look, and runs the demo service.
+//! Meshwork's control plane and its command line.
 //!
-//! - [`dev`]: `meshctl dev up [--demo]`: a Consul agent (installed when
-//!   missing), mesh-bridge and mesh-proxy, and with `--demo` two demo
-//!   services; prints every address; Ctrl-C stops what it started.
+//! `mesh-control` keeps the desired state of the mesh (each node's routes
+//! and their immutable config versions) in Consul KV under `mesh/`, writes
+//! it with check-and-set so replicas never overwrite each other, elects a
+//! leader with a Consul session, renders each node's config for mesh-proxy
+//! or nginx, and serves all of it as `mesh.v1.Control` over gRPC and as a
+//! JSON REST mirror. `meshctl` is the operator's command line for it, and
+//! brings up a whole mesh on one machine for a first look.
+//!
+//! - [`model`]: routes as written and as validated, config versions, the checks.
+//! - [`store`]: the KV layout and the check-and-set transactions.
+//! - [`leader`]: the leader lock (a Consul session, renewed, released on shutdown).
+//! - [`render`]: a node's config for mesh-proxy (TOML) and nginx (from a template).
+//! - [`template`]: the small template language of the nginx template.
+//! - [`diff`]: unified diffs between versions.
+//! - [`control`]: the calls, whatever the transport; [`grpc`] and [`rest`] serve them.
+//! - [`error`]: what a call fails with, mapped to gRPC and HTTP in one place.
+//! - [`metrics`]: mesh-control's Prometheus metrics.
+//! - [`config`]: mesh-control's flags, environment and TOML into a checked config.
+//! - [`app`]: the running replica: listeners, tasks, shutdown.
+//! - [`ctl`]: `meshctl`'s commands that talk to mesh-control.
+//! - [`dev`]: `meshctl dev up [--demo]`: Consul, mesh-bridge, mesh-proxy,
+//!   mesh-control (and demo services) on one machine; Ctrl-C stops them.
 //! - [`demo`]: `meshctl demo serve`: a small HTTP service that registers
 //!   itself through the local proxy, as any service on a node would.
 //! - [`procs`]: child processes that are stopped in order, and killed when
 //!   dropped.
 
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod dev;
+pub mod diff;
+pub mod error;
+pub mod grpc;
+pub mod leader;
+pub mod metrics;
+pub mod model;
 pub mod procs;
+pub mod render;
+pub mod rest;
+pub mod store;
+pub mod template;

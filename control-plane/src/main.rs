@@ -6,7 +6,12 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use mesh_control_plane::{demo, dev};
+use mesh_control_plane::{
+    control::{Check, Registration},
+    ctl::{self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, Output, RenderArgs, SetRoutesArgs},
+    demo, dev,
+    render::Format,
+};
 use mesh_runtime::{
     config::{ConfigFile, exit_with, merge, parse_args},
     duration::HumanDuration,
@@ -37,11 +42,159 @@ enum Command {
         #[command(subcommand)]
         command: DemoCommand,
     },
+    /// Which mesh-control replica answers and which one leads.
+    Status(ClientArgs),
+    /// Consul's nodes, with their routes version and proxy status.
+    Nodes(ClientArgs),
+    /// Consul's services, with their instances and health.
+    Services(ClientArgs),
+    /// A node's routes: the services it may call, and how.
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCommand,
+    },
+    /// A node's config versions, or one version in full.
+    Versions(VersionsCli),
+    /// A node's config rendered for mesh-proxy or nginx.
+    Render(RenderCli),
+    /// Register an instance on a node, through the node's bridge.
+    Register(RegisterCli),
+    /// Deregister an instance from a node, through the node's bridge.
+    Deregister(DeregisterCli),
+}
+
+/// How to reach mesh-control and how to print.
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// mesh-control's gRPC address.
+    #[arg(long, env = "MESH_CONTROL_ADDR", default_value = DEFAULT_CONTROL_ADDR)]
+    control_addr: String,
+    /// table or json.
+    #[arg(long, env = "MESH_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    /// Show a node's routes and their revision.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The node.
+        node: String,
+    },
+    /// Replace a node's routes with those of a route file (TOML
+    /// `[routes.<service>]` tables, or JSON for a .json file).
+    Set {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The node.
+        node: String,
+        /// The route file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Change only if the routes are still at this revision (as
+        /// `routes get` shows it) [default: the current one].
+        #[arg(long)]
+        expect_revision: Option<u64>,
+        /// Who makes the change [default: $USER].
+        #[arg(long, env = "MESH_AUTHOR")]
+        author: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct VersionsCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node.
+    node: String,
+    /// One version in full (its config and diff).
+    number: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct RenderCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node.
+    #[arg(long)]
+    node: String,
+    /// proxy (mesh-proxy's TOML) or nginx (nginx.conf).
+    #[arg(long, default_value = "proxy")]
+    format: Format,
+    /// The version [default: the newest].
+    #[arg(long, default_value_t = 0)]
+    version: u64,
+    /// For nginx: upsync or static [default: mesh-control's setting].
+    #[arg(long, default_value = "")]
+    upstreams: String,
+    /// Print the diff against the previous version instead.
+    #[arg(long)]
+    diff: bool,
+}
+
+#[derive(Debug, Args)]
+struct RegisterCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node to register on.
+    node: String,
+    /// Service name.
+    #[arg(long)]
+    name: String,
+    /// Instance ID [default: the name].
+    #[arg(long, default_value = "")]
+    id: String,
+    /// Address [default: the node's].
+    #[arg(long, default_value = "")]
+    address: String,
+    /// Port.
+    #[arg(long)]
+    port: u32,
+    /// A tag (repeat for more).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Metadata as key=value (repeat for more).
+    #[arg(long = "meta", value_parser = key_value)]
+    meta: Vec<(String, String)>,
+    /// HTTP health check URL.
+    #[arg(long)]
+    check_http: Option<String>,
+    /// TCP health check host:port.
+    #[arg(long)]
+    check_tcp: Option<String>,
+    /// How often Consul runs the check.
+    #[arg(long, default_value = "")]
+    check_interval: String,
+    /// How long one check may take.
+    #[arg(long, default_value = "")]
+    check_timeout: String,
+    /// Deregister after the check was critical this long.
+    #[arg(long, default_value = "")]
+    deregister_after: String,
+}
+
+#[derive(Debug, Args)]
+struct DeregisterCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node.
+    node: String,
+    /// The instance ID.
+    id: String,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum DevCommand {
-    /// Start Consul, mesh-bridge and mesh-proxy (and demo services); Ctrl-C stops them.
+    /// Start Consul, mesh-bridge, mesh-proxy and mesh-control (and demo services); Ctrl-C stops them.
     Up(DevUp),
 }
 
@@ -67,7 +220,7 @@ struct DevUp {
     /// Logs, dump files and queues [default: .meshwork/dev].
     #[arg(long, env = "MESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Where mesh-bridge and mesh-proxy are [default: meshctl's folder].
+    /// Where mesh-bridge, mesh-proxy and mesh-control are [default: meshctl's folder].
     #[arg(long, env = "MESH_BIN_DIR")]
     bin_dir: Option<PathBuf>,
 }
@@ -158,6 +311,97 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo {
             command: DemoCommand::Serve(args),
         } => demo::serve(load(args).validate()).await,
+        command => {
+            let result = control(command).await;
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("error: {}", e.message);
+                    std::process::exit(e.exit_code)
+                }
+            }
+        }
+    }
+}
+
+/// The commands that talk to mesh-control; the text to print.
+async fn control(command: Command) -> Result<String, CtlError> {
+    async fn connect(client: &ClientArgs) -> Result<Ctl, CtlError> {
+        Ctl::connect(&client.control_addr, client.output).await
+    }
+    match command {
+        Command::Status(c) => connect(&c).await?.status().await,
+        Command::Nodes(c) => connect(&c).await?.nodes().await,
+        Command::Services(c) => connect(&c).await?.services().await,
+        Command::Routes {
+            command: RoutesCommand::Get { client, node },
+        } => connect(&client).await?.routes_get(&node).await,
+        Command::Routes {
+            command:
+                RoutesCommand::Set {
+                    client,
+                    node,
+                    file,
+                    expect_revision,
+                    author,
+                },
+        } => {
+            // The file is read first: a bad one needs no mesh-control.
+            ctl::read_route_file(&file)?;
+            let author = author
+                .or_else(|| std::env::var("USER").ok())
+                .filter(|a| !a.trim().is_empty())
+                .unwrap_or_else(|| "meshctl".into());
+            let args = SetRoutesArgs {
+                node,
+                file,
+                expect_revision,
+                author,
+            };
+            connect(&client).await?.routes_set(args).await
+        }
+        Command::Versions(v) => connect(&v.client).await?.versions(&v.node, v.number).await,
+        Command::Render(r) => {
+            let args = RenderArgs {
+                node: r.node,
+                format: r.format,
+                version: r.version,
+                upstreams: r.upstreams,
+                diff: r.diff,
+            };
+            connect(&r.client).await?.render(args).await
+        }
+        Command::Register(r) => {
+            let check = match (r.check_http, r.check_tcp) {
+                (None, None) => None,
+                (http, tcp) => Some(Check {
+                    http: http.unwrap_or_default(),
+                    tcp: tcp.unwrap_or_default(),
+                    interval: r.check_interval,
+                    timeout: r.check_timeout,
+                    deregister_critical_service_after: r.deregister_after,
+                    ..Check::default()
+                }),
+            };
+            let registration = Registration {
+                id: r.id,
+                name: r.name,
+                address: r.address,
+                port: r.port,
+                tags: r.tags,
+                meta: r.meta.into_iter().collect(),
+                checks: check.into_iter().collect(),
+            };
+            connect(&r.client)
+                .await?
+                .register(&r.node, registration)
+                .await
+        }
+        Command::Deregister(d) => connect(&d.client).await?.deregister(&d.node, &d.id).await,
+        Command::Dev { .. } | Command::Demo { .. } => unreachable!("handled by main"),
     }
 }
 

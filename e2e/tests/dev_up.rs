@@ -1,7 +1,7 @@
 //! The README's first command: `meshctl dev up --demo` brings up Consul,
-//! mesh-bridge, mesh-proxy and two demo services on one host, the demo
-//! services answer by name through 127.0.0.1:8888, and Ctrl-C stops all
-//! it started. Run in a namespace of its own, so its fixed ports (8500,
+//! mesh-bridge, mesh-proxy, mesh-control and two demo services on one
+//! host, the demo services answer by name through 127.0.0.1:8888,
+//! mesh-control answers and leads, and Ctrl-C stops all it started. Run in a namespace of its own, so its fixed ports (8500,
 //! 8888, …) are that host's and clash with nothing.
 
 use std::time::{Duration, Instant};
@@ -92,12 +92,53 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         "127.0.0.1:8889",
         "127.0.0.1:8890",
         "127.0.0.1:8891",
+        "127.0.0.1:8892",
+        "127.0.0.1:8893",
     ] {
         assert!(
             printed.contains(address),
             "meshctl did not print {address}:\n{printed}"
         );
     }
+
+    // mesh-control answers over REST and, through meshctl, over gRPC.
+    let control = "127.0.0.1:8893".parse().unwrap();
+    let status = HttpClient::new(&host, control)
+        .get("/v1/status")
+        .await
+        .unwrap();
+    assert_eq!(status.status, 200, "{}", status.text());
+    let status = status.json().unwrap();
+    assert_eq!(status["replica"], "dev", "{status}");
+    assert_eq!(
+        status["is_leader"], true,
+        "the only replica leads: {status}"
+    );
+    let services = tokio::process::Command::new("ip")
+        .args(["netns", "exec", host.name()])
+        .arg(&meshctl)
+        .args(["services", "--output", "json"])
+        .env_remove("MESH_CONTROL_ADDR")
+        .env_remove("MESH_OUTPUT")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        services.status.success(),
+        "meshctl services: {}",
+        String::from_utf8_lossy(&services.stderr)
+    );
+    let services: serde_json::Value = serde_json::from_slice(&services.stdout).unwrap();
+    let names: Vec<&str> = services
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"hello") && names.contains(&"echo"),
+        "{names:?}"
+    );
 
     // Ctrl-C: meshctl stops everything it started, then exits cleanly.
     up.signal(Signal::SIGINT).unwrap();

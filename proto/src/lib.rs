@@ -5,6 +5,8 @@
 //!   and list service instances on a node's Consul agent (through its bridge).
 //! - [`v1::discovery_server`] / [`v1::discovery_client`]: the stream of
 //!   versioned snapshots and deltas a proxy routes from.
+//! - [`v1::control_server`] / [`v1::control_client`]: mesh-control's model
+//!   (nodes, services, per-node routes, config versions, registrations).
 
 /// `mesh.v1`: every message and service of version 1.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

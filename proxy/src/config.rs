@@ -102,7 +102,7 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_route: Option<RouteSpec>,
     /// Inbound listener for other nodes' proxies (HTTP/2 between
-    /// proxies), e.g. 0.0.0.0:8892; off unless set.
+    /// proxies), e.g. 0.0.0.0:8443; off unless set.
     #[arg(long, env = "MESH_INBOUND_LISTEN")]
     pub inbound_listen: Option<SocketAddr>,
     /// Address other nodes' proxies reach the inbound listener at (default:
@@ -456,11 +456,11 @@ mod tests {
 
     #[test]
     fn the_inbound_listener_takes_a_reachable_address_and_a_port_of_its_own() {
-        let c = parse(&["--inbound-listen", "0.0.0.0:8892"]).unwrap();
+        let c = parse(&["--inbound-listen", "0.0.0.0:8443"]).unwrap();
         assert_eq!(
             c.inbound,
             Some(InboundConfig {
-                listen: "0.0.0.0:8892".parse().unwrap(),
+                listen: "0.0.0.0:8443".parse().unwrap(),
                 address: None
             })
         );
@@ -474,7 +474,7 @@ mod tests {
         assert_eq!(c.inbound.unwrap().address.as_deref(), Some("node1.example"));
         for (argv, key, what) in [
             (
-                &["--inbound-listen", "127.0.0.1:8892"][..],
+                &["--inbound-listen", "127.0.0.1:8443"][..],
                 "inbound_listen",
                 "loopback",
             ),
@@ -501,7 +501,7 @@ mod tests {
             (
                 &[
                     "--inbound-listen",
-                    "0.0.0.0:8892",
+                    "0.0.0.0:8443",
                     "--inbound-address",
                     "0.0.0.0",
                 ][..],
@@ -511,7 +511,7 @@ mod tests {
             (
                 &[
                     "--inbound-listen",
-                    "0.0.0.0:8892",
+                    "0.0.0.0:8443",
                     "--inbound-address",
                     "not a host!",
                 ][..],

@@ -7,7 +7,7 @@ use reqwest::Method;
 use super::{Client, Request};
 use crate::{
     error::Error,
-    model::ServiceEntry,
+    model::{Node, ServiceEntry},
     query::{QueryOptions, QueryResult},
 };
 
@@ -41,6 +41,13 @@ impl Client {
                 .map(|(name, tags)| (name, tags.unwrap_or_default()))
                 .collect()
         }))
+    }
+
+    /// Every node in the catalog.
+    pub async fn catalog_nodes(&self, opts: QueryOptions) -> Result<QueryResult<Vec<Node>>, Error> {
+        let req = Request::new(Method::GET, &["catalog", "nodes"]).query(&opts);
+        let result: QueryResult<Option<Vec<Node>>> = self.json(req).await?;
+        Ok(result.map(Option::unwrap_or_default))
     }
 
     /// The leader's RPC address, empty while there is none.

@@ -3,12 +3,12 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use reqwest::{Method, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Client, Request};
 use crate::{
     error::Error,
-    model::{KvPair, SessionRequest, null_default},
+    model::{KvPair, KvTxnOp, KvTxnOutcome, SessionRequest, null_default},
     query::{QueryOptions, QueryResult},
 };
 
@@ -27,6 +27,56 @@ struct RawKvPair {
     modify_index: u64,
     #[serde(default)]
     lock_index: u64,
+}
+
+/// A transaction operation as Consul reads it.
+#[derive(Serialize)]
+struct RawTxnOp<'a> {
+    #[serde(rename = "KV")]
+    kv: RawTxnKv<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTxnKv<'a> {
+    verb: &'static str,
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    index: u64,
+}
+
+/// A transaction's answer: results when applied, errors when rolled back.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTxnAnswer {
+    #[serde(default, deserialize_with = "null_default")]
+    results: Vec<RawTxnResult>,
+    #[serde(default, deserialize_with = "null_default")]
+    errors: Vec<RawTxnError>,
+}
+
+#[derive(Deserialize)]
+struct RawTxnResult {
+    #[serde(rename = "KV")]
+    kv: Option<RawTxnResultKv>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTxnResultKv {
+    key: String,
+    #[serde(default)]
+    modify_index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTxnError {
+    #[serde(default)]
+    op_index: usize,
+    #[serde(default)]
+    what: String,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +110,33 @@ impl Client {
         })
     }
 
+    /// Every entry whose key starts with `prefix` (`?recurse`), sorted by
+    /// key; empty when there is none.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        opts: QueryOptions,
+    ) -> Result<QueryResult<Vec<KvPair>>, Error> {
+        let req = Request::new(Method::GET, &kv_path(prefix))
+            .query(&opts)
+            .flag("recurse");
+        let answer = self.send(&req).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(QueryResult::from_headers(Vec::new(), &answer.headers));
+        }
+        let pairs: QueryResult<Vec<RawKvPair>> = answer.success()?.decode()?;
+        let index = pairs.index;
+        let decoded: Result<Vec<KvPair>, _> = pairs.value.into_iter().map(decode_pair).collect();
+        let value =
+            decoded.map_err(|e| Error::Decode(format!("KV {prefix}* at index {index}: {e}")))?;
+        Ok(QueryResult {
+            value,
+            index,
+            known_leader: pairs.known_leader,
+            last_contact_ms: pairs.last_contact_ms,
+        })
+    }
+
     /// Writes `key`; with `cas`, only if its modify index is still `cas`
     /// (0: only if it does not exist). Returns whether it was written.
     pub async fn kv_put(&self, key: &str, value: &[u8], cas: Option<u64>) -> Result<bool, Error> {
@@ -77,6 +154,38 @@ impl Client {
             req = req.param("cas", cas);
         }
         self.bool(req).await
+    }
+
+    /// Applies `ops` atomically: all of them or, when one fails (a stale
+    /// index, say), none. A rolled-back transaction is an outcome, not an
+    /// error; errors are Consul's refusals and transport failures.
+    pub async fn kv_txn(&self, ops: &[KvTxnOp]) -> Result<KvTxnOutcome, Error> {
+        let raw: Vec<RawTxnOp<'_>> = ops.iter().map(raw_txn_op).collect();
+        let req = Request::new(Method::PUT, &["txn"]).json(&raw)?;
+        let answer = self.send(&req).await?;
+        // 409: rolled back, with the reasons in the body.
+        let answer = if answer.status == StatusCode::CONFLICT {
+            answer
+        } else {
+            answer.success()?
+        };
+        let decoded: QueryResult<RawTxnAnswer> = answer.decode()?;
+        let body = decoded.value;
+        if answer.status == StatusCode::CONFLICT || !body.errors.is_empty() {
+            return Ok(KvTxnOutcome::RolledBack(
+                body.errors
+                    .into_iter()
+                    .map(|e| (e.op_index, e.what))
+                    .collect(),
+            ));
+        }
+        Ok(KvTxnOutcome::Committed(
+            body.results
+                .into_iter()
+                .filter_map(|r| r.kv)
+                .map(|kv| (kv.key, kv.modify_index))
+                .collect(),
+        ))
     }
 
     /// Takes the lock on `key` for `session` and writes `value`. Returns
@@ -127,6 +236,24 @@ impl Client {
 /// a key's slashes stay slashes and anything else is escaped.
 fn kv_path(key: &str) -> Vec<&str> {
     std::iter::once("kv").chain(key.split('/')).collect()
+}
+
+fn raw_txn_op(op: &KvTxnOp) -> RawTxnOp<'_> {
+    let kv = match op {
+        KvTxnOp::Cas { key, value, index } => RawTxnKv {
+            verb: "cas",
+            key,
+            value: Some(STANDARD.encode(value)),
+            index: *index,
+        },
+        KvTxnOp::CheckIndex { key, index } => RawTxnKv {
+            verb: "check-index",
+            key,
+            value: None,
+            index: *index,
+        },
+    };
+    RawTxnOp { kv }
 }
 
 fn decode_pair(raw: RawKvPair) -> Result<KvPair, base64::DecodeError> {

@@ -1,0 +1,219 @@
+//! The running mesh-control: builds everything from a [`Config`], binds the
+//! gRPC and HTTP listeners, owns the tasks (leader lock, readiness, both
+//! servers), and drains them on shutdown, releasing the leader lock so
+//! another replica takes it at once.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use axum::{
+    extract::{Request, State},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use consul_client::{Client, ConfigError};
+use mesh_runtime::{
+    admin::{self, Admin},
+    metrics::Registry,
+    shutdown::{self, Shutdown, Trigger},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tonic::transport::{Server, server::TcpIncoming};
+use tracing::Instrument;
+
+use crate::{
+    config::Config,
+    control::{Control, ControlParts},
+    grpc::ControlApi,
+    leader::{Elector, LeaderInfo, LeaderState},
+    metrics::ControlMetrics,
+    rest,
+};
+
+/// A started mesh-control replica.
+#[derive(Debug)]
+pub struct ControlPlane {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    leader: watch::Receiver<LeaderState>,
+    trigger: Trigger,
+    tasks: JoinSet<()>,
+}
+
+/// Why mesh-control could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Consul client could not be built.
+    #[error(transparent)]
+    Consul(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+// === impl ControlPlane ===
+
+impl ControlPlane {
+    /// Binds the listeners and starts serving; metrics go to `registry`.
+    pub async fn start(config: &Config, registry: Registry) -> Result<Self, StartError> {
+        let consul = Client::new(&config.consul)?;
+        let grpc = bind(config.grpc_listen, "gRPC").await?;
+        let http = bind(config.http_listen, "HTTP").await?;
+        let (grpc_addr, http_addr) = (
+            local_addr(&grpc, config.grpc_listen)?,
+            local_addr(&http, config.http_listen)?,
+        );
+        let metrics = ControlMetrics::new(&registry);
+        let me = LeaderInfo {
+            replica: config.replica.clone(),
+            grpc: format!("http://{grpc_addr}"),
+            http: format!("http://{http_addr}"),
+            since_ms: 0,
+        };
+        let (elector, leader) =
+            Elector::new(consul.clone(), me, config.leader_ttl, metrics.clone());
+        let control = Control::new(ControlParts {
+            consul,
+            nginx: config.nginx.clone(),
+            bridge_port: config.bridge_port,
+            replica: config.replica.clone(),
+            leader: leader.clone(),
+            metrics,
+        });
+        let admin = Admin::new(registry);
+        let (trigger, shutdown) = shutdown::channel();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            elector
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("leader")),
+        );
+        tasks.spawn(readiness(admin.clone(), leader.clone(), shutdown.clone()));
+        tasks.spawn(serve_grpc(
+            grpc,
+            ControlApi::new(control.clone()),
+            shutdown.clone(),
+        ));
+        let router = admin
+            .router(rest::router(control))
+            .layer(middleware::from_fn_with_state(
+                leader.clone(),
+                ready_names_leader,
+            ));
+        tasks.spawn(admin::serve(http, router, shutdown));
+        tracing::info!(
+            replica = %config.replica, grpc = %grpc_addr, http = %http_addr,
+            consul = ?config.consul.addrs, "mesh-control started"
+        );
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            leader,
+            trigger,
+            tasks,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Who leads, as this replica knows it.
+    pub fn leader(&self) -> watch::Receiver<LeaderState> {
+        self.leader.clone()
+    }
+
+    /// Stops accepting, releases the leader lock, and waits for the tasks
+    /// up to `grace`; `false` when they did not finish in time.
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
+        self.trigger.trigger();
+        let drained = async move { while self.tasks.join_next().await.is_some() {} };
+        tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: "local address",
+        addr,
+        source,
+    })
+}
+
+/// Ready while Consul answers the leader lock's calls: a replica that
+/// cannot reach Consul can neither read nor write the model.
+async fn readiness(admin: Admin, mut leader: watch::Receiver<LeaderState>, mut shutdown: Shutdown) {
+    loop {
+        admin.set_ready(leader.borrow_and_update().consul_ok);
+        tokio::select! {
+            _ = shutdown.requested() => break,
+            changed = leader.changed() => if changed.is_err() { break },
+        }
+    }
+    admin.set_ready(false);
+}
+
+/// `/ready` also says who leads (body line and `x-mesh-leader` header).
+async fn ready_names_leader(
+    State(leader): State<watch::Receiver<LeaderState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() != "/ready" {
+        return next.run(request).await;
+    }
+    let status = next.run(request).await.status();
+    let state = leader.borrow().clone();
+    let name = state.leader.map(|l| l.replica).unwrap_or_default();
+    let who = match (name.is_empty(), state.is_leader) {
+        (true, _) => "leader: none".to_owned(),
+        (false, true) => format!("leader: {name} (this replica)"),
+        (false, false) => format!("leader: {name}"),
+    };
+    let head = if status.is_success() {
+        "ready"
+    } else {
+        "not ready"
+    };
+    let mut response = (status, format!("{head}\n{who}\n")).into_response();
+    if let Ok(value) = name.parse() {
+        response.headers_mut().insert("x-mesh-leader", value);
+    }
+    response
+}
+
+/// Serves `mesh.v1.Control` and grpc.health.v1 until `shutdown`.
+async fn serve_grpc(listener: TcpListener, api: ControlApi, mut shutdown: Shutdown) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<mesh_proto::v1::control_server::ControlServer<ControlApi>>()
+        .await;
+    let result = Server::builder()
+        .add_service(health)
+        .add_service(api.into_server())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            shutdown.requested().await
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}

@@ -1,0 +1,373 @@
+//! mesh-control's configuration: [`Args`] as given (flags, `MESH_*`
+//! environment, TOML file; every key in all three), and [`Config`], the
+//! checked values with defaults applied by [`Args::validate`].
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use consul_client::{Client, ClientConfig, TlsFiles, config::parse_addr};
+use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    render::{NginxSettings, Upstreams},
+    template::Template,
+};
+
+/// Default Consul agent address.
+pub const DEFAULT_CONSUL_ADDR: &str = "http://127.0.0.1:8500";
+/// Default gRPC listener (the port table).
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8892";
+/// Default HTTP listener: REST mirror, `/live`, `/ready`, `/metrics`.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8893";
+/// The port every node's bridge serves `mesh.v1.Registry` on.
+pub const DEFAULT_BRIDGE_PORT: u16 = 8890;
+/// Default leader session TTL (Consul's minimum).
+pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(10);
+
+const MIN_LEADER_TTL: Duration = Duration::from_secs(10);
+const MAX_LEADER_TTL: Duration = Duration::from_secs(300);
+
+/// mesh-control's flags; each also `MESH_<NAME>` and a TOML key `<name>`.
+#[derive(Parser, Serialize, Deserialize, Default)]
+#[command(
+    name = "mesh-control",
+    version,
+    about = "Meshwork's control plane: per-node routes and config versions in Consul KV, over gRPC and REST."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML config file; flags and environment win over it.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "MESH_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// This replica's name, shown as the leader [default: <hostname>-<pid>].
+    #[arg(long, env = "MESH_REPLICA")]
+    pub replica: Option<String>,
+    /// Consul agent addresses, tried in order [default: http://127.0.0.1:8500].
+    #[arg(long, env = "MESH_CONSUL_ADDR", value_delimiter = ',')]
+    #[serde(default)]
+    pub consul_addr: Vec<String>,
+    /// Consul ACL token.
+    #[arg(long, env = "MESH_CONSUL_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+    /// CA certificate (PEM) for https:// Consul addresses.
+    #[arg(long, env = "MESH_CONSUL_CA_FILE")]
+    pub consul_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for Consul.
+    #[arg(long, env = "MESH_CONSUL_CERT_FILE")]
+    pub consul_cert_file: Option<PathBuf>,
+    /// Client certificate key (PEM) for Consul.
+    #[arg(long, env = "MESH_CONSUL_KEY_FILE")]
+    pub consul_key_file: Option<PathBuf>,
+    /// gRPC listener: mesh.v1.Control, grpc.health.v1 [default: 127.0.0.1:8892].
+    #[arg(long, env = "MESH_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listener: the REST mirror (/v1/...), /live, /ready, /metrics
+    /// [default: 127.0.0.1:8893].
+    #[arg(long, env = "MESH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Port of every node's mesh-bridge (mesh.v1.Registry), reached at the
+    /// node's address in Consul's catalog [default: 8890].
+    #[arg(long, env = "MESH_BRIDGE_PORT")]
+    pub bridge_port: Option<u16>,
+    /// Leader lock session TTL, 10s to 5m [default: 10s].
+    #[arg(long, env = "MESH_LEADER_TTL")]
+    pub leader_ttl: Option<HumanDuration>,
+    /// nginx.conf template for OpenResty nodes [default: the built-in one].
+    #[arg(long, env = "MESH_NGINX_TEMPLATE")]
+    pub nginx_template: Option<PathBuf>,
+    /// nginx upstreams: upsync (nginx-upsync-module reads Consul) or
+    /// static (the passing instances at render time) [default: upsync].
+    #[arg(long, env = "MESH_NGINX_UPSTREAMS")]
+    pub nginx_upstreams: Option<Upstreams>,
+    /// Where nginx listens for a node's services [default: 127.0.0.1:8888].
+    #[arg(long, env = "MESH_NGINX_LISTEN")]
+    pub nginx_listen: Option<String>,
+    /// The Consul agent upsync reads on each node [default: 127.0.0.1:8500].
+    #[arg(long, env = "MESH_NGINX_CONSUL")]
+    pub nginx_consul: Option<String>,
+    /// Where upsync keeps its server lists
+    /// [default: /usr/local/openresty/nginx/conf/servers].
+    #[arg(long, env = "MESH_NGINX_DUMP_DIR")]
+    pub nginx_dump_dir: Option<String>,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Log format.
+    pub log_format: LogFormat,
+    /// This replica's name.
+    pub replica: String,
+    /// How to reach Consul (the token is redacted from `Debug`).
+    pub consul: ClientConfig,
+    /// gRPC listener.
+    pub grpc_listen: SocketAddr,
+    /// HTTP listener.
+    pub http_listen: SocketAddr,
+    /// Port of every node's bridge.
+    pub bridge_port: u16,
+    /// Leader lock session TTL.
+    pub leader_ttl: Duration,
+    /// How nginx.conf is rendered.
+    pub nginx: NginxSettings,
+}
+
+// === impl Args ===
+
+impl ConfigFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
+impl fmt::Debug for Args {
+    // Only through Config, whose Debug hides the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Args").finish_non_exhaustive()
+    }
+}
+
+impl Args {
+    /// Applies defaults and checks every value; an error is one line
+    /// naming the key.
+    pub fn validate(self) -> Result<Config, String> {
+        let consul = self.consul()?;
+        let grpc_listen = self
+            .grpc_listen
+            .unwrap_or_else(|| parse_default(DEFAULT_GRPC_LISTEN));
+        let http_listen = self
+            .http_listen
+            .unwrap_or_else(|| parse_default(DEFAULT_HTTP_LISTEN));
+        if grpc_listen == http_listen && grpc_listen.port() != 0 {
+            return Err(format!(
+                "grpc_listen and http_listen are both {grpc_listen}"
+            ));
+        }
+        let bridge_port = self.bridge_port.unwrap_or(DEFAULT_BRIDGE_PORT);
+        if bridge_port == 0 {
+            return Err("bridge_port: 0 is not a port".into());
+        }
+        let leader_ttl = self
+            .leader_ttl
+            .map_or(DEFAULT_LEADER_TTL, HumanDuration::get);
+        if !(MIN_LEADER_TTL..=MAX_LEADER_TTL).contains(&leader_ttl)
+            || leader_ttl.subsec_nanos() != 0
+        {
+            return Err(format!(
+                "leader_ttl: {} is not whole seconds from 10s to 5m (Consul's session limits)",
+                HumanDuration(leader_ttl)
+            ));
+        }
+        Ok(Config {
+            log_format: self.log_format.unwrap_or_default(),
+            replica: replica_name(self.replica)?,
+            consul,
+            grpc_listen,
+            http_listen,
+            bridge_port,
+            leader_ttl,
+            nginx: nginx(
+                self.nginx_template,
+                self.nginx_upstreams,
+                self.nginx_listen,
+                self.nginx_consul,
+                self.nginx_dump_dir,
+            )?,
+        })
+    }
+
+    fn consul(&self) -> Result<ClientConfig, String> {
+        let tls = self.tls()?;
+        let mut addrs: Vec<String> = self
+            .consul_addr
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            addrs.push(DEFAULT_CONSUL_ADDR.into());
+        }
+        for addr in &addrs {
+            parse_addr(addr, tls.is_some()).map_err(|e| format!("consul_addr: {e}"))?;
+        }
+        let consul = ClientConfig {
+            addrs,
+            token: self.consul_token.clone().filter(|t| !t.is_empty()),
+            tls,
+        };
+        // Reads the TLS files now, so that a bad one stops start-up.
+        Client::new(&consul).map_err(|e| format!("consul: {e}"))?;
+        Ok(consul)
+    }
+
+    fn tls(&self) -> Result<Option<TlsFiles>, String> {
+        let (cert, key) = (self.consul_cert_file.clone(), self.consul_key_file.clone());
+        if cert.is_some() != key.is_some() {
+            return Err("consul_cert_file and consul_key_file go together".into());
+        }
+        match &self.consul_ca_file {
+            Some(ca) => Ok(Some(TlsFiles {
+                ca: ca.clone(),
+                cert,
+                key,
+            })),
+            None if cert.is_some() => Err("consul_cert_file needs consul_ca_file".into()),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The nginx settings, the template read and checked now.
+fn nginx(
+    template: Option<PathBuf>,
+    upstreams: Option<Upstreams>,
+    listen: Option<String>,
+    consul: Option<String>,
+    dump_dir: Option<String>,
+) -> Result<NginxSettings, String> {
+    let mut settings = NginxSettings::standard();
+    if let Some(path) = template {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("nginx_template: {}: {e}", path.display()))?;
+        settings.template = Template::parse(&text)
+            .map_err(|e| format!("nginx_template: {}: {e}", path.display()))?;
+    }
+    settings.upstreams = upstreams.unwrap_or(Upstreams::Upsync);
+    let plain = |key: &str, value: Option<String>, default: String| match value {
+        None => Ok(default),
+        Some(v) if v.trim().is_empty() || v.contains([';', '{', '}', '\n', '"', '\'']) => {
+            Err(format!("{key}: {v:?} cannot go into nginx.conf"))
+        }
+        Some(v) => Ok(v.trim().to_owned()),
+    };
+    settings.listen = plain("nginx_listen", listen, settings.listen)?;
+    settings.consul = plain("nginx_consul", consul, settings.consul)?;
+    settings.dump_dir = plain("nginx_dump_dir", dump_dir, settings.dump_dir)?;
+    settings
+        .check()
+        .map_err(|e| format!("nginx_template: {e}"))?;
+    Ok(settings)
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    addr.parse()
+        .expect("the default listen addresses are valid")
+}
+
+/// The given replica name, else `<hostname>-<pid>`.
+fn replica_name(given: Option<String>) -> Result<String, String> {
+    let name = match given {
+        Some(name) => name.trim().to_owned(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(format!(
+            "replica: {name:?} must be 1 to 128 printable characters"
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, String> {
+        let mut full = vec!["mesh-control"];
+        full.extend_from_slice(argv);
+        Args::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn defaults_follow_the_port_table() {
+        let c = parse(&["--replica", "c1"]).unwrap();
+        assert_eq!(c.consul.addrs, vec![DEFAULT_CONSUL_ADDR]);
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:8892");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8893");
+        assert_eq!(c.bridge_port, 8890);
+        assert_eq!(c.leader_ttl, Duration::from_secs(10));
+        assert_eq!(c.nginx.upstreams, Upstreams::Upsync);
+        assert_eq!(c.nginx.listen, "127.0.0.1:8888");
+        assert_eq!(c.replica, "c1");
+        let default = parse(&[]).unwrap().replica;
+        assert!(
+            default.ends_with(&format!("-{}", std::process::id())),
+            "{default}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (argv, key) in [
+            (&["--leader-ttl", "5s"][..], "leader_ttl"),
+            (&["--leader-ttl", "10m"][..], "leader_ttl"),
+            (&["--consul-addr", "consul:8500"][..], "consul_addr"),
+            (&["--bridge-port", "0"][..], "bridge_port"),
+            (
+                &[
+                    "--grpc-listen",
+                    "127.0.0.1:9",
+                    "--http-listen",
+                    "127.0.0.1:9",
+                ][..],
+                "grpc_listen",
+            ),
+            (
+                &["--nginx-template", "/nonexistent/nginx.tmpl"][..],
+                "nginx_template",
+            ),
+            (&["--nginx-listen", "1.2.3.4:80; evil"][..], "nginx_listen"),
+        ] {
+            let e = parse(argv).unwrap_err();
+            assert!(e.contains(key), "{argv:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = parse(&["--nginx-upstreams", "dynamic"]).unwrap_err();
+        assert!(e.contains("upsync or static"), "{e}");
+    }
+
+    #[test]
+    fn an_operator_template_is_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.tmpl");
+        std::fs::write(&good, "{% for s in services %}{{ s.name }}\n{% endfor %}").unwrap();
+        let c = parse(&["--nginx-template", good.to_str().unwrap()]).unwrap();
+        let routes = [("a".to_owned(), crate::model::Route::default())].into();
+        let text = c
+            .nginx
+            .render(Upstreams::Upsync, "n1", 1, &routes, &Default::default())
+            .unwrap();
+        assert_eq!(text, "a\n");
+        let bad = dir.path().join("bad.tmpl");
+        std::fs::write(
+            &bad,
+            "x\n{% for s in services %}\n{{ s.nope }}\n{% endfor %}\n",
+        )
+        .unwrap();
+        let e = parse(&["--nginx-template", bad.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.starts_with("nginx_template:") && e.contains("line 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug() {
+        let c = parse(&["--consul-token", "s3cr3t"]).unwrap();
+        assert_eq!(c.consul.token.as_deref(), Some("s3cr3t"));
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,603 @@
+//! [`Control`]: the control plane's calls, whatever the transport. The
+//! gRPC service ([`crate::grpc`]) and the REST mirror ([`crate::rest`]) are
+//! thin layers over it, so both answer the same and fail the same.
+//!
+//! Every replica serves every call: reads go to Consul, writes are
+//! check-and-set transactions ([`crate::store`]), so no call needs the
+//! leader.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use consul_client::{Client, QueryOptions, ServiceEntry};
+use futures::{StreamExt as _, TryStreamExt as _};
+use mesh_proto::v1::{self as pb, registry_client::RegistryClient};
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+
+use crate::{
+    diff,
+    error::ControlError,
+    leader::LeaderState,
+    metrics::ControlMetrics,
+    model::{self, Catalog, Routes, Version, check_node_name, check_service_name, now_ms, rfc3339},
+    render::{Format, Instance, NginxSettings, Upstreams, proxy_config},
+    store::{Conflict, Store},
+};
+
+pub mod types;
+
+pub use self::types::*;
+
+/// How long a connect to a node's bridge may take.
+pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a call to a node's bridge may take.
+pub const BRIDGE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest author name.
+pub const MAX_AUTHOR_LEN: usize = 128;
+
+/// Health reads in flight at once when listing services.
+const SERVICE_READS: usize = 8;
+
+/// The control plane's calls.
+#[derive(Clone, Debug)]
+pub struct Control {
+    consul: Client,
+    store: Store,
+    nginx: NginxSettings,
+    bridge_port: u16,
+    replica: String,
+    leader: watch::Receiver<LeaderState>,
+    metrics: ControlMetrics,
+}
+
+/// What a [`Control`] is built from.
+#[derive(Clone, Debug)]
+pub struct ControlParts {
+    /// The Consul client.
+    pub consul: Client,
+    /// How nginx.conf is rendered.
+    pub nginx: NginxSettings,
+    /// The port of each node's bridge (`mesh.v1.Registry`).
+    pub bridge_port: u16,
+    /// This replica's name.
+    pub replica: String,
+    /// Who leads, as the leader lock says.
+    pub leader: watch::Receiver<LeaderState>,
+    /// Where calls are counted.
+    pub metrics: ControlMetrics,
+}
+
+// === impl Control ===
+
+impl Control {
+    /// The calls over `parts`.
+    pub fn new(parts: ControlParts) -> Self {
+        Self {
+            store: Store::new(parts.consul.clone()),
+            consul: parts.consul,
+            nginx: parts.nginx,
+            bridge_port: parts.bridge_port,
+            replica: parts.replica,
+            leader: parts.leader,
+            metrics: parts.metrics,
+        }
+    }
+
+    /// Counts the outcome of `method` and passes it on.
+    pub fn counted<T>(
+        &self,
+        method: &'static str,
+        result: Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let outcome = result.as_ref().map_or_else(ControlError::kind, |_| "ok");
+        self.metrics.call(method, outcome);
+        if let Err(e) = &result {
+            match e {
+                ControlError::Internal(_) => tracing::error!(method, error = %e, "call failed"),
+                ControlError::Unavailable(_) => tracing::warn!(method, error = %e, "call failed"),
+                _ => tracing::debug!(method, error = %e, "call refused"),
+            }
+        }
+        result
+    }
+
+    /// Which replica answers and which one leads.
+    pub fn status(&self) -> Status {
+        let state = self.leader.borrow().clone();
+        let leader = state.leader.unwrap_or_default();
+        Status {
+            replica: self.replica.clone(),
+            is_leader: state.is_leader,
+            leader_since: if leader.replica.is_empty() {
+                String::new()
+            } else {
+                rfc3339(leader.since_ms)
+            },
+            leader: leader.replica,
+            leader_grpc: leader.grpc,
+            leader_http: leader.http,
+        }
+    }
+
+    /// Consul's catalog nodes with their newest config version.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ControlError> {
+        let nodes = self.consul.catalog_nodes(QueryOptions::default()).await?;
+        let versions = self.store.node_versions().await?;
+        Ok(nodes
+            .value
+            .into_iter()
+            .map(|n| NodeInfo {
+                routes_version: versions.get(&n.node).copied().unwrap_or(0),
+                name: n.node,
+                address: n.address,
+                datacenter: n.datacenter,
+                proxy: ProxyStatus::unknown(),
+            })
+            .collect())
+    }
+
+    /// Consul's services with their instances and health.
+    pub async fn services(&self) -> Result<Vec<ServiceInfo>, ControlError> {
+        let catalog = self
+            .consul
+            .catalog_services(QueryOptions::default())
+            .await?;
+        let mut names: Vec<(String, Vec<String>)> = catalog.value.into_iter().collect();
+        names.sort();
+        futures::stream::iter(names)
+            .map(|(name, mut tags)| async move {
+                let entries = self
+                    .consul
+                    .health_service(&name, false, QueryOptions::default())
+                    .await?;
+                tags.sort();
+                tags.dedup();
+                Ok::<_, ControlError>(ServiceInfo {
+                    instances: entries.value.iter().map(instance_info).collect(),
+                    name,
+                    tags,
+                })
+            })
+            .buffered(SERVICE_READS)
+            .try_collect()
+            .await
+    }
+
+    /// `node`'s current routes and revision.
+    pub async fn routes(&self, node: &str) -> Result<NodeRoutes, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        let current = self.store.current(node).await?;
+        let Some(version) = current.version else {
+            self.require_node(node).await?;
+            return Ok(NodeRoutes {
+                node: node.to_owned(),
+                ..NodeRoutes::default()
+            });
+        };
+        Ok(NodeRoutes {
+            node: node.to_owned(),
+            revision: current.revision,
+            version: version.number,
+            routes: version
+                .routes
+                .iter()
+                .map(|(k, r)| (k.clone(), r.to_spec()))
+                .collect(),
+        })
+    }
+
+    /// Validates `change` and stores it as `node`'s next version, if the
+    /// node's routes are still at `change.expected_revision`.
+    pub async fn set_routes(
+        &self,
+        node: &str,
+        change: SetRoutes,
+    ) -> Result<SetRoutesResult, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        let author = check_author(&change.author)?;
+        let catalog = self.catalog().await?;
+        if !catalog.nodes.contains(node) {
+            return Err(unknown_node(node));
+        }
+        let routes = model::validate(&change.routes, &catalog).map_err(ControlError::Invalid)?;
+        let current = self.store.current(node).await?;
+        if current.revision != change.expected_revision {
+            return Err(ControlError::Conflict(Conflict {
+                key: Store::routes_key(node),
+                expected: change.expected_revision,
+                actual: current.revision,
+                current: current.version.map(|v| (v.number, v.author)),
+            }));
+        }
+        let version = next_version(node, current.version.as_ref(), author, routes);
+        let revision = self
+            .store
+            .commit(&version, change.expected_revision)
+            .await?;
+        tracing::info!(
+            node, version = version.number, author = %version.author, revision,
+            routes = version.routes.len(), "stored a new config version"
+        );
+        Ok(SetRoutesResult {
+            version: (&version).into(),
+            revision,
+        })
+    }
+
+    /// `node`'s versions, newest first.
+    pub async fn versions(&self, node: &str) -> Result<Vec<VersionSummary>, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        let versions = self.store.versions(node).await?;
+        if versions.is_empty() {
+            self.require_node(node).await?;
+        }
+        Ok(versions.iter().rev().map(VersionSummary::from).collect())
+    }
+
+    /// `node`'s version `number`.
+    pub async fn version(&self, node: &str, number: u64) -> Result<VersionView, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        match self.store.version(node, number).await? {
+            Some(v) => Ok((&v).into()),
+            None => Err(ControlError::NotFound(format!(
+                "node {node:?} has no config version {number}"
+            ))),
+        }
+    }
+
+    /// `node`'s config at a version, for mesh-proxy or nginx, with its diff
+    /// against the previous version rendered the same way.
+    pub async fn render(&self, node: &str, query: RenderQuery) -> Result<Rendered, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        let version = if query.version == 0 {
+            self.store.current(node).await?.version
+        } else {
+            Some(
+                self.store
+                    .version(node, query.version)
+                    .await?
+                    .ok_or_else(|| {
+                        ControlError::NotFound(format!(
+                            "node {node:?} has no config version {}",
+                            query.version
+                        ))
+                    })?,
+            )
+        };
+        let version = match version {
+            Some(v) => v,
+            None => {
+                self.require_node(node).await?;
+                empty_version(node)
+            }
+        };
+        let previous = match version.number {
+            0 | 1 => None,
+            n => self.store.version(node, n - 1).await?,
+        };
+        let (text, diff) = match query.format {
+            Format::Proxy => (version.rendered.clone(), version.diff.clone()),
+            Format::Nginx => {
+                let upstreams = query.upstreams.unwrap_or(self.nginx.upstreams);
+                self.render_nginx(&version, previous.as_ref(), upstreams)
+                    .await?
+            }
+        };
+        Ok(Rendered {
+            node: node.to_owned(),
+            version: version.number,
+            format: query.format,
+            text,
+            diff,
+        })
+    }
+
+    /// Registers an instance on `node` through the node's bridge.
+    pub async fn register(
+        &self,
+        node: &str,
+        registration: Registration,
+    ) -> Result<RegisterResult, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        check_service_name(&registration.name)
+            .map_err(|m| ControlError::invalid("service.name", m))?;
+        if !(1..=65535).contains(&registration.port) {
+            return Err(ControlError::invalid(
+                "service.port",
+                format!("{} is not a port (1 to 65535)", registration.port),
+            ));
+        }
+        let id = if registration.id.is_empty() {
+            registration.name.clone()
+        } else {
+            registration.id.clone()
+        };
+        let (mut bridge, url) = self.bridge(node).await?;
+        let request = pb::RegisterRequest {
+            service: Some(to_proto(registration)),
+        };
+        let answer = bridge
+            .register(request)
+            .await
+            .map_err(|s| bridge_error(node, &url, &s))?;
+        let queued = answer.into_inner().queued;
+        tracing::info!(node, id, queued, "registered through the node's bridge");
+        Ok(RegisterResult { queued })
+    }
+
+    /// Deregisters instance `id` from `node` through the node's bridge.
+    pub async fn deregister(&self, node: &str, id: &str) -> Result<RegisterResult, ControlError> {
+        check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
+        if id.trim().is_empty() {
+            return Err(ControlError::invalid("id", "an instance ID is required"));
+        }
+        let (mut bridge, url) = self.bridge(node).await?;
+        let request = pb::DeregisterRequest { id: id.to_owned() };
+        let answer = bridge
+            .deregister(request)
+            .await
+            .map_err(|s| bridge_error(node, &url, &s))?;
+        let queued = answer.into_inner().queued;
+        tracing::info!(node, id, queued, "deregistered through the node's bridge");
+        Ok(RegisterResult { queued })
+    }
+
+    // --- helpers ---
+
+    /// The node and service names in Consul's catalog.
+    async fn catalog(&self) -> Result<Catalog, ControlError> {
+        let (nodes, services) = tokio::try_join!(
+            self.consul.catalog_nodes(QueryOptions::default()),
+            self.consul.catalog_services(QueryOptions::default()),
+        )?;
+        Ok(Catalog {
+            nodes: nodes.value.into_iter().map(|n| n.node).collect(),
+            services: services.value.into_keys().collect(),
+        })
+    }
+
+    /// The node's address, or NotFound when it is not in the catalog.
+    async fn require_node(&self, node: &str) -> Result<String, ControlError> {
+        let nodes = self.consul.catalog_nodes(QueryOptions::default()).await?;
+        nodes
+            .value
+            .into_iter()
+            .find(|n| n.node == node)
+            .map(|n| n.address)
+            .ok_or_else(|| unknown_node(node))
+    }
+
+    /// A Registry client of `node`'s bridge, and its URL.
+    async fn bridge(
+        &self,
+        node: &str,
+    ) -> Result<(RegistryClient<tonic::transport::Channel>, String), ControlError> {
+        let address = self.require_node(node).await?;
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address
+        };
+        let url = format!("http://{host}:{}", self.bridge_port);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| ControlError::Internal(format!("bridge address {url}: {e}")))?
+            .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
+            .timeout(BRIDGE_CALL_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| {
+            ControlError::Unavailable(format!(
+                "node {node}'s bridge at {url} is unreachable: {}",
+                error_chain(&e)
+            ))
+        })?;
+        Ok((RegistryClient::new(channel), url))
+    }
+
+    /// nginx.conf for `version` and for `previous`, and their diff.
+    async fn render_nginx(
+        &self,
+        version: &Version,
+        previous: Option<&Version>,
+        upstreams: Upstreams,
+    ) -> Result<(String, String), ControlError> {
+        let mut instances = BTreeMap::new();
+        if upstreams == Upstreams::Static {
+            let mut names: Vec<&String> = version.routes.keys().collect();
+            if let Some(p) = previous {
+                names.extend(p.routes.keys());
+            }
+            names.sort();
+            names.dedup();
+            for name in names {
+                let entries = self
+                    .consul
+                    .health_service(name, true, QueryOptions::default())
+                    .await?;
+                instances.insert(
+                    name.clone(),
+                    entries.value.iter().map(static_instance).collect(),
+                );
+            }
+        }
+        let node = &version.node;
+        let text =
+            self.nginx
+                .render(upstreams, node, version.number, &version.routes, &instances)?;
+        let diff = match previous {
+            None => String::new(),
+            Some(p) => {
+                let old = self
+                    .nginx
+                    .render(upstreams, node, p.number, &p.routes, &instances)?;
+                diff::unified(
+                    &old,
+                    &text,
+                    &format!("{node} version {} (nginx)", p.number),
+                    &format!("{node} version {} (nginx)", version.number),
+                )
+            }
+        };
+        Ok((text, diff))
+    }
+}
+
+/// The version after `previous` with `routes`, rendered and diffed.
+fn next_version(node: &str, previous: Option<&Version>, author: String, routes: Routes) -> Version {
+    let number = previous.map_or(1, |v| v.number + 1);
+    let rendered = proxy_config(node, number, &routes);
+    let (old, old_label) = match previous {
+        Some(p) => (
+            p.rendered.as_str(),
+            format!("{node} version {} (proxy)", p.number),
+        ),
+        None => ("", "/dev/null".to_owned()),
+    };
+    let diff = diff::unified(
+        old,
+        &rendered,
+        &old_label,
+        &format!("{node} version {number} (proxy)"),
+    );
+    Version {
+        node: node.to_owned(),
+        number,
+        author,
+        created_at_ms: now_ms(),
+        routes,
+        rendered,
+        diff,
+    }
+}
+
+/// Version 0 of a node without routes: what its proxy runs before any.
+fn empty_version(node: &str) -> Version {
+    Version {
+        node: node.to_owned(),
+        number: 0,
+        author: String::new(),
+        created_at_ms: 0,
+        routes: Routes::new(),
+        rendered: proxy_config(node, 0, &Routes::new()),
+        diff: String::new(),
+    }
+}
+
+fn check_author(author: &str) -> Result<String, ControlError> {
+    let author = author.trim();
+    if author.is_empty() {
+        return Err(ControlError::invalid(
+            "author",
+            "who makes the change is required",
+        ));
+    }
+    if author.len() > MAX_AUTHOR_LEN || author.chars().any(char::is_control) {
+        return Err(ControlError::invalid(
+            "author",
+            format!("at most {MAX_AUTHOR_LEN} printable characters"),
+        ));
+    }
+    Ok(author.to_owned())
+}
+
+fn unknown_node(node: &str) -> ControlError {
+    ControlError::NotFound(format!("node {node:?} is not in Consul's catalog"))
+}
+
+fn instance_info(e: &ServiceEntry) -> InstanceInfo {
+    let checks: Vec<CheckInfo> = e
+        .checks
+        .iter()
+        .map(|c| CheckInfo {
+            id: c.check_id.clone(),
+            status: c.status.clone(),
+            output: c.output.trim().to_owned(),
+        })
+        .collect();
+    let health = ["critical", "warning"]
+        .into_iter()
+        .find(|s| checks.iter().any(|c| c.status == *s))
+        .unwrap_or("passing");
+    InstanceInfo {
+        id: e.service.id.clone(),
+        node: e.node.node.clone(),
+        address: e.address().to_owned(),
+        port: e.service.port,
+        tags: e.service.tags.clone(),
+        meta: e.service.meta.clone(),
+        health: health.to_owned(),
+        checks,
+    }
+}
+
+fn static_instance(e: &ServiceEntry) -> Instance {
+    Instance {
+        id: e.service.id.clone(),
+        address: e.address().to_owned(),
+        port: e.service.port,
+        tags: e.service.tags.clone(),
+        meta: e.service.meta.clone(),
+    }
+}
+
+/// A registration as the bridge's Registry takes it.
+pub fn to_proto(r: Registration) -> pb::ServiceRegistration {
+    pb::ServiceRegistration {
+        id: r.id,
+        name: r.name,
+        address: r.address,
+        port: r.port,
+        tags: r.tags,
+        meta: r.meta.into_iter().collect(),
+        checks: r
+            .checks
+            .into_iter()
+            .map(|c| pb::Check {
+                http: c.http,
+                tcp: c.tcp,
+                ttl: c.ttl,
+                interval: c.interval,
+                timeout: c.timeout,
+                deregister_critical_service_after: c.deregister_critical_service_after,
+            })
+            .collect(),
+    }
+}
+
+/// What a node's bridge answered, as the caller should see it.
+fn bridge_error(node: &str, url: &str, status: &tonic::Status) -> ControlError {
+    let message = status.message();
+    match status.code() {
+        tonic::Code::InvalidArgument => ControlError::invalid(
+            "service",
+            format!("node {node}'s bridge refused it: {message}"),
+        ),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            ControlError::Unavailable(format!(
+                "node {node}'s bridge at {url} did not answer: {message}"
+            ))
+        }
+        code => ControlError::Internal(format!(
+            "node {node}'s bridge at {url} answered {code:?}: {message}"
+        )),
+    }
+}
+
+/// An error with its sources, which say why (a transport error alone
+/// says only "transport error").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;

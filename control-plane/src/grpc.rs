@@ -1,0 +1,344 @@
+//! `mesh.v1.Control` over gRPC: converts messages to the model's types and
+//! back, and leaves every decision to [`Control`].
+
+use std::collections::BTreeMap;
+
+use mesh_proto::v1::{self as pb, control_server};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    control::{self, Control, RenderQuery},
+    error::ControlError,
+    model::RouteSpec,
+    render::{Format, Upstreams},
+};
+
+/// The gRPC face of [`Control`].
+#[derive(Clone, Debug)]
+pub struct ControlApi {
+    control: Control,
+}
+
+impl ControlApi {
+    /// Serves `control`.
+    pub fn new(control: Control) -> Self {
+        Self { control }
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> control_server::ControlServer<Self> {
+        control_server::ControlServer::new(self)
+    }
+
+    fn done<T, U>(
+        &self,
+        method: &'static str,
+        result: Result<T, ControlError>,
+        to_pb: impl FnOnce(T) -> U,
+    ) -> Result<Response<U>, Status> {
+        self.control
+            .counted(method, result)
+            .map(|value| Response::new(to_pb(value)))
+            .map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl control_server::Control for ControlApi {
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        let s = self.control.status();
+        self.done("GetStatus", Ok(s), |s| pb::ControlStatus {
+            replica: s.replica,
+            is_leader: s.is_leader,
+            leader: s.leader,
+            leader_grpc: s.leader_grpc,
+            leader_http: s.leader_http,
+            leader_since: s.leader_since,
+        })
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let result = self.control.nodes().await;
+        self.done("ListNodes", result, |nodes| pb::ListNodesResponse {
+            nodes: nodes.into_iter().map(node_pb).collect(),
+        })
+    }
+
+    async fn list_services(
+        &self,
+        _: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let result = self.control.services().await;
+        self.done("ListServices", result, |services| {
+            pb::ListServicesResponse {
+                services: services.into_iter().map(service_pb).collect(),
+            }
+        })
+    }
+
+    async fn get_routes(
+        &self,
+        request: Request<pb::GetRoutesRequest>,
+    ) -> Result<Response<pb::NodeRoutes>, Status> {
+        let node = request.into_inner().node;
+        let result = self.control.routes(&node).await;
+        self.done("GetRoutes", result, |r| pb::NodeRoutes {
+            node: r.node,
+            revision: r.revision,
+            version: r.version,
+            routes: routes_pb(r.routes),
+        })
+    }
+
+    async fn set_routes(
+        &self,
+        request: Request<pb::SetRoutesRequest>,
+    ) -> Result<Response<pb::SetRoutesResponse>, Status> {
+        let pb::SetRoutesRequest {
+            node,
+            routes,
+            expected_revision,
+            author,
+        } = request.into_inner();
+        let result = async {
+            let change = control::SetRoutes {
+                routes: routes_from_pb(routes)?,
+                expected_revision,
+                author,
+            };
+            self.control.set_routes(&node, change).await
+        }
+        .await;
+        self.done("SetRoutes", result, |r| pb::SetRoutesResponse {
+            version: Some(version_pb(r.version)),
+            revision: r.revision,
+        })
+    }
+
+    async fn list_versions(
+        &self,
+        request: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        let node = request.into_inner().node;
+        let result = self.control.versions(&node).await;
+        self.done("ListVersions", result, |versions| {
+            pb::ListVersionsResponse {
+                versions: versions
+                    .into_iter()
+                    .map(|v| pb::VersionSummary {
+                        number: v.number,
+                        author: v.author,
+                        created_at: v.created_at,
+                        routes: v.routes,
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    async fn get_version(
+        &self,
+        request: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::ConfigVersion>, Status> {
+        let request = request.into_inner();
+        let result = self.control.version(&request.node, request.number).await;
+        self.done("GetVersion", result, version_pb)
+    }
+
+    async fn render(
+        &self,
+        request: Request<pb::RenderRequest>,
+    ) -> Result<Response<pb::RenderResponse>, Status> {
+        let request = request.into_inner();
+        let result = async {
+            let query = RenderQuery {
+                format: request
+                    .format
+                    .parse::<Format>()
+                    .map_err(|m| ControlError::invalid("format", m))?,
+                version: request.version,
+                upstreams: match request.upstreams.trim() {
+                    "" => None,
+                    text => Some(
+                        text.parse::<Upstreams>()
+                            .map_err(|m| ControlError::invalid("upstreams", m))?,
+                    ),
+                },
+            };
+            self.control.render(&request.node, query).await
+        }
+        .await;
+        self.done("Render", result, |r| pb::RenderResponse {
+            node: r.node,
+            version: r.version,
+            format: r.format.to_string(),
+            text: r.text,
+            diff: r.diff,
+        })
+    }
+
+    async fn register(
+        &self,
+        request: Request<pb::ControlRegisterRequest>,
+    ) -> Result<Response<pb::ControlRegisterResponse>, Status> {
+        let pb::ControlRegisterRequest { node, service } = request.into_inner();
+        let result = async {
+            let service = service.ok_or_else(|| {
+                ControlError::invalid("service", "the instance to register is required")
+            })?;
+            self.control
+                .register(&node, registration_from_pb(service))
+                .await
+        }
+        .await;
+        self.done("Register", result, |r| pb::ControlRegisterResponse {
+            queued: r.queued,
+        })
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::ControlDeregisterRequest>,
+    ) -> Result<Response<pb::ControlDeregisterResponse>, Status> {
+        let request = request.into_inner();
+        let result = self.control.deregister(&request.node, &request.id).await;
+        self.done("Deregister", result, |r| pb::ControlDeregisterResponse {
+            queued: r.queued,
+        })
+    }
+}
+
+// === conversions ===
+
+fn node_pb(n: control::NodeInfo) -> pb::NodeInfo {
+    pb::NodeInfo {
+        name: n.name,
+        address: n.address,
+        datacenter: n.datacenter,
+        routes_version: n.routes_version,
+        proxy: Some(pb::ProxyStatus {
+            state: n.proxy.state,
+            version_in_effect: n.proxy.version_in_effect,
+            last_seen: n.proxy.last_seen,
+        }),
+    }
+}
+
+fn service_pb(s: control::ServiceInfo) -> pb::ServiceInfo {
+    pb::ServiceInfo {
+        name: s.name,
+        tags: s.tags,
+        instances: s
+            .instances
+            .into_iter()
+            .map(|i| pb::InstanceInfo {
+                id: i.id,
+                node: i.node,
+                address: i.address,
+                port: i.port,
+                tags: i.tags,
+                meta: i.meta.into_iter().collect(),
+                health: i.health,
+                checks: i
+                    .checks
+                    .into_iter()
+                    .map(|c| pb::CheckInfo {
+                        id: c.id,
+                        status: c.status,
+                        output: c.output,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn version_pb(v: control::VersionView) -> pb::ConfigVersion {
+    pb::ConfigVersion {
+        node: v.node,
+        number: v.number,
+        author: v.author,
+        created_at: v.created_at,
+        routes: routes_pb(v.routes),
+        rendered: v.rendered,
+        diff: v.diff,
+    }
+}
+
+/// Routes by name as `Route` messages (empty strings for unset keys).
+pub fn routes_pb(routes: BTreeMap<String, RouteSpec>) -> Vec<pb::Route> {
+    routes
+        .into_iter()
+        .map(|(service, spec)| pb::Route {
+            service,
+            timeout: spec.timeout.unwrap_or_default(),
+            per_try_timeout: spec.per_try_timeout.unwrap_or_default(),
+            retries: spec.retries.and_then(|n| u32::try_from(n).ok()),
+            lb: spec.lb.unwrap_or_default(),
+            weights: spec
+                .weights
+                .into_iter()
+                .filter_map(|(k, w)| Some((k, u32::try_from(w).ok()?)))
+                .collect(),
+            hash_header: spec.hash_header.unwrap_or_default(),
+            hash_cookie: spec.hash_cookie.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// `Route` messages as routes by name; a service given twice is refused.
+pub fn routes_from_pb(routes: Vec<pb::Route>) -> Result<BTreeMap<String, RouteSpec>, ControlError> {
+    let mut out = BTreeMap::new();
+    for (k, r) in routes.into_iter().enumerate() {
+        let some = |s: String| Some(s).filter(|s| !s.trim().is_empty());
+        let spec = RouteSpec {
+            timeout: some(r.timeout),
+            per_try_timeout: some(r.per_try_timeout),
+            retries: r.retries.map(i64::from),
+            lb: some(r.lb),
+            weights: r
+                .weights
+                .into_iter()
+                .map(|(k, w)| (k, i64::from(w)))
+                .collect(),
+            hash_header: some(r.hash_header),
+            hash_cookie: some(r.hash_cookie),
+        };
+        if out.insert(r.service.clone(), spec).is_some() {
+            return Err(ControlError::invalid(
+                format!("routes[{k}].service"),
+                format!("{:?} is given twice", r.service),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn registration_from_pb(s: pb::ServiceRegistration) -> control::Registration {
+    control::Registration {
+        id: s.id,
+        name: s.name,
+        address: s.address,
+        port: s.port,
+        tags: s.tags,
+        meta: s.meta.into_iter().collect(),
+        checks: s
+            .checks
+            .into_iter()
+            .map(|c| control::Check {
+                http: c.http,
+                tcp: c.tcp,
+                ttl: c.ttl,
+                interval: c.interval,
+                timeout: c.timeout,
+                deregister_critical_service_after: c.deregister_critical_service_after,
+            })
+            .collect(),
+    }
+}

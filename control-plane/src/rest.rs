@@ -1,0 +1,149 @@
+//! The JSON REST mirror of `mesh.v1.Control`, on the HTTP listener:
+//!
+//! | method and path | call |
+//! |---|---|
+//! | `GET /v1/status` | GetStatus |
+//! | `GET /v1/nodes` | ListNodes |
+//! | `GET /v1/services` | ListServices |
+//! | `GET /v1/nodes/{node}/routes` | GetRoutes |
+//! | `PUT /v1/nodes/{node}/routes` | SetRoutes (body: `routes`, `expected_revision`, `author`) |
+//! | `GET /v1/nodes/{node}/versions` | ListVersions |
+//! | `GET /v1/nodes/{node}/versions/{number}` | GetVersion |
+//! | `GET /v1/nodes/{node}/render?format=proxy\|nginx[&version=N][&upstreams=upsync\|static]` | Render |
+//! | `PUT /v1/nodes/{node}/register` | Register (body: the instance) |
+//! | `PUT /v1/nodes/{node}/deregister/{id}` | Deregister |
+//!
+//! Errors are JSON `{"error", "kind", …}` with the status of
+//! [`ControlError::http_status`]: 400 naming the field, 404, 409 naming the
+//! key and revision, 422, 503.
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
+    response::{IntoResponse, Response},
+    routing::{get, put},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    control::{Control, Registration, RenderQuery, SetRoutes},
+    error::ControlError,
+};
+
+/// The REST routes over `control`.
+pub fn router(control: Control) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/services", get(services))
+        .route("/v1/nodes/{node}/routes", get(get_routes).put(set_routes))
+        .route("/v1/nodes/{node}/versions", get(versions))
+        .route("/v1/nodes/{node}/versions/{number}", get(version))
+        .route("/v1/nodes/{node}/render", get(render))
+        .route("/v1/nodes/{node}/register", put(register))
+        .route("/v1/nodes/{node}/deregister/{id}", put(deregister))
+        .with_state(control)
+}
+
+/// A counted result as a JSON answer.
+fn answer<T: Serialize>(
+    control: &Control,
+    method: &'static str,
+    result: Result<T, ControlError>,
+) -> Response {
+    match control.counted(method, result) {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A JSON body, whatever its content type says (`curl -d` sends a form
+/// type); a bad one names the place and the problem.
+fn body<T: DeserializeOwned>(field: &str, bytes: &Bytes) -> Result<T, ControlError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ControlError::invalid(field, format!("invalid JSON: {e}")))
+}
+
+async fn status(State(control): State<Control>) -> Response {
+    let status = control.status();
+    answer(&control, "GetStatus", Ok(status))
+}
+
+async fn nodes(State(control): State<Control>) -> Response {
+    let result = control.nodes().await;
+    answer(&control, "ListNodes", result)
+}
+
+async fn services(State(control): State<Control>) -> Response {
+    let result = control.services().await;
+    answer(&control, "ListServices", result)
+}
+
+async fn get_routes(State(control): State<Control>, Path(node): Path<String>) -> Response {
+    let result = control.routes(&node).await;
+    answer(&control, "GetRoutes", result)
+}
+
+async fn set_routes(
+    State(control): State<Control>,
+    Path(node): Path<String>,
+    change: Bytes,
+) -> Response {
+    let result = match body::<SetRoutes>("body", &change) {
+        Ok(change) => control.set_routes(&node, change).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "SetRoutes", result)
+}
+
+async fn versions(State(control): State<Control>, Path(node): Path<String>) -> Response {
+    let result = control.versions(&node).await;
+    answer(&control, "ListVersions", result)
+}
+
+async fn version(
+    State(control): State<Control>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+) -> Response {
+    let result = match path {
+        Ok(Path((node, number))) => control.version(&node, number).await,
+        Err(e) => Err(ControlError::invalid("number", e.body_text())),
+    };
+    answer(&control, "GetVersion", result)
+}
+
+async fn render(
+    State(control): State<Control>,
+    Path(node): Path<String>,
+    query: Result<Query<RenderQuery>, QueryRejection>,
+) -> Response {
+    let result = match query {
+        Ok(Query(query)) => control.render(&node, query).await,
+        Err(e) => Err(ControlError::invalid("query", e.body_text())),
+    };
+    answer(&control, "Render", result)
+}
+
+async fn register(
+    State(control): State<Control>,
+    Path(node): Path<String>,
+    registration: Bytes,
+) -> Response {
+    let result = match body::<Registration>("service", &registration) {
+        Ok(registration) => control.register(&node, registration).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "Register", result)
+}
+
+async fn deregister(
+    State(control): State<Control>,
+    Path((node, id)): Path<(String, String)>,
+) -> Response {
+    let result = control.deregister(&node, &id).await;
+    answer(&control, "Deregister", result)
+}

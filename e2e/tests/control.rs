@@ -1,0 +1,551 @@
+//! mesh-control on a real 3-server Consul cluster: two replicas on two
+//! nodes, one leader; two replicas changing one node's routes at once:
+//! one wins, the other gets a conflict naming the revision, the loser's
+//! retry lands and no version is lost; bad input is refused by name with
+//! nothing stored; registrations through mesh-control reach the node's
+//! bridge and Consul's catalog; the proxy config `meshctl render` prints is
+//! one mesh-proxy runs with (issue 4, first slice).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use mesh_e2e::{
+    HttpClient, Mesh, MeshOptions, Node, bins, eventually,
+    node::{BRIDGE_ADMIN_PORT, Instance, PROXY_ADMIN_PORT, PROXY_PORT},
+    process::Process,
+};
+use serde_json::{Value, json};
+
+/// mesh-control's ports (inside each node's namespace).
+const CONTROL_GRPC: u16 = 8892;
+const CONTROL_HTTP: u16 = 8893;
+
+/// How long a change in Consul may take to show where nothing is measured.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// A Consul cluster with two nodes, each with a bridge other nodes can
+/// reach (`0.0.0.0:8890`) and a mesh-control replica (`c1` on n1, `c2` on n2).
+async fn control_mesh() -> Result<Mesh> {
+    let mut mesh = Mesh::start(MeshOptions::consul_only(2)).await?;
+    let bridge = bins::workspace_bin("mesh-bridge")?;
+    let control = bins::workspace_bin("mesh-control")?;
+    let dir = mesh.dir().to_path_buf();
+    for (k, node) in mesh.nodes.iter_mut().enumerate() {
+        let data = node.proxy_data_dir().with_file_name("bridge");
+        node.bridge = Process::new(
+            format!("{}/bridge", node.name),
+            &node.ns,
+            &bridge,
+            [
+                "--node",
+                &node.name,
+                "--consul-addr",
+                "http://127.0.0.1:8500",
+                "--grpc-listen",
+                "0.0.0.0:8890",
+                "--admin-listen",
+                &format!("127.0.0.1:{BRIDGE_ADMIN_PORT}"),
+                "--data-dir",
+                &data.display().to_string(),
+            ],
+            dir.join(format!("{}-bridge.log", node.name)),
+        );
+        node.bridge.start()?;
+        node.wait_bridge_live(CONVERGE).await?;
+        let replica = format!("c{}", k + 1);
+        let mut process = Process::new(
+            format!("{}/mesh-control", node.name),
+            &node.ns,
+            &control,
+            [
+                "--replica",
+                &replica,
+                "--consul-addr",
+                "http://127.0.0.1:8500",
+                "--grpc-listen",
+                &format!("127.0.0.1:{CONTROL_GRPC}"),
+                "--http-listen",
+                &format!("127.0.0.1:{CONTROL_HTTP}"),
+            ],
+            dir.join(format!("{}-mesh-control.log", node.name)),
+        );
+        process.start()?;
+        // Kept with the node's processes: its log is printed when a test
+        // fails, and it is stopped with the mesh.
+        node.instances.insert(
+            "mesh-control".into(),
+            Instance {
+                service: "mesh-control".into(),
+                id: replica,
+                addr: SocketAddr::from((node.ip(), CONTROL_GRPC)),
+                process,
+            },
+        );
+    }
+    for node in &mesh.nodes {
+        eventually(
+            &format!("{}'s mesh-control is ready", node.name),
+            CONVERGE,
+            || async {
+                let resp = rest(node).get("/ready").await?;
+                if resp.status != 200 {
+                    bail!("{} {}", resp.status, resp.text());
+                }
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    Ok(mesh)
+}
+
+/// A client of the mesh-control replica on `node`.
+fn rest(node: &Node) -> HttpClient {
+    node.local_client(CONTROL_HTTP)
+}
+
+/// `method path` with a JSON body on `node`'s replica: status and JSON answer.
+async fn call(
+    node: &Node,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = rest(node)
+        .request(
+            method,
+            path,
+            &[("content-type", "application/json")],
+            body.into(),
+        )
+        .await?;
+    let json = resp
+        .json()
+        .with_context(|| format!("{path} answered {} {}", resp.status, resp.text()))?;
+    Ok((resp.status.as_u16(), json))
+}
+
+/// Runs `meshctl args…` inside `node` (gRPC to its replica): exit code,
+/// stdout, stderr.
+async fn meshctl(node: &Node, args: &[&str]) -> Result<(i32, String, String)> {
+    let meshctl = bins::workspace_bin("meshctl")?;
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", node.ns.name()])
+        .arg(&meshctl)
+        .args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MESH_") {
+            cmd.env_remove(key);
+        }
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .context("meshctl took over 60 s")??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Waits until both replicas name the same leader and exactly one says it
+/// is that leader; returns the leader's name.
+async fn one_leader(mesh: &Mesh) -> Result<String> {
+    eventually("the replicas agree on one leader", CONVERGE, || async {
+        let mut leaders = Vec::new();
+        let mut leading = 0;
+        for node in &mesh.nodes {
+            let (_, status) = call(node, hyper::Method::GET, "/v1/status", None).await?;
+            leaders.push(status["leader"].as_str().unwrap_or_default().to_owned());
+            leading += usize::from(status["is_leader"] == true);
+        }
+        if leaders[0].is_empty() || leaders.iter().any(|l| *l != leaders[0]) || leading != 1 {
+            bail!("leaders {leaders:?}, {leading} say they lead");
+        }
+        Ok(leaders[0].clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_leader_and_concurrent_route_changes_never_overwrite_each_other() {
+    let mesh = control_mesh().await.unwrap();
+    let leader = one_leader(&mesh).await.unwrap();
+    assert!(["c1", "c2"].contains(&leader.as_str()), "{leader}");
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    let ready = rest(n2).get("/ready").await.unwrap();
+    assert!(
+        ready.text().contains(&format!("leader: {leader}")),
+        "{}",
+        ready.text()
+    );
+
+    // Services to route to, registered through mesh-control.
+    for (via, node, name, id, port) in [
+        (n2, "n1", "web", "web-1", 9100),
+        (n1, "n2", "api", "api-1", 9200),
+    ] {
+        let address = if node == "n1" { n1.ip() } else { n2.ip() };
+        let (status, answer) = call(
+            via,
+            hyper::Method::PUT,
+            &format!("/v1/nodes/{node}/register"),
+            Some(json!({"name": name, "id": id, "address": address.to_string(), "port": port})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "register {id} on {node}: {answer}");
+        wait_in_catalog(&mesh, name, id).await.unwrap();
+    }
+
+    // Both replicas read revision 0 and change n1's routes at once.
+    let path = "/v1/nodes/n1/routes";
+    for node in [n1, n2] {
+        let (_, routes) = call(node, hyper::Method::GET, path, None).await.unwrap();
+        assert_eq!(routes["revision"], 0, "{routes}");
+    }
+    let change = |author: &str, service: &str| json!({"routes": {service: {"timeout": "2s", "retries": 1}}, "expected_revision": 0, "author": author});
+    let (a, b) = tokio::join!(
+        call(n1, hyper::Method::PUT, path, Some(change("alice", "web"))),
+        call(n2, hyper::Method::PUT, path, Some(change("bob", "api"))),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (won, lost, loser_node, loser, loser_service) = match (a.0, b.0) {
+        (200, 409) => (a.1, b.1, n2, "bob", "api"),
+        (409, 200) => (b.1, a.1, n1, "alice", "web"),
+        _ => panic!("not one winner and one conflict: {a:?} {b:?}"),
+    };
+    assert_eq!(won["version"]["number"], 1, "{won}");
+    assert_eq!(lost["kind"], "conflict", "{lost}");
+    assert_eq!(lost["key"], "mesh/nodes/n1/routes", "{lost}");
+    assert_eq!(lost["expected_revision"], 0, "{lost}");
+    assert_eq!(lost["revision"], won["revision"], "{lost}");
+    let error = lost["error"].as_str().unwrap_or_default();
+    assert!(error.contains("based on revision 0"), "{error}");
+
+    // The loser reads again and retries: its change lands as version 2.
+    let (_, current) = call(loser_node, hyper::Method::GET, path, None)
+        .await
+        .unwrap();
+    let retry = json!({"routes": {"web": {"timeout": "2s"}, loser_service: {"timeout": "3s"}},
+                       "expected_revision": current["revision"], "author": loser});
+    let (status, stored) = call(loser_node, hyper::Method::PUT, path, Some(retry))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(stored["version"]["number"], 2, "{stored}");
+    let (_, versions) = call(n1, hyper::Method::GET, "/v1/nodes/n1/versions", None)
+        .await
+        .unwrap();
+    let listed: Vec<(u64, String)> = versions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            (
+                v["number"].as_u64().unwrap_or(0),
+                v["author"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let winner = if loser == "bob" { "alice" } else { "bob" };
+    assert_eq!(
+        listed,
+        [(2, loser.to_owned()), (1, winner.to_owned())],
+        "{versions}"
+    );
+    let revision = stored["revision"].as_u64().unwrap();
+
+    // Bad input: refused naming the field, nothing stored.
+    for (what, node_path, body, status, words) in [
+        (
+            "unknown node",
+            "/v1/nodes/n9/routes",
+            json!({"routes": {"web": {}}, "expected_revision": revision, "author": "t"}),
+            404,
+            "node \"n9\" is not in Consul's catalog",
+        ),
+        (
+            "unknown service",
+            path,
+            json!({"routes": {"payments": {}}, "expected_revision": revision, "author": "t"}),
+            400,
+            "routes.payments: service \"payments\" is not in Consul's catalog",
+        ),
+        (
+            "negative timeout",
+            path,
+            json!({"routes": {"web": {"timeout": "-1s"}}, "expected_revision": revision, "author": "t"}),
+            400,
+            "routes.web.timeout: \"-1s\" is negative",
+        ),
+        (
+            "weights",
+            path,
+            json!({"routes": {"web": {"weights": {"v1": 60, "v2": 60}}}, "expected_revision": revision, "author": "t"}),
+            400,
+            "routes.web.weights: the weights add up to 120, not 100",
+        ),
+        (
+            "unknown lb",
+            path,
+            json!({"routes": {"web": {"lb": "fastest"}}, "expected_revision": revision, "author": "t"}),
+            400,
+            "routes.web.lb: unknown load-balancing algorithm",
+        ),
+        (
+            "retries",
+            path,
+            json!({"routes": {"web": {"retries": 11}}, "expected_revision": revision, "author": "t"}),
+            400,
+            "routes.web.retries: 11 is more than the most allowed, 10",
+        ),
+    ] {
+        let (code, answer) = call(n2, hyper::Method::PUT, node_path, Some(body))
+            .await
+            .unwrap();
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            code == status && error.contains(words),
+            "{what}: {code} {answer}"
+        );
+    }
+    let dir = mesh.dir().join("routes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let malformed = write(&dir, "malformed.toml", "[routes.web]\ntimeout = 2s\n");
+    let (code, _, err) = meshctl(n1, &["routes", "set", "n1", "-f", &malformed])
+        .await
+        .unwrap();
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("malformed.toml: line 2 (timeout = 2s)"),
+        "{err}"
+    );
+    // Through gRPC, a change on a stale revision: exit 75, the conflict named.
+    let good = write(&dir, "good.toml", "[routes.web]\ntimeout = \"5s\"\n");
+    let stale = (revision - 1).to_string();
+    let (code, _, err) = meshctl(
+        n2,
+        &[
+            "routes",
+            "set",
+            "n1",
+            "-f",
+            &good,
+            "--expect-revision",
+            &stale,
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 75, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: conflict on mesh/nodes/n1/routes: the change was based on revision {stale}"
+        )),
+        "{err}"
+    );
+    let (_, after) = call(n1, hyper::Method::GET, path, None).await.unwrap();
+    assert_eq!(after["revision"], revision, "nothing stored: {after}");
+    assert_eq!(after["version"], 2, "{after}");
+    let (_, versions) = call(n2, hyper::Method::GET, "/v1/nodes/n1/versions", None)
+        .await
+        .unwrap();
+    assert_eq!(versions.as_array().map(Vec::len), Some(2), "{versions}");
+    mesh.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_through_mesh_control_lands_in_the_catalog_and_the_rendered_config_runs_mesh_proxy()
+ {
+    let mut mesh = control_mesh().await.unwrap();
+    one_leader(&mesh).await.unwrap();
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    // meshctl on n1 (gRPC to c1) registers on n2 through n2's bridge.
+    let n2_ip = n2.ip().to_string();
+    let (code, out, err) = meshctl(
+        n1,
+        &[
+            "register",
+            "n2",
+            "--name",
+            "api",
+            "--id",
+            "api-1",
+            "--address",
+            &n2_ip,
+            "--port",
+            "9200",
+            "--tag",
+            "v1",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "n2: registered api-1\n");
+    wait_in_catalog(&mesh, "api", "api-1").await.unwrap();
+    let agent = n2.consul_get("/v1/agent/service/api-1").await.unwrap();
+    assert_eq!(
+        agent.status,
+        200,
+        "api-1 is on n2's own agent: {}",
+        agent.text()
+    );
+
+    // Unknown node, and a node whose bridge is away: one line naming it.
+    let (code, _, err) = meshctl(n1, &["register", "n9", "--name", "api", "--port", "9200"])
+        .await
+        .unwrap();
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("node \"n9\" is not in Consul's catalog"),
+        "{err}"
+    );
+    mesh.nodes[1].bridge.stop().await.unwrap();
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    let (code, _, err) = meshctl(
+        n1,
+        &[
+            "register", "n2", "--name", "api", "--id", "api-2", "--port", "9201",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 69, "{err}");
+    assert!(
+        err.contains(&format!(
+            "node n2's bridge at http://{}:8890 is unreachable",
+            n2.ip()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Routes for n1, rendered by meshctl, run mesh-proxy on n1.
+    let dir = mesh.dir().join("render");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = write(
+        &dir,
+        "routes.toml",
+        "[routes.api]\ntimeout = \"2s\"\nper_try_timeout = \"500ms\"\nretries = 3\nlb = \"round-robin\"\nweights = { v1 = 100 }\n",
+    );
+    let (code, out, err) = meshctl(n1, &["routes", "set", "n1", "-f", &file, "--author", "e2e"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, rendered, err) = meshctl(n1, &["render", "--node", "n1", "--format", "proxy"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        rendered.contains("services = [\"api\"]") && rendered.contains("[routes.api]"),
+        "{rendered}"
+    );
+    let config = write(&dir, "proxy.toml", &rendered);
+    let proxy_data = mesh.nodes[0].proxy_data_dir();
+    let proxy = bins::workspace_bin("mesh-proxy").unwrap();
+    let log = mesh.dir().join("n1-proxy.log");
+    let n1 = &mut mesh.nodes[0];
+    n1.proxy = Process::new(
+        "n1/proxy",
+        &n1.ns,
+        &proxy,
+        [
+            "--config".to_owned(),
+            config,
+            "--node".into(),
+            "n1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{PROXY_PORT}"),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
+            "--bridge-addr".into(),
+            "http://127.0.0.1:8890".into(),
+            "--data-dir".into(),
+            proxy_data.display().to_string(),
+        ],
+        log,
+    );
+    n1.proxy.start().unwrap();
+    n1.wait_proxy_live(CONVERGE).await.unwrap();
+    let n1 = &mesh.nodes[0];
+    eventually(
+        "n1's proxy routes api from its rendered config",
+        CONVERGE,
+        || async {
+            let routes = n1.routes().await?;
+            let api = routes["services"]["api"]
+                .as_array()
+                .ok_or_else(|| anyhow!("no api in {routes}"))?;
+            if !api.iter().any(|e| e["id"] == "api-1") {
+                bail!("api: {api:?}");
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // nginx for the same routes: upstream, location and upsync directives.
+    let (code, nginx, err) = meshctl(n1, &["render", "--node", "n1", "--format", "nginx"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(nginx.contains("upstream api {"), "{nginx}");
+    assert!(
+        nginx.contains("location /api/ {\n            proxy_pass http://api/;"),
+        "{nginx}"
+    );
+    assert!(
+        nginx.contains("upsync 127.0.0.1:8500/v1/catalog/service/api upsync_timeout=6m"),
+        "{nginx}"
+    );
+    let (code, nginx, _) = meshctl(
+        n1,
+        &[
+            "render",
+            "--node",
+            "n1",
+            "--format",
+            "nginx",
+            "--upstreams",
+            "static",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        nginx.contains(&format!("server {n2_ip}:9200 weight=10000 ")),
+        "{nginx}"
+    );
+    mesh.finish();
+}
+
+/// Waits until Consul's catalog has instance `id` of `service`.
+async fn wait_in_catalog(mesh: &Mesh, service: &str, id: &str) -> Result<()> {
+    eventually(
+        &format!("{id} is in Consul's catalog"),
+        CONVERGE,
+        || async {
+            let ids = mesh.catalog_instances(service).await?;
+            if !ids.iter().any(|i| i == id) {
+                bail!("{service}: {ids:?}");
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path: PathBuf = dir.join(name);
+    std::fs::write(&path, text).expect("the test's temp dir is writable");
+    path.display().to_string()
+}
