@@ -53,7 +53,7 @@ pub enum ProxyError {
         service: Arc<str>,
         /// The failure.
         #[source]
-        source: hyper::Error,
+        source: crate::h1::BoxError,
         /// Whether the request had been sent, so may have been acted upon.
         sent: bool,
     },

@@ -157,7 +157,7 @@ pub enum Refusal {
         id: String,
         /// Why.
         #[source]
-        source: hyper::Error,
+        source: crate::h1::BoxError,
     },
 }
 
@@ -243,7 +243,7 @@ impl Inbound {
         let req = prepare(req)?;
         let protocol = Protocol::choose(req.headers(), target.chosen, target.protocol);
         let in_flight = target.upstream.start();
-        let mut lease = target
+        let lease = target
             .upstream
             .checkout(protocol, self.connect_timeout)
             .await
@@ -257,14 +257,14 @@ impl Inbound {
         // this future and the instance's request with it.
         let response = lease
             .sender
-            .try_send_request(req)
+            .send(req, in_flight)
             .await
             .map_err(|e| Refusal::Upstream {
                 service: target.service.to_string(),
                 id: target.id.clone(),
-                source: e.into_error(),
+                source: e.error,
             })?;
-        let mut response = crate::proxy::respond(response, lease.sender, in_flight);
+        let mut response = crate::proxy::respond(response);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(self.tunnels.open(&target.service, upgrade, response));
         }
@@ -323,7 +323,7 @@ pub fn resolve(table: &RoutingTable, node: &str, headers: &HeaderMap) -> Result<
 
 /// The request as the instance gets it: the hop's headers and hop-by-hop
 /// headers gone, an origin-form URI with a `Host` header, HTTP/1.1 (see
-/// `upstream::Sender::try_send_request`). `X-Forwarded-For` stays as the
+/// `upstream::Sender::send`). `X-Forwarded-For` stays as the
 /// calling proxy set it: the hop between proxies is not the caller's.
 fn prepare(req: Request<Incoming>) -> Result<Request<UpstreamBody>, Refusal> {
     let (mut parts, body) = req.into_parts();

@@ -38,6 +38,7 @@ pub mod config;
 pub mod discovery;
 pub mod dump;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod inbound;
 pub mod limits;

@@ -298,7 +298,7 @@ impl Proxy {
             parts.uri = uri;
         }
         // HTTP/1.1 whatever the client spoke, also towards an HTTP/2
-        // instance: see `upstream::Sender::try_send_request`.
+        // instance: see `upstream::Sender::send`.
         parts.version = Version::HTTP_11;
         let retryable = policy.retries > 0
             && (retry::is_idempotent(&parts.method) || policy.retry_non_idempotent);
@@ -476,7 +476,7 @@ impl Proxy {
             None => upstream.checkout(protocol, self.connect_timeout).await,
         };
         drop(pending);
-        let mut lease = match checkout {
+        let lease = match checkout {
             Ok(lease) => lease,
             Err(source) => {
                 service.metrics.connect_errors.increment(1);
@@ -507,7 +507,7 @@ impl Proxy {
         if let Some(peer) = &hop {
             peer.mark(req.headers_mut(), service.name(), endpoint, protocol);
         }
-        match lease.sender.try_send_request(req).await {
+        match lease.sender.send(req, in_flight).await {
             Ok(response) => match hop
                 .as_ref()
                 .and_then(|peer| peer.refused(&response, service.name()))
@@ -516,16 +516,16 @@ impl Proxy {
                     error,
                     stale: false,
                 },
-                None => Attempt::Answered(respond(response, lease.sender, in_flight)),
+                None => Attempt::Answered(respond(response)),
             },
-            Err(mut e) => {
+            Err(e) => {
                 service.metrics.send_errors.increment(1);
-                let mut unsent = e.take_message();
+                let mut unsent = e.unsent;
                 if let (Some(req), Some(_)) = (unsent.as_mut(), &hop) {
                     peer::unmark(req.headers_mut());
                 }
                 let sent = unsent.is_none();
-                let source = e.into_error();
+                let source = e.error;
                 tracing::debug!(service = %service.name(), host = upstream.host(), port = upstream.port(), reused = lease.reused, sent, error = %source, "instance failed before answering");
                 let error = ProxyError::Upstream {
                     service: service.name().clone(),
@@ -647,20 +647,13 @@ fn hold(mut response: Response<ProxyBody>, permit: Permit) -> Response<ProxyBody
 /// holding the connection until read to the end. A 101 holds nothing: its
 /// connection now belongs to the tunnel (its upgrade travels in the
 /// response's extensions), and the request is over.
-pub(crate) fn respond(
-    response: Response<Incoming>,
-    sender: crate::upstream::Sender,
-    in_flight: crate::upstream::InFlight,
-) -> Response<ProxyBody> {
+pub(crate) fn respond(response: Response<PooledBody>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_response_hop_by_hop(parts.status, &mut parts.headers);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    Response::from_parts(
-        parts,
-        ProxyBody::Upstream(PooledBody::new(body, sender, in_flight)),
-    )
+    Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
 // === impl Replay ===

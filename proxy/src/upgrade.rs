@@ -4,8 +4,9 @@
 //! The proxy forwards an upgrade request with its `Connection: upgrade` and
 //! `Upgrade` headers over HTTP/1.1 and waits for the answer. On `101
 //! Switching Protocols` it relays the 101 to the client and, once both
-//! sides have switched (`hyper::upgrade::on` on the client's request and
-//! on the instance's response), copies bytes both ways until one side
+//! sides have switched (`hyper::upgrade::on` on the client's request; the
+//! instance's socket comes with its response, [`crate::h1::Upgraded`]),
+//! copies bytes both ways until one side
 //! closes. Any other answer ends the upgrade: it is relayed as a normal
 //! response and the client's connection stays plain HTTP.
 //!
@@ -14,15 +15,17 @@
 
 use std::{mem, sync::Mutex, time::Duration};
 
+use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::task::JoinSet;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::Instrument;
 
-use crate::{body::ProxyBody, error::json_error};
+use crate::{body::ProxyBody, error::json_error, h1::Upgraded};
 
-/// Time both sides get to complete their switch after the 101.
+/// Time the client's side gets to complete its switch after the 101.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The open tunnels, each a task copying bytes.
@@ -56,13 +59,24 @@ impl Tunnels {
                 Some(service),
             );
         };
-        let upstream = hyper::upgrade::on(&mut response);
+        let Some((upstream, early)) = response
+            .extensions_mut()
+            .remove::<Upgraded>()
+            .and_then(|u| u.take())
+        else {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                &format!(
+                    "an instance of {service:?} switched protocols over a connection that cannot be tunnelled"
+                ),
+                Some(service),
+            );
+        };
         let span = tracing::debug_span!("tunnel", service);
         let tunnel = async move {
-            match tokio::time::timeout(SWITCH_TIMEOUT, async { tokio::try_join!(client, upstream) })
-                .await
-            {
-                Ok(Ok((client, upstream))) => copy(client, upstream).await,
+            match tokio::time::timeout(SWITCH_TIMEOUT, client).await {
+                Ok(Ok(client)) => copy(client, upstream, early).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "upgrade failed"),
                 Err(_) => tracing::debug!("upgrade did not complete in time"),
             }
@@ -104,8 +118,16 @@ impl Tunnels {
     }
 }
 
-async fn copy(client: hyper::upgrade::Upgraded, upstream: hyper::upgrade::Upgraded) {
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+/// Copies bytes both ways; `early`, what the instance sent right after
+/// its 101, goes to the client first.
+async fn copy(client: hyper::upgrade::Upgraded, mut upstream: TcpStream, early: Bytes) {
+    let mut client = TokioIo::new(client);
+    if !early.is_empty()
+        && let Err(e) = client.write_all(&early).await
+    {
+        tracing::debug!(error = %e, "tunnel ended with an error");
+        return;
+    }
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
         Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),

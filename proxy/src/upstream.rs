@@ -6,12 +6,13 @@
 //! table reuses the `Arc` of every instance that stays, so swapping tables
 //! neither drops warm connections nor resets the least-request counts.
 //!
-//! HTTP/1.1: a connection is checked out for one request ([`Lease`]) and
-//! goes back to the idle list when the response body has been read to the
-//! end ([`PooledBody`]); a body dropped half-read closes its connection,
-//! since HTTP/1.1 cannot reuse it. A checked-out connection that turns out
-//! to be closed is thrown away: the request was not sent, so the caller may
-//! try again elsewhere. Connections are driven with upgrades on, so that a
+//! HTTP/1.1 ([`crate::h1`], driven by the request's own task): a
+//! connection is checked out for one request ([`Lease`]) and goes back to
+//! the idle list when the response body has been read to the end
+//! ([`PooledBody`]); a body dropped half-read closes its connection, since
+//! HTTP/1.1 cannot reuse it. An idle connection the instance closed is
+//! thrown away at checkout; one that fails as the request is written gives
+//! the request back unsent, so the caller may try again elsewhere. A
 //! `101 Switching Protocols` hands the socket over to a tunnel.
 //!
 //! HTTP/2 (h2c, prior knowledge): one connection per instance carries every
@@ -38,10 +39,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::{
-    body::Incoming,
-    client::conn::{TrySendError, http1, http2},
-};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::TcpStream,
@@ -49,7 +47,12 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{body::UpstreamBody, limits::Permit, protocol::Protocol};
+use crate::{
+    body::UpstreamBody,
+    h1::{self, BoxError},
+    limits::Permit,
+    protocol::Protocol,
+};
 
 /// Idle connections kept per instance; more are closed. Enough for the
 /// concurrency of one busy caller without keeping sockets nobody uses.
@@ -72,7 +75,7 @@ const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::
 #[derive(Debug)]
 pub enum Sender {
     /// An HTTP/1.1 connection, checked out for this one request.
-    Http1(http1::SendRequest<UpstreamBody>),
+    Http1(h1::Conn),
     /// The instance's HTTP/2 connection, with the stream this request holds.
     Http2(http2::SendRequest<UpstreamBody>, OwnedSemaphorePermit),
 }
@@ -97,7 +100,7 @@ pub struct Upstream {
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -130,26 +133,63 @@ pub struct Lease {
 /// in-flight count when done.
 #[derive(Debug)]
 pub struct PooledBody {
-    inner: Incoming,
-    held: Option<(Sender, InFlight)>,
+    inner: Inner,
+    /// The request's count on the instance (and its limit counts), and
+    /// for HTTP/2 the stream it holds; released when the body ends.
+    held: Option<(InFlight, Option<OwnedSemaphorePermit>)>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Http1(h1::Body),
+    Http2(Incoming),
+}
+
+/// A send that failed.
+#[derive(Debug)]
+pub struct SendError {
+    /// The request, when it never left (it may go elsewhere).
+    pub unsent: Option<Request<UpstreamBody>>,
+    /// Why.
+    pub error: BoxError,
 }
 
 // === impl Sender ===
 
 impl Sender {
-    /// Sends `req`; on an error before the request went out, the error
-    /// gives it back (`TrySendError::take_message`).
-    pub async fn try_send_request(
-        &mut self,
+    /// Sends `req` and waits for the response head; the body holds the
+    /// connection (or stream) and `in_flight` until it ends. On an error
+    /// before the request went out, the error gives it back.
+    pub async fn send(
+        self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        in_flight: InFlight,
+    ) -> Result<Response<PooledBody>, SendError> {
         // The request stays HTTP/1.1 with an origin-form URI and its Host
         // header for HTTP/2 too: h2 then sends `:scheme http` and the Host
         // header as is, which RFC 9113 §8.3.1 allows, without building an
         // absolute URI for each request.
         match self {
-            Self::Http1(sender) => sender.try_send_request(req).await,
-            Self::Http2(sender, _) => sender.try_send_request(req).await,
+            Self::Http1(conn) => match h1::send(conn, req).await {
+                Ok(response) => Ok(response.map(|body| PooledBody {
+                    inner: Inner::Http1(body),
+                    held: Some((in_flight, None)),
+                })),
+                Err(e) => Err(SendError {
+                    unsent: e.unsent,
+                    error: e.error,
+                }),
+            },
+            Self::Http2(mut sender, stream) => match sender.try_send_request(req).await {
+                Ok(response) => Ok(response.map(|body| PooledBody {
+                    inner: Inner::Http2(body),
+                    held: Some((in_flight, Some(stream))),
+                })),
+                Err(mut e) => Err(SendError {
+                    unsent: e.take_message(),
+                    error: e.into_error().into(),
+                }),
+            },
         }
     }
 
@@ -164,7 +204,7 @@ impl Sender {
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
         match self {
-            Self::Http1(sender) => sender.is_closed(),
+            Self::Http1(conn) => !conn.is_usable(),
             Self::Http2(sender, _) => sender.is_closed(),
         }
     }
@@ -243,22 +283,19 @@ impl Upstream {
     }
 
     async fn checkout_h1(&self, connect_timeout: Duration) -> io::Result<Lease> {
-        while let Some(mut idle) = self.pop_idle() {
-            if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            // Returned right at end of body, the connection task may not
-            // have marked it ready yet; it does so at once, or it has closed.
-            if idle.sender.ready().await.is_ok() {
+        while let Some(idle) = self.pop_idle() {
+            if idle.conn.is_usable() && idle.since.elapsed() <= IDLE_TIMEOUT {
                 return Ok(Lease {
-                    sender: Sender::Http1(idle.sender),
+                    sender: Sender::Http1(idle.conn),
                     reused: true,
                 });
             }
         }
-        let sender = self.connect_h1(connect_timeout).await?;
+        // Boxed: the connect path is rare and its future large; inline it
+        // would be moved with every request's future.
+        let conn = Box::pin(self.connect_h1(connect_timeout)).await?;
         Ok(Lease {
-            sender: Sender::Http1(sender),
+            sender: Sender::Http1(conn),
             reused: false,
         })
     }
@@ -266,7 +303,7 @@ impl Upstream {
     async fn checkout_h2(&self, connect_timeout: Duration) -> io::Result<Lease> {
         let (conn, reused) = match self.open_h2() {
             Some(conn) => (conn, true),
-            None => (self.connect_h2(connect_timeout).await?, false),
+            None => (Box::pin(self.connect_h2(connect_timeout)).await?, false),
         };
         // Lock-free while streams are free; waits (within the caller's
         // deadline) once the connection carries its bound.
@@ -291,14 +328,11 @@ impl Upstream {
     }
 
     /// Puts a connection whose exchange completed back in the idle list.
-    pub fn release(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn release(&self, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -327,27 +361,11 @@ impl Upstream {
         Ok(stream)
     }
 
-    async fn connect_h1(&self, timeout: Duration) -> io::Result<http1::SendRequest<UpstreamBody>> {
+    async fn connect_h1(&self, timeout: Duration) -> io::Result<h1::Conn> {
         let stream = self.tcp(timeout).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        // The task ends when the connection closes, which happens once its
-        // sender is dropped (pool full, instance gone, proxy stopping), or
-        // when a 101 hands the socket to a tunnel.
-        let span = tracing::debug_span!("upstream_conn", host = %self.host, port = self.port);
-        let open = self.count_open();
-        tokio::spawn(
-            async move {
-                let _open = open;
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            }
-            .instrument(span),
-        );
-        Ok(sender)
+        // Counted open until dropped: pool full, instance gone, closed
+        // after a broken exchange, or handed to a tunnel by a 101.
+        Ok(h1::Conn::new(stream, Box::new(self.count_open())))
     }
 
     /// Opens the instance's HTTP/2 connection, unless a concurrent
@@ -418,68 +436,76 @@ impl Drop for OpenCount {
 // === impl PooledBody ===
 
 impl PooledBody {
-    /// Wraps `inner`, the answer sent on `sender`.
-    pub fn new(inner: Incoming, sender: Sender, in_flight: InFlight) -> Self {
-        Self {
-            inner,
-            held: Some((sender, in_flight)),
-        }
-    }
-
     /// Keeps the request's limit counts until the body ends.
     pub fn hold(&mut self, permit: Permit) {
-        if let Some((_, in_flight)) = &mut self.held {
+        if let Some((in_flight, _)) = &mut self.held {
             in_flight.1 = Some(permit);
         }
     }
 
     /// Ends the exchange: an HTTP/1.1 connection goes back to the pool
-    /// when the body was read whole, else it is closed (dropped); an
-    /// HTTP/2 stream is freed either way.
-    fn finish(&mut self, complete: bool) {
+    /// when the body was read whole and the connection allows another
+    /// exchange, else it is closed (dropped); an HTTP/2 stream is freed
+    /// either way.
+    fn finish(&mut self) {
         // Taken either way: the in-flight count ends here.
-        if let Some((Sender::Http1(sender), in_flight)) = self.held.take()
-            && complete
+        if let Some((in_flight, _stream)) = self.held.take()
+            && let Inner::Http1(body) = &mut self.inner
+            && let Some(conn) = body.take_reusable()
         {
-            in_flight.upstream().release(sender);
+            in_flight.upstream().release(conn);
+        }
+    }
+
+    fn inner_is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Http1(body) => body.is_end_stream(),
+            Inner::Http2(body) => body.is_end_stream(),
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let frame = match &mut this.inner {
+            Inner::Http1(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Inner::Http2(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(Into::into))
+            }
+        };
         match &frame {
-            None => this.finish(true),
-            Some(Ok(_)) if this.inner.is_end_stream() => this.finish(true),
-            Some(Ok(_)) => {}
-            Some(Err(_)) => this.finish(false),
+            Some(Ok(_)) if !this.inner_is_end_stream() => {}
+            _ => this.finish(),
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner_is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Http1(body) => body.size_hint(),
+            Inner::Http2(body) => body.size_hint(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // A server that knows the length stops polling after the last
-        // frame, and an empty body is never polled: both end here.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
+        // frame, and an empty body is never polled: both end here. A body
+        // dropped half-read leaves its HTTP/1.1 connection unusable:
+        // `take_reusable` gives nothing and it closes.
+        self.finish();
     }
 }
 
@@ -541,7 +567,7 @@ mod tests {
     #[tokio::test]
     async fn h2_streams_share_one_connection_and_wait_past_the_bound() {
         let (addr, connections) = h2_server().await;
-        let up = Upstream::new("127.0.0.1", addr.port());
+        let up = Arc::new(Upstream::new("127.0.0.1", addr.port()));
         let timeout = Duration::from_secs(1);
         let mut leases = Vec::new();
         for _ in 0..H2_MAX_STREAMS {
@@ -556,13 +582,13 @@ mod tests {
         assert!(early.is_err(), "a stream past the bound waits");
         // ...and gets the one a finished request frees.
         leases.pop();
-        let mut lease = tokio::time::timeout(Duration::from_secs(5), waiting)
+        let lease = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("a freed stream")
             .unwrap();
         assert_eq!(lease.sender.protocol(), Protocol::Http2);
         let req = Request::get("/").body(UpstreamBody::Empty).unwrap();
-        let resp = lease.sender.try_send_request(req).await.unwrap();
+        let resp = lease.sender.send(req, up.start()).await.unwrap();
         assert_eq!(resp.status(), http::StatusCode::OK);
         assert!(up.has_h2());
         assert_eq!(connections.load(Ordering::SeqCst), 1);
