@@ -538,17 +538,12 @@ impl Body {
     }
 
     /// Reads more into the connection's buffer; `Ok(0)` at the close.
+    /// Through `AsyncRead`, which forgets the socket's readiness after a
+    /// short read: the next exchange's first read then waits for the
+    /// reactor instead of costing a system call that finds nothing.
     fn poll_fill(conn: &mut Inner, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            conn.buf.reserve(READ_SIZE);
-            match conn.io.try_read_buf(&mut conn.buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(conn.io.poll_read_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        conn.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
