@@ -552,7 +552,8 @@ fn bridge_channel(config: &Config) -> Result<Channel, StartError> {
         .connect_lazy())
 }
 
-/// Keeps the gauges that age on their own up to date, once a second.
+/// Keeps the gauges that age on their own up to date, once a second,
+/// and closes the idle upstream connections their instances closed.
 ///
 /// It also runs the registry's upkeep, which folds histogram samples into
 /// buckets: without it an unscraped proxy under load would grow by 8 bytes
@@ -578,7 +579,11 @@ async fn gauges(
         }
         registrar.update_depth();
         // Ejections end on their own, without an event to count them down.
-        outlier::update_gauges(&routes.load(), tokio::time::Instant::now());
+        let table = routes.load();
+        outlier::update_gauges(&table, tokio::time::Instant::now());
+        for endpoint in table.services().flat_map(|s| s.endpoints().iter()) {
+            endpoint.upstream.sweep_idle();
+        }
         registry.run_upkeep();
     }
 }

@@ -338,6 +338,15 @@ impl Upstream {
         }
     }
 
+    /// Closes the idle connections the instance closed (or sent bytes
+    /// unasked on) and those idle past [`IDLE_TIMEOUT`]. Checkout skips
+    /// them too, but only when it gets to them: without a sweep, sockets
+    /// at the bottom of a busy pool would stay half-closed for good.
+    pub fn sweep_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| i.conn.is_usable() && i.since.elapsed() <= IDLE_TIMEOUT);
+    }
+
     /// Whether the instance has an open HTTP/2 connection.
     pub fn has_h2(&self) -> bool {
         self.open_h2().is_some()
@@ -523,6 +532,37 @@ mod tests {
         assert_eq!(up.in_flight(), 1);
         drop(b);
         assert_eq!(up.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn sweep_closes_idle_connections_the_instance_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream::new("127.0.0.1", listener.local_addr().unwrap().port());
+        let timeout = Duration::from_secs(1);
+        let (a, b) = (
+            up.checkout(Protocol::Http1, timeout).await.unwrap(),
+            up.checkout(Protocol::Http1, timeout).await.unwrap(),
+        );
+        let (first, _) = listener.accept().await.unwrap();
+        let (_second, _) = listener.accept().await.unwrap();
+        for lease in [a, b] {
+            let Sender::Http1(conn) = lease.sender else {
+                panic!("an HTTP/1.1 lease")
+            };
+            up.release(conn);
+        }
+        assert_eq!((up.idle_count(), up.connections()), (2, 2));
+        up.sweep_idle();
+        assert_eq!(up.idle_count(), 2, "both are open");
+        // The instance closes one: the next sweeps drop it, and only it.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while up.idle_count() > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the close was never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            up.sweep_idle();
+        }
+        assert_eq!((up.idle_count(), up.connections()), (1, 1));
     }
 
     #[tokio::test]
