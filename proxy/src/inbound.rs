@@ -36,7 +36,7 @@ use http::{
 };
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use mesh_runtime::{backoff::Backoff, shutdown::Shutdown};
@@ -50,7 +50,7 @@ use tracing::Instrument;
 
 use crate::{
     body::{ProxyBody, UpstreamBody},
-    config::{Config, MIN_HEADER_BYTES},
+    config::Config,
     error::json_error,
     headers::{strip_request_hop_by_hop, upgrade_of},
     limits::{Counters, Permit},
@@ -524,18 +524,13 @@ where
     done(conn.await);
 }
 
+/// The outbound listener's builder, with HTTP/2 tuned for peers: as many
+/// streams as a calling proxy sends on one connection, pings to find a
+/// peer that vanished.
 fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+    let mut builder = crate::server::builder(limits);
     builder
         .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // As many streams as a calling proxy sends on one connection.
         .max_concurrent_streams(u32::try_from(H2_MAX_STREAMS).unwrap_or(u32::MAX))
         .adaptive_window(true)
         .keep_alive_interval(H2_KEEP_ALIVE.0)

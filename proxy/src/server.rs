@@ -251,7 +251,8 @@ async fn connection(shared: Shared, stream: TcpStream, client: HeaderValue) {
     done(conn.await);
 }
 
-fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
+/// hyper's connection builder with `limits`, for client connections.
+pub(crate) fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

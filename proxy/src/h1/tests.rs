@@ -125,18 +125,22 @@ async fn chunked_answer_with_trailers() {
     assert!(r.body_mut().take_reusable().is_some());
 }
 
-#[tokio::test]
-async fn close_delimited_answer_is_read_to_the_close_and_not_reused() {
+/// An instance that reads one request, writes `answer` and closes.
+async fn answers_then_closes(answer: &'static [u8]) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut b = [0u8; 1024];
         let _ = s.read(&mut b).await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-            .await
-            .unwrap();
+        s.write_all(answer).await.unwrap();
     });
+    addr
+}
+
+#[tokio::test]
+async fn close_delimited_answer_is_read_to_the_close_and_not_reused() {
+    let addr = answers_then_closes(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
     let mut r = ok(send(connect(addr).await, get("/")).await).await;
     let (data, _) = collect(r.body_mut()).await.unwrap();
     assert_eq!(data, b"until the end");
@@ -177,16 +181,7 @@ async fn bad_chunk_size_fails_the_body() {
 
 #[tokio::test]
 async fn a_body_cut_short_is_an_error_not_an_end() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut b = [0u8; 1024];
-        let _ = s.read(&mut b).await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
-            .await
-            .unwrap();
-    });
+    let addr = answers_then_closes(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort").await;
     let mut r = ok(send(connect(addr).await, get("/")).await).await;
     let e = collect(r.body_mut()).await.unwrap_err();
     assert!(e.to_string().contains("closed in the body"), "{e}");
