@@ -10,16 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use futures::{SinkExt as _, StreamExt as _};
-use mesh_e2e::{
-    HttpClient, Mesh, MeshOptions, Node,
-    echo::{
-        self,
-        pb::{EchoRequest, StreamRequest, echo_client::EchoClient},
-    },
-    eventually,
-};
+use mesh_e2e::{HttpClient, Mesh, MeshOptions, Node, echo, eventually};
 use tokio_tungstenite::{client_async, tungstenite::Message};
 
 /// The inbound listener's port on every node.
@@ -214,91 +207,10 @@ async fn grpc_calls(n1: &Node, n2: &Node) -> Result<()> {
     let arrived = r#"mesh_proxy_inbound_requests_total{protocol="h2",code_class="2xx"}"#;
     let before = metric(n2, arrived).await?;
     let channel = echo::channel(&n1.ns, proxy(), "echo").await?;
-    let unary = |text: &str| EchoRequest {
-        message: text.into(),
-    };
-    eventually("echo answers through n1's proxy", CONVERGE, || {
-        let mut client = EchoClient::new(channel.clone());
-        async move {
-            let reply = client.unary(unary("ping")).await?.into_inner();
-            ensure!(reply.instance == "echo-1", "answered by {reply:?}");
-            Ok(())
-        }
-    })
-    .await?;
-    let mut client = EchoClient::new(channel.clone());
-
-    // Server streaming: each message as it is sent.
-    let start = Instant::now();
-    let mut stream = client
-        .server_stream(StreamRequest {
-            message: "tick".into(),
-            count: 10,
-            interval_ms: 50,
-            fail_after: 0,
-        })
-        .await?
-        .into_inner();
-    let mut arrivals = Vec::new();
-    while let Some(reply) = stream.message().await? {
-        ensure!(
-            reply.seq as usize == arrivals.len(),
-            "out of order: {reply:?}"
-        );
-        arrivals.push(start.elapsed());
-    }
-    ensure!(arrivals.len() == 10, "{} messages", arrivals.len());
-    ensure!(
-        arrivals[0] + Duration::from_millis(200) < arrivals[9],
-        "not streamed: {arrivals:?}"
-    );
-
-    // A status in the trailers, after messages.
-    let mut stream = client
-        .server_stream(StreamRequest {
-            message: "x".into(),
-            count: 10,
-            interval_ms: 0,
-            fail_after: 3,
-        })
-        .await?
-        .into_inner();
-    for _ in 0..3 {
-        ensure!(
-            stream.message().await?.is_some(),
-            "a message before the error"
-        );
-    }
-    match stream.message().await {
-        Err(status) => ensure!(
-            status.code() == tonic::Code::Aborted && status.message() == "stream broke on purpose",
-            "{status:?}"
-        ),
-        Ok(other) => bail!("expected ABORTED, got {other:?}"),
-    }
-
-    // Bidirectional: each reply before the next message is sent.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    for i in 0..5 {
-        tx.send(unary(&format!("m{i}"))).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
-            .await
-            .context("bidi reply in time")??
-            .context("bidi stream ended early")?;
-        ensure!(
-            reply.message == format!("m{i}") && reply.seq == i,
-            "{reply:?}"
-        );
-    }
-    drop(tx);
-    ensure!(replies.message().await?.is_none(), "bidi ends with OK");
+    echo::exercise(&channel, "echo-1", 10, CONVERGE).await?;
     let through = metric(n2, arrived).await? - before;
     ensure!(
-        through >= 4.0,
+        through >= 5.0,
         "{through} gRPC calls arrived at n2's inbound listener"
     );
     Ok(())

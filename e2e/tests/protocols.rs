@@ -8,16 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use futures::{SinkExt as _, StreamExt as _};
-use mesh_e2e::{
-    Mesh, MeshOptions,
-    echo::{
-        self,
-        pb::{EchoRequest, StreamRequest, echo_client::EchoClient},
-    },
-    eventually,
-};
+use mesh_e2e::{Mesh, MeshOptions, echo};
 use tokio_tungstenite::{client_async, tungstenite::Message};
 
 /// How long a routing change may take to show where nothing is measured.
@@ -47,103 +40,14 @@ async fn streaming_grpc_and_websocket_echo_cross_two_nodes() {
 
 async fn grpc_calls(n2: &mesh_e2e::Node) -> Result<()> {
     let channel = echo::channel(&n2.ns, proxy(), "echo").await?;
-    let unary = |text: &str| EchoRequest {
-        message: text.into(),
-    };
-    eventually("echo answers through n2's proxy", CONVERGE, || {
-        let mut client = EchoClient::new(channel.clone());
-        async move {
-            let reply = client.unary(unary("ping")).await?.into_inner();
-            ensure!(reply.instance == "echo-1", "answered by {reply:?}");
-            Ok(())
-        }
-    })
-    .await?;
-    let mut client = EchoClient::new(channel.clone());
-
-    // Server streaming: 20 messages 50 ms apart, each as it is sent.
     let start = Instant::now();
-    let mut stream = client
-        .server_stream(StreamRequest {
-            message: "tick".into(),
-            count: 20,
-            interval_ms: 50,
-            fail_after: 0,
-        })
-        .await?
-        .into_inner();
-    let mut arrivals = Vec::new();
-    while let Some(reply) = stream.message().await? {
-        ensure!(
-            reply.seq as usize == arrivals.len(),
-            "out of order: {reply:?}"
-        );
-        ensure!(reply.message == format!("tick {}", reply.seq), "{reply:?}");
-        arrivals.push(start.elapsed());
-    }
-    let total = start.elapsed();
-    ensure!(arrivals.len() == 20, "{} messages", arrivals.len());
-    // Streamed: the first message long before the last (19 × 50 ms apart).
-    ensure!(
-        arrivals[0] + Duration::from_millis(500) < arrivals[19],
-        "arrivals {arrivals:?}"
-    );
+    let arrivals = echo::exercise(&channel, "echo-1", 20, CONVERGE).await?;
     println!(
-        "gRPC server streaming n2 -> n1, 20 messages 50 ms apart: first after {:?}, last after {:?}, done after {total:?}",
-        arrivals[0], arrivals[19]
+        "gRPC server streaming n2 -> n1, 20 messages 50 ms apart: first after {:?}, last after {:?}; all calls done after {:?}",
+        arrivals[0],
+        arrivals[19],
+        start.elapsed()
     );
-
-    // A status in the trailers after messages.
-    let mut stream = client
-        .server_stream(StreamRequest {
-            message: "x".into(),
-            count: 10,
-            interval_ms: 0,
-            fail_after: 3,
-        })
-        .await?
-        .into_inner();
-    for _ in 0..3 {
-        ensure!(
-            stream.message().await?.is_some(),
-            "a message before the error"
-        );
-    }
-    match stream.message().await {
-        Err(status) => {
-            ensure!(status.code() == tonic::Code::Aborted, "{status:?}");
-            ensure!(status.message() == "stream broke on purpose", "{status:?}");
-        }
-        Ok(other) => bail!("expected ABORTED, got {other:?}"),
-    }
-
-    // Client streaming.
-    let messages: Vec<EchoRequest> = ["a", "b", "c", "d"].into_iter().map(unary).collect();
-    let reply = client
-        .client_stream(futures::stream::iter(messages))
-        .await?
-        .into_inner();
-    ensure!(reply.message == "a,b,c,d" && reply.seq == 4, "{reply:?}");
-
-    // Bidirectional: each reply before the next message is sent.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    for i in 0..5 {
-        tx.send(unary(&format!("m{i}"))).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
-            .await
-            .context("bidi reply in time")??
-            .context("bidi stream ended early")?;
-        ensure!(
-            reply.message == format!("m{i}") && reply.seq == i,
-            "{reply:?}"
-        );
-    }
-    drop(tx);
-    ensure!(replies.message().await?.is_none(), "bidi ends with OK");
     Ok(())
 }
 
