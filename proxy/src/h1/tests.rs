@@ -168,6 +168,37 @@ async fn broken_framing_is_refused() {
 }
 
 #[tokio::test]
+async fn an_oversized_or_overcrowded_head_is_refused() {
+    // 70 KB of one header, then 200 small ones: past MAX_HEAD, past MAX_HEADERS.
+    let big: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(70 * 1024)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let many: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            (0..200)
+                .map(|i| format!("x-{i}: v\r\n"))
+                .collect::<String>()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    for (answer, reason) in [
+        (big, "response head too large"),
+        (many, "too many response header fields"),
+    ] {
+        let addr = answers_then_closes(answer).await;
+        let e = send(connect(addr).await, get("/")).await.unwrap_err();
+        assert!(e.error.to_string().contains(reason), "{}", e.error);
+    }
+}
+
+#[tokio::test]
 async fn bad_chunk_size_fails_the_body() {
     let (addr, _seen) = instance(vec![
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n",
