@@ -100,6 +100,57 @@ impl ClientConfig {
     }
 }
 
+/// The local agent's HTTP address, the default of every binary.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:8500";
+
+/// The Consul settings every Meshwork binary takes, as its config file,
+/// flags and environment give them (`consul_addr`, repeatable, default
+/// [`DEFAULT_ADDR`]; `consul_token`; `consul_ca_file`, `consul_cert_file`,
+/// `consul_key_file`), checked the way start-up needs: every address
+/// parses, the TLS files go together and can be read. The error is one
+/// line naming the setting.
+pub fn from_settings(
+    addrs: &[String],
+    token: Option<&str>,
+    ca_file: Option<&std::path::Path>,
+    cert_file: Option<&std::path::Path>,
+    key_file: Option<&std::path::Path>,
+) -> Result<ClientConfig, String> {
+    if cert_file.is_some() != key_file.is_some() {
+        return Err("consul_cert_file and consul_key_file go together".into());
+    }
+    let tls = match ca_file {
+        Some(ca) => Some(TlsFiles {
+            ca: ca.to_owned(),
+            cert: cert_file.map(ToOwned::to_owned),
+            key: key_file.map(ToOwned::to_owned),
+        }),
+        None if cert_file.is_some() => {
+            return Err("consul_cert_file needs consul_ca_file".into());
+        }
+        None => None,
+    };
+    let mut addrs: Vec<String> = addrs
+        .iter()
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        addrs.push(DEFAULT_ADDR.into());
+    }
+    for addr in &addrs {
+        parse_addr(addr, tls.is_some()).map_err(|e| format!("consul_addr: {e}"))?;
+    }
+    let config = ClientConfig {
+        addrs,
+        token: token.filter(|t| !t.is_empty()).map(ToOwned::to_owned),
+        tls,
+    };
+    // Reads the TLS files now, so that a bad one stops start-up.
+    crate::Client::new(&config).map_err(|e| format!("consul: {e}"))?;
+    Ok(config)
+}
+
 /// Parses one agent address; `https` requires `has_tls`.
 pub fn parse_addr(addr: &str, has_tls: bool) -> Result<Url, ConfigError> {
     let bad = |reason: &str| ConfigError::BadAddress {

@@ -5,7 +5,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use consul_client::{Client, ClientConfig, TlsFiles, config::parse_addr};
+use consul_client::ClientConfig;
 use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Default Consul agent address.
-pub const DEFAULT_CONSUL_ADDR: &str = "http://127.0.0.1:8500";
+pub const DEFAULT_CONSUL_ADDR: &str = consul_client::config::DEFAULT_ADDR;
 /// Default gRPC listener (the port table).
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8892";
 /// Default HTTP listener: REST mirror, `/live`, `/ready`, `/metrics`.
@@ -181,43 +181,13 @@ impl Args {
     }
 
     fn consul(&self) -> Result<ClientConfig, String> {
-        let tls = self.tls()?;
-        let mut addrs: Vec<String> = self
-            .consul_addr
-            .iter()
-            .map(|a| a.trim().to_owned())
-            .filter(|a| !a.is_empty())
-            .collect();
-        if addrs.is_empty() {
-            addrs.push(DEFAULT_CONSUL_ADDR.into());
-        }
-        for addr in &addrs {
-            parse_addr(addr, tls.is_some()).map_err(|e| format!("consul_addr: {e}"))?;
-        }
-        let consul = ClientConfig {
-            addrs,
-            token: self.consul_token.clone().filter(|t| !t.is_empty()),
-            tls,
-        };
-        // Reads the TLS files now, so that a bad one stops start-up.
-        Client::new(&consul).map_err(|e| format!("consul: {e}"))?;
-        Ok(consul)
-    }
-
-    fn tls(&self) -> Result<Option<TlsFiles>, String> {
-        let (cert, key) = (self.consul_cert_file.clone(), self.consul_key_file.clone());
-        if cert.is_some() != key.is_some() {
-            return Err("consul_cert_file and consul_key_file go together".into());
-        }
-        match &self.consul_ca_file {
-            Some(ca) => Ok(Some(TlsFiles {
-                ca: ca.clone(),
-                cert,
-                key,
-            })),
-            None if cert.is_some() => Err("consul_cert_file needs consul_ca_file".into()),
-            None => Ok(None),
-        }
+        consul_client::config::from_settings(
+            &self.consul_addr,
+            self.consul_token.as_deref(),
+            self.consul_ca_file.as_deref(),
+            self.consul_cert_file.as_deref(),
+            self.consul_key_file.as_deref(),
+        )
     }
 }
 
