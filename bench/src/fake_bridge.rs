@@ -90,6 +90,7 @@ impl Discovery for Api {
                 services: self.snapshot.as_ref().clone(),
             })),
             stale: false,
+            config: None,
         };
         // The stream stays open: a closed one would make the proxy resubscribe.
         let updates = stream::once(async move { Ok(update) }).chain(stream::pending());

@@ -121,19 +121,24 @@ impl Control {
         }
     }
 
-    /// Consul's catalog nodes with their newest config version.
+    /// Consul's catalog nodes with their newest config version and what
+    /// their proxies last reported.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ControlError> {
         let nodes = self.consul.catalog_nodes(QueryOptions::default()).await?;
         let versions = self.store.node_versions().await?;
+        let reports = self.store.reports().await?;
         Ok(nodes
             .value
             .into_iter()
-            .map(|n| NodeInfo {
-                routes_version: versions.get(&n.node).copied().unwrap_or(0),
-                name: n.node,
-                address: n.address,
-                datacenter: n.datacenter,
-                proxy: ProxyStatus::unknown(),
+            .map(|n| {
+                let routes_version = versions.get(&n.node).copied().unwrap_or(0);
+                NodeInfo {
+                    proxy: ProxyStatus::of(routes_version, reports.get(&n.node)),
+                    routes_version,
+                    name: n.node,
+                    address: n.address,
+                    datacenter: n.datacenter,
+                }
             })
             .collect())
     }

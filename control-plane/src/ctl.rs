@@ -359,6 +359,8 @@ fn node_from_pb(n: pb::NodeInfo) -> NodeInfo {
         state: p.state,
         version_in_effect: p.version_in_effect,
         last_seen: p.last_seen,
+        refused_version: p.refused_version,
+        reason: p.reason,
     });
     NodeInfo {
         name: n.name,
@@ -474,6 +476,7 @@ fn nodes_table(nodes: &[NodeInfo]) -> String {
                 n.proxy.state.clone(),
                 version_cell(n.proxy.version_in_effect),
                 n.proxy.last_seen.clone(),
+                refused_cell(&n.proxy),
             ]
         })
         .collect();
@@ -486,9 +489,19 @@ fn nodes_table(nodes: &[NodeInfo]) -> String {
             "PROXY",
             "IN EFFECT",
             "LAST SEEN",
+            "REFUSED",
         ],
         &rows,
     )
+}
+
+/// The newest version the proxy refused and why (`v4: <reason>`); empty
+/// when it refused none.
+fn refused_cell(proxy: &ProxyStatus) -> String {
+    match proxy.refused_version {
+        0 => String::new(),
+        v => format!("v{v}: {}", proxy.reason),
+    }
 }
 
 fn services_table(services: &[ServiceInfo]) -> String {
@@ -606,6 +619,35 @@ mod tests {
             ],
         );
         assert_eq!(text, "NODE      VERSION\nn1        3\nnode-two  -\n");
+    }
+
+    #[test]
+    fn the_nodes_table_shows_each_proxy_s_state_and_what_it_refused() {
+        let node = |name: &str, proxy: ProxyStatus| NodeInfo {
+            name: name.into(),
+            address: "10.0.0.1".into(),
+            datacenter: "dc1".into(),
+            routes_version: 4,
+            proxy,
+        };
+        let refused = ProxyStatus {
+            state: "refused".into(),
+            version_in_effect: 3,
+            last_seen: "2026-01-01T00:00:00.000Z".into(),
+            refused_version: 4,
+            reason: "routes.web.retries: 11 is more than 10".into(),
+        };
+        let text = nodes_table(&[node("n1", refused), node("n2", ProxyStatus::unknown())]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].ends_with("LAST SEEN                 REFUSED"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("refused  3          2026-01-01T00:00:00.000Z  v4: routes.web.retries: 11 is more than 10"),
+            "{text}"
+        );
+        assert!(lines[2].contains("unknown  -          -"), "{text}");
     }
 
     #[test]

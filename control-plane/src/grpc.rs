@@ -226,6 +226,8 @@ fn node_pb(n: control::NodeInfo) -> pb::NodeInfo {
             state: n.proxy.state,
             version_in_effect: n.proxy.version_in_effect,
             last_seen: n.proxy.last_seen,
+            refused_version: n.proxy.refused_version,
+            reason: n.proxy.reason,
         }),
     }
 }

@@ -6,6 +6,8 @@
 //! - `mesh/versions/<node>/<n>`: config version `n` of the node, written
 //!   once and never changed.
 //! - `mesh/leader`: the leader lock (see [`crate::leader`]).
+//! - `mesh/status/<node>`: what the node's proxy last reported (JSON
+//!   [`ProxyReport`]), written by the node's bridge, read here.
 //!
 //! A new version is one Consul transaction: the routes key, check-and-set
 //! on the expected revision, and the version key, created only if it does
@@ -16,6 +18,7 @@
 use std::collections::BTreeMap;
 
 use consul_client::{Client, KvPair, KvTxnOp, KvTxnOutcome, QueryOptions};
+use serde::{Deserialize, Serialize};
 
 use crate::model::Version;
 
@@ -38,6 +41,22 @@ pub struct Current {
     pub revision: u64,
     /// The current version; `None` when the node has no routes yet.
     pub version: Option<Version>,
+}
+
+/// What a node's proxy last reported, through its bridge.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyReport {
+    /// The config version in effect; 0: none.
+    pub version_in_effect: u64,
+    /// The newest version it refused; 0: none.
+    #[serde(default)]
+    pub refused_version: u64,
+    /// Why it refused it.
+    #[serde(default)]
+    pub reason: String,
+    /// When the bridge recorded the report, in milliseconds since the
+    /// Unix epoch.
+    pub at_ms: u64,
 }
 
 /// A lost race: the key is no longer at the revision a change was based on.
@@ -196,6 +215,36 @@ impl Store {
                 continue;
             };
             out.insert(node.to_owned(), decode(pair)?.number);
+        }
+        Ok(out)
+    }
+
+    /// The status key of `node`.
+    pub fn status_key(node: &str) -> String {
+        format!("{PREFIX}status/{node}")
+    }
+
+    /// What every node's proxy last reported, by node. A report that does
+    /// not decode is left out (and logged): it says nothing trustworthy.
+    pub async fn reports(&self) -> Result<BTreeMap<String, ProxyReport>, StoreError> {
+        let prefix = format!("{PREFIX}status/");
+        let pairs = self
+            .consul
+            .kv_list(&prefix, QueryOptions::default())
+            .await?;
+        let mut out = BTreeMap::new();
+        for pair in &pairs.value {
+            let Some(node) = pair.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            match serde_json::from_slice::<ProxyReport>(&pair.value) {
+                Ok(report) => {
+                    out.insert(node.to_owned(), report);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %pair.key, error = %e, "proxy status unreadable; shown as unknown")
+                }
+            }
         }
         Ok(out)
     }

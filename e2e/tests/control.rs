@@ -4,12 +4,16 @@
 //! retry lands and no version is lost; bad input is refused by name with
 //! nothing stored; registrations through mesh-control reach the node's
 //! bridge and Consul's catalog; the proxy config `meshctl render` prints is
-//! one mesh-proxy runs with (issue 4, first slice).
+//! one mesh-proxy runs with (issue 4, first slice); a node's config version
+//! reaches its proxy through the bridge, takes effect, and mesh-control
+//! shows it applied; a bad one written straight into Consul KV is refused,
+//! the last good one stays in effect and mesh-control shows the reason; a
+//! restarted proxy applies its saved config before the bridge answers.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -526,6 +530,238 @@ async fn registered_through_mesh_control_lands_in_the_catalog_and_the_rendered_c
         "{nginx}"
     );
     mesh.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_config_takes_effect_on_its_proxy_and_a_bad_one_is_refused_with_the_reason() {
+    let mut mesh = control_mesh().await.unwrap();
+    one_leader(&mesh).await.unwrap();
+    // web on n2: web-1 tagged v1, web-2 tagged v2, registered through mesh-control.
+    let n2_ip = mesh.nodes[1].ip();
+    for (id, port, tag) in [("web-1", 9100u16, "v1"), ("web-2", 9101, "v2")] {
+        serve_demo(&mut mesh, 1, "web", id, port).await.unwrap();
+        let (status, answer) = call(
+            &mesh.nodes[0],
+            hyper::Method::PUT,
+            "/v1/nodes/n2/register",
+            Some(json!({"name": "web", "id": id, "address": n2_ip.to_string(), "port": port, "tags": [tag]})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "register {id}: {answer}");
+        wait_in_catalog(&mesh, "web", id).await.unwrap();
+    }
+    start_proxy(&mut mesh, 0).await.unwrap();
+    let n1 = &mesh.nodes[0];
+    n1.wait_answers("web", &["web-1", "web-2"], CONVERGE)
+        .await
+        .unwrap();
+    let n2_status = node_status(&mesh.nodes[1], "n2").await.unwrap();
+    assert_eq!(
+        n2_status["proxy"]["state"], "unknown",
+        "no proxy on n2: {n2_status}"
+    );
+
+    // Routes for n1 through mesh-control: only v2 gets traffic.
+    let stored_at = Instant::now();
+    let (status, stored) = call(
+        n1,
+        hyper::Method::PUT,
+        "/v1/nodes/n1/routes",
+        Some(
+            json!({"routes": {"web": {"weights": {"v2": 100}, "timeout": "2s", "retries": 1}},
+                    "expected_revision": 0, "author": "e2e"}),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(stored["version"]["number"], 1, "{stored}");
+    eventually(
+        "n1's proxy has config version 1 in effect",
+        CONVERGE,
+        || async {
+            let config = n1.routes().await?["config"].clone();
+            if config["version"] != 1 || config["routes"]["web"] != "control" {
+                bail!("{config}");
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "e2e: config version 1 in effect on n1's proxy {:?} after mesh-control stored it",
+        stored_at.elapsed()
+    );
+    n1.wait_answers("web", &["web-2"], CONVERGE).await.unwrap();
+    // The other replica shows the acknowledgement.
+    eventually(
+        "mesh-control shows n1 applied at version 1",
+        CONVERGE,
+        || async {
+            let n = node_status(&mesh.nodes[1], "n1").await?;
+            let proxy = &n["proxy"];
+            if n["routes_version"] != 1
+                || proxy["state"] != "applied"
+                || proxy["version_in_effect"] != 1
+            {
+                bail!("{n}");
+            }
+            if proxy["last_seen"].as_str().is_none_or(str::is_empty) {
+                bail!("no last_seen: {n}");
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // A foreign writer stores version 2 straight into Consul KV,
+    // bypassing mesh-control's validation: 11 retries is over the limit.
+    let key = "/v1/kv/mesh/nodes/n1/routes";
+    let current = n1.consul_get(&format!("{key}?raw")).await.unwrap();
+    let mut version: Value = current.json().unwrap();
+    version["number"] = json!(2);
+    version["rendered"] = json!("services = [\"web\"]\n\n[routes.web]\nretries = 11\n");
+    let put = n1
+        .local_client(mesh_e2e::mesh::CONSUL_HTTP)
+        .put(key, version.to_string())
+        .await
+        .unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    let reason = "routes.web.retries: 11 is more than 10";
+    eventually(
+        "mesh-control shows n1 refused version 2 with the reason",
+        CONVERGE,
+        || async {
+            let n = node_status(&mesh.nodes[1], "n1").await?;
+            let proxy = &n["proxy"];
+            let said = proxy["reason"].as_str().unwrap_or_default();
+            if proxy["state"] != "refused"
+                || proxy["refused_version"] != 2
+                || !said.contains(reason)
+            {
+                bail!("{n}");
+            }
+            assert_eq!(proxy["version_in_effect"], 1, "the last good one: {n}");
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    let config = n1.routes().await.unwrap()["config"].clone();
+    assert_eq!(config["version"], 1, "{config}");
+    assert_eq!(config["refused"]["version"], 2, "{config}");
+    n1.wait_answers("web", &["web-2"], CONVERGE).await.unwrap();
+    let (code, out, err) = meshctl(n1, &["nodes"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("n1 "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("refused") && line.contains(&format!("v2: {reason}")),
+        "{out}"
+    );
+
+    // Restarted while its bridge is away, the proxy applies its saved
+    // config (and routes from its dump) before any bridge answers.
+    mesh.nodes[0].bridge.stop().await.unwrap();
+    mesh.nodes[0].proxy.stop().await.unwrap();
+    mesh.nodes[0].proxy.start().unwrap();
+    mesh.nodes[0].wait_proxy_live(CONVERGE).await.unwrap();
+    let n1 = &mesh.nodes[0];
+    let config = n1.routes().await.unwrap()["config"].clone();
+    assert_eq!(
+        (&config["version"], &config["source"]),
+        (&json!(1), &json!("saved")),
+        "{config}"
+    );
+    n1.wait_answers("web", &["web-2"], CONVERGE).await.unwrap();
+    mesh.finish();
+}
+
+/// Starts `meshctl demo serve` for `service` on node `k`'s address at
+/// `port`, without registering; waits until it answers.
+async fn serve_demo(mesh: &mut Mesh, k: usize, service: &str, id: &str, port: u16) -> Result<()> {
+    let meshctl = bins::workspace_bin("meshctl")?;
+    let log = mesh.dir().join(format!("n{}-{id}.log", k + 1));
+    let node = &mut mesh.nodes[k];
+    let addr = SocketAddr::from((node.ip(), port));
+    let listen = addr.to_string();
+    let mut process = Process::new(
+        format!("{}/{id}", node.name),
+        &node.ns,
+        &meshctl,
+        [
+            "demo",
+            "serve",
+            "--name",
+            service,
+            "--id",
+            id,
+            "--listen",
+            &listen,
+            "--no-register",
+        ],
+        log,
+    );
+    process.start()?;
+    node.instances.insert(
+        id.to_owned(),
+        Instance {
+            service: service.to_owned(),
+            id: id.to_owned(),
+            addr,
+            process,
+        },
+    );
+    node.wait_instance_up(id, CONVERGE).await
+}
+
+/// Starts mesh-proxy on node `k` with the mesh's usual flags (all
+/// services, the node's bridge); waits until it is live.
+async fn start_proxy(mesh: &mut Mesh, k: usize) -> Result<()> {
+    let proxy = bins::workspace_bin("mesh-proxy")?;
+    let log = mesh.dir().join(format!("n{}-proxy.log", k + 1));
+    let node = &mut mesh.nodes[k];
+    let data = node.proxy_data_dir();
+    node.proxy = Process::new(
+        format!("{}/proxy", node.name),
+        &node.ns,
+        &proxy,
+        [
+            "--node".to_owned(),
+            node.name.clone(),
+            "--listen".into(),
+            format!("127.0.0.1:{PROXY_PORT}"),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
+            "--bridge-addr".into(),
+            "http://127.0.0.1:8890".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ],
+        log,
+    );
+    node.proxy.start()?;
+    node.wait_proxy_live(CONVERGE).await
+}
+
+/// `node`'s entry of `GET /v1/nodes` on `via`'s replica.
+async fn node_status(via: &Node, node: &str) -> Result<Value> {
+    let (status, nodes) = call(via, hyper::Method::GET, "/v1/nodes", None).await?;
+    if status != 200 {
+        bail!("{status} {nodes}");
+    }
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == node)
+        .cloned()
+        .ok_or_else(|| anyhow!("no {node} in {nodes}"))
 }
 
 /// Waits until Consul's catalog has instance `id` of `service`.

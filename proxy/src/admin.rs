@@ -1,15 +1,18 @@
 //! The proxy's own admin route, next to the shared `/live`, `/ready` and
 //! `/metrics`: `/routes`, what the proxy routes to right now and where it
 //! came from (nginx-upsync's `upstream_show`), with each endpoint's load,
-//! latency estimate and ejection, and the other nodes' proxies requests to
-//! their nodes' instances go through.
+//! latency estimate and ejection, the other nodes' proxies requests to
+//! their nodes' instances go through, and the node config version from
+//! mesh-control in effect (or refused, and why).
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::{
+    node_config,
     peer::{PeerView, Peers},
     table::{Routes, RoutingTable, Source, now_unix_ms},
 };
@@ -33,6 +36,9 @@ pub struct RoutesView {
     /// Other nodes' proxies, by node: requests to an instance on one of
     /// these nodes go through its proxy.
     pub peers: BTreeMap<String, PeerView>,
+    /// The node config from mesh-control: the version in effect, the last
+    /// one refused and why, and where each route table comes from.
+    pub config: node_config::Status,
 }
 
 /// One endpoint in `/routes`.
@@ -59,16 +65,28 @@ pub struct EndpointView {
     pub latency_ewma_ms: f64,
 }
 
+/// What `/routes` shows.
+type Shown = (
+    Arc<Routes>,
+    Arc<Peers>,
+    watch::Receiver<node_config::Status>,
+);
+
 /// The router serving `/routes`.
-pub fn router(routes: Arc<Routes>, peers: Arc<Peers>) -> Router {
+pub fn router(
+    routes: Arc<Routes>,
+    peers: Arc<Peers>,
+    config: watch::Receiver<node_config::Status>,
+) -> Router {
     Router::new()
         .route("/routes", get(show))
-        .with_state((routes, peers))
+        .with_state((routes, peers, config))
 }
 
-async fn show(State((routes, peers)): State<(Arc<Routes>, Arc<Peers>)>) -> Json<RoutesView> {
+async fn show(State((routes, peers, config)): State<Shown>) -> Json<RoutesView> {
     let mut view = RoutesView::of(&routes.load_full());
     view.peers = peers.view();
+    view.config = config.borrow().clone();
     Json(view)
 }
 
@@ -109,6 +127,10 @@ impl RoutesView {
             updated_at_unix_ms: table.updated_at_unix_ms,
             services,
             peers: BTreeMap::new(),
+            config: node_config::Status {
+                source: "none",
+                ..node_config::Status::default()
+            },
         }
     }
 }

@@ -7,6 +7,9 @@
 //! that has some (deltas, which say what changed, always apply), and a
 //! stale snapshot (the bridge cannot reach Consul) does not replace a table
 //! loaded from the dump: a fresh snapshot follows when Consul is back.
+//!
+//! A message may also carry the node's config version from mesh-control:
+//! it goes to the [`Layers`], which check it before it takes effect.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::{
     metrics::ProxyMetrics,
+    node_config::Layers,
     table::{Builder, Routes, Source, now_unix_ms},
 };
 
@@ -35,6 +39,7 @@ pub struct Discovery {
     open_timeout: Duration,
     routes: Arc<Routes>,
     metrics: Arc<ProxyMetrics>,
+    node_config: Option<Arc<Layers>>,
 }
 
 // === impl Discovery ===
@@ -56,7 +61,14 @@ impl Discovery {
             open_timeout,
             routes,
             metrics,
+            node_config: None,
         }
+    }
+
+    /// Hands each node config the bridge sends to `layers`.
+    pub fn with_node_config(mut self, layers: Arc<Layers>) -> Self {
+        self.node_config = Some(layers);
+        self
     }
 
     /// Subscribes, applies updates, and resubscribes until shutdown.
@@ -112,9 +124,13 @@ impl Discovery {
         Ok(())
     }
 
-    /// Builds the table `update` leads to and makes it current.
-    pub fn apply(&self, update: pb::RouteUpdate) {
+    /// Builds the table `update` leads to and makes it current; a node
+    /// config it carries goes to the layers.
+    pub fn apply(&self, mut update: pb::RouteUpdate) {
         self.metrics.discovery_updates.increment(1);
+        if let (Some(layers), Some(config)) = (&self.node_config, update.config.take()) {
+            layers.offer(config);
+        }
         let current = self.routes.load_full();
         let builder = Builder::new(&current, &self.metrics);
         let table = match &update.kind {

@@ -25,6 +25,7 @@
 //! - [`table`]: the immutable routing table and its lock-free swap.
 //! - [`discovery`]: `Discovery.Watch` to the bridge, applied to the table.
 //! - [`dump`]: the routing table on disk, written atomically, loaded at start.
+//! - [`node_config`]: the node's config version from mesh-control: checked, layered over the file's policies, saved, reported.
 //! - [`agent`]: Consul's agent registration API, validated.
 //! - [`registrar`]: registrations to the bridge, or to a durable queue.
 //! - [`admin`]: `/routes` on the admin listener.
@@ -44,6 +45,7 @@ pub mod inbound;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod node_config;
 pub mod outlier;
 pub mod peer;
 pub mod policy;
@@ -82,7 +84,7 @@ use crate::{
     dump::{DumpClock, DumpFile},
     inbound::Inbound,
     metrics::ProxyMetrics,
-    policy::Policies,
+    node_config::{Layers, Reporter},
     proxy::Proxy,
     registrar::Registrar,
     table::{Builder, Routes, RoutingTable, Source},
@@ -108,6 +110,7 @@ pub struct App {
     inbound_server: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     proxy: Arc<Proxy>,
+    layers: Arc<Layers>,
     reloads: Reloads,
 }
 
@@ -187,9 +190,21 @@ impl App {
             Agent::new(registrar.clone()),
             metrics.clone(),
         ));
+        let layers = {
+            let proxy = proxy.clone();
+            let set_policies = Box::new(move |p| proxy.set_policies(p));
+            Arc::new(Layers::new(set_policies, &config, metrics.clone()))
+        };
+        layers.load_saved();
+        let reporter = Reporter::new(
+            channel.clone(),
+            config.node.clone(),
+            config.registration_timeout,
+        );
         // One subscription, to the services `peer::watch` says.
         let subscribe = {
             let (node, routes, metrics) = (config.node.clone(), routes.clone(), metrics.clone());
+            let layers = layers.clone();
             let open_timeout = config.connect_timeout + config.registration_timeout;
             move |services: Vec<String>, stop: Shutdown| {
                 let discovery = Discovery::new(
@@ -199,14 +214,19 @@ impl App {
                     open_timeout,
                     routes.clone(),
                     metrics.clone(),
-                );
+                )
+                .with_node_config(layers.clone());
                 discovery.run(stop)
             }
         };
         let limits = server::Limits::of(&config);
 
         let (trigger, stop) = shutdown::channel();
-        let router = admin.router(admin::router(routes.clone(), proxy.peers().clone()));
+        let router = admin.router(admin::router(
+            routes.clone(),
+            proxy.peers().clone(),
+            layers.status(),
+        ));
         // Listen now, or, taking over from another process, once the
         // routing table is loaded: see `listen`.
         let (server, admin_task) = if takeover {
@@ -263,6 +283,7 @@ impl App {
                     .follow(routes.subscribe(), stop.clone()),
             ),
             spawn("queue", registrar.clone().drain(stop.clone())),
+            spawn("config-status", reporter.run(layers.status(), stop.clone())),
         ];
         let inbound_server = match (inbound, &config.inbound) {
             (Some(bound), Some(inbound_config)) => {
@@ -299,6 +320,7 @@ impl App {
             inbound_server,
             tasks,
             proxy,
+            layers,
             reloads,
         })
     }
@@ -321,7 +343,8 @@ impl App {
     /// Reloads the route policies (SIGHUP): the config file named by
     /// `args` is read again with `args` over it, as at start, validated
     /// whole, and its `[default_route]` and `[routes.*]` take the place of
-    /// the current ones at once (requests in flight keep theirs). A file
+    /// the current ones at once (requests in flight keep theirs), under
+    /// the node config from mesh-control (see [`node_config`]). A file
     /// that does not load or validate changes nothing. Either way one line
     /// is logged. Other keys take effect at the next start.
     pub fn reload(&self, args: &Args) -> Result<(), String> {
@@ -329,11 +352,12 @@ impl App {
             tracing::info!("no --config file: nothing to reload");
             return Ok(());
         }
-        let result = reload_policies(args);
+        let result = reload_config(args).and_then(|config| {
+            let routes = config.routes.len();
+            self.layers.set_local(config).map(|()| routes)
+        });
         match result {
-            Ok(policies) => {
-                let routes = policies.len();
-                self.proxy.set_policies(policies);
+            Ok(routes) => {
                 self.reloads.applied.increment(1);
                 tracing::info!(routes, "route policies reloaded");
                 Ok(())
@@ -376,11 +400,10 @@ impl App {
     }
 }
 
-/// The policies of the config `args` name, checked whole.
-fn reload_policies(args: &Args) -> Result<Policies, String> {
+/// The config `args` name, checked whole.
+fn reload_config(args: &Args) -> Result<Config, String> {
     let args = mesh_runtime::config::merge(args.clone()).map_err(|e| e.to_string())?;
-    let config = args.validate()?;
-    Policies::from_config(&config)
+    args.validate()
 }
 
 // === impl Reloads ===

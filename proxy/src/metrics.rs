@@ -33,6 +33,8 @@ const PEER_CONNECTIONS: &str = "mesh_proxy_peer_connections";
 const INBOUND_REQUESTS: &str = "mesh_proxy_inbound_requests_total";
 const INBOUND_CONNECTIONS: &str = "mesh_proxy_inbound_connections_total";
 const INBOUND_REFUSED: &str = "mesh_proxy_inbound_refused_total";
+const NODE_CONFIG_VERSION: &str = "mesh_proxy_node_config_version";
+const NODE_CONFIGS: &str = "mesh_proxy_node_configs_total";
 
 /// The service label of the outbound listener's own limits.
 pub const LISTENER: &str = "_listener";
@@ -64,6 +66,12 @@ pub struct ProxyMetrics {
     pub listener_shed_connections: Counter,
     /// Other nodes' proxies known now.
     pub peers: Gauge,
+    /// The node config version in effect (0: none).
+    pub node_config_version: Gauge,
+    /// Node configs from mesh-control applied.
+    pub node_configs_applied: Counter,
+    /// Node configs from mesh-control refused (the last good one kept).
+    pub node_configs_refused: Counter,
 }
 
 /// One peer's handles (another node's proxy), kept in the peer map.
@@ -191,8 +199,19 @@ impl ProxyMetrics {
             INBOUND_REFUSED,
             "Requests the inbound listener answered itself, by reason.",
         );
+        registry.describe_gauge(
+            NODE_CONFIG_VERSION,
+            "The node's config version from mesh-control in effect; 0: none.",
+        );
+        registry.describe_counter(
+            NODE_CONFIGS,
+            "Node config versions from mesh-control, by outcome (applied, refused).",
+        );
         let outcome = |o: &str| registry.counter(REGISTRATIONS, &[("outcome", o)]);
         Self {
+            node_config_version: registry.gauge(NODE_CONFIG_VERSION, &[]),
+            node_configs_applied: registry.counter(NODE_CONFIGS, &[("outcome", "applied")]),
+            node_configs_refused: registry.counter(NODE_CONFIGS, &[("outcome", "refused")]),
             unrouted: Arc::new(ServiceMetrics::new(registry, UNROUTED)),
             services: Mutex::new(HashMap::new()),
             peer_handles: Mutex::new(HashMap::new()),

@@ -558,7 +558,10 @@ mod tests {
         drop(first);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while up.idle_count() > 1 {
-            assert!(tokio::time::Instant::now() < deadline, "the close was never seen");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
             up.sweep_idle();
         }

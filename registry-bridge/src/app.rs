@@ -83,7 +83,8 @@ impl Bridge {
             stale: config.stale_reads,
         };
         let watches = Watches::new(consul, reads, metrics.clone(), shutdown.clone());
-        let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone());
+        let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone())
+            .with_node_config(&config.node);
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
         let hub = discovery.clone();
@@ -152,6 +153,7 @@ fn open_registry(
     let agent = Client::new(&config.consul.first_only())?;
     let path = config.data_dir.join("queue");
     RegistryApi::open(path.clone(), agent, consul, metrics.clone())
+        .map(|api| api.reporting_for(&config.node))
         .map_err(|source| StartError::Queue { path, source })
 }
 

@@ -13,6 +13,13 @@
 //! the last trusted answers, of unknown age. No delta follows it; a fresh
 //! snapshot does, as soon as Consul answers again.
 //!
+//! A stream of the bridge's own node also carries the node's config
+//! version (`mesh/nodes/<node>/routes`, one blocking query while one of
+//! its streams is open): in every snapshot, and in the next message after
+//! it changes. The snapshot waits for it like for the services. Streams
+//! naming another node get none: a bridge serves its own node's proxies,
+//! and a query per foreign name would spend the agent's connections.
+//!
 //! Each change is worked out once for every stream: one hub records it,
 //! encoded, in a shared ledger, and each stream only picks from the
 //! ledger what it follows and changed since its last message (a stream
@@ -32,7 +39,10 @@ use tokio::{sync::watch, time::Instant};
 use tonic::{Request, Status};
 use tracing::Instrument;
 
-use crate::{metrics::BridgeMetrics, watch::Watches};
+use crate::{
+    metrics::BridgeMetrics,
+    watch::{NodeConfigView, Watches},
+};
 
 mod grpc;
 mod hub;
@@ -58,6 +68,8 @@ pub struct DiscoveryApi {
 #[derive(Debug)]
 struct Inner {
     hub: Hub,
+    /// The node whose streams carry its config; `None`: no stream does.
+    node: Option<String>,
     watches: Watches,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
@@ -70,6 +82,8 @@ struct Feed {
     registration: Registration,
     cursor: Cursor,
     changes: watch::Receiver<u64>,
+    /// The node's config; `None` for a stream of another node.
+    config: Option<watch::Receiver<NodeConfigView>>,
     watches: Watches,
     reachability: watch::Receiver<bool>,
     shutdown: Shutdown,
@@ -87,9 +101,26 @@ impl DiscoveryApi {
     pub fn new(watches: Watches, metrics: BridgeMetrics, shutdown: Shutdown) -> Self {
         let inner = Inner {
             hub: Hub::new(watches.clone()),
+            node: None,
             watches,
             metrics,
             shutdown,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The same service, with the streams of `node` carrying its config
+    /// version.
+    pub fn with_node_config(self, node: &str) -> Self {
+        let i = &self.inner;
+        let inner = Inner {
+            hub: i.hub.clone(),
+            node: Some(node.to_owned()),
+            watches: i.watches.clone(),
+            metrics: i.metrics.clone(),
+            shutdown: i.shutdown.clone(),
         };
         Self {
             inner: Arc::new(inner),
@@ -119,7 +150,10 @@ impl DiscoveryApi {
         // Subscribed before registering, so that no change recorded after
         // the ledger is first read goes unnoticed.
         let changes = inner.hub.changes();
+        let node = req.node.trim();
+        let config = (inner.node.as_deref() == Some(node)).then(|| inner.watches.node_config(node));
         let feed = Feed {
+            config,
             registration: inner.hub.register(follow),
             hub: inner.hub.clone(),
             cursor: Cursor::default(),
@@ -168,6 +202,7 @@ impl Feed {
     async fn next(&mut self) -> Option<Vec<bytes::Bytes>> {
         if !self.cursor.started() {
             self.first_answers().await?;
+            self.take_config();
             let reachable = self.watches.reachable();
             let (cursor, follow) = (&mut self.cursor, self.registration.follow());
             let update = self
@@ -177,6 +212,7 @@ impl Feed {
         }
         loop {
             self.changed().await?;
+            self.take_config();
             let reachable = self.watches.reachable();
             let (cursor, follow) = (&mut self.cursor, self.registration.follow());
             if let Some(update) = self
@@ -197,6 +233,7 @@ impl Feed {
             let (all, any) = self
                 .hub
                 .read(|l| (l.all_answered(follow), l.any_answered(follow)));
+            let all = all && self.config.as_ref().is_none_or(|c| c.borrow().answered());
             let late = Instant::now() >= deadline;
             if all || (late && any) {
                 return Some(());
@@ -214,8 +251,19 @@ impl Feed {
         }
     }
 
+    /// Hands the node's config as it is now to the cursor.
+    fn take_config(&mut self) {
+        if let Some(rx) = &mut self.config {
+            let view = rx.borrow_and_update();
+            self.cursor.set_config(view.entry().map(|e| &e.piece));
+        }
+    }
+
     fn sent(&self, update: Update) -> Vec<bytes::Bytes> {
         self.metrics.update_sent(update.snapshot);
+        if update.config {
+            tracing::info!(update = update.version, "node config sent");
+        }
         if update.snapshot {
             tracing::info!(
                 version = update.version,
@@ -227,15 +275,28 @@ impl Feed {
         update.chunks
     }
 
-    /// Waits for a change of the ledger, or of Consul's reachability while
-    /// the last snapshot was stale; `None` on shutdown.
+    /// Waits for a change of the ledger or of the node's config, or of
+    /// Consul's reachability while the last snapshot was stale; `None` on
+    /// shutdown.
     async fn changed(&mut self) -> Option<()> {
         let stale = self.cursor.stale();
         tokio::select! {
             alive = self.changes.changed() => alive.is_ok().then_some(()),
+            () = config_changed(&mut self.config) => Some(()),
             _ = self.reachability.changed(), if stale => Some(()),
             _ = self.shutdown.requested() => None,
         }
+    }
+}
+
+/// Resolves when the node's config view changes; never without one.
+async fn config_changed(config: &mut Option<watch::Receiver<NodeConfigView>>) {
+    let Some(rx) = config else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        // The loop outlives every receiver; no sender means shutdown.
+        std::future::pending::<()>().await;
     }
 }
 

@@ -5,13 +5,16 @@
 //!
 //! - `outbox`: apply now or queue, and the drainer.
 //! - `convert`: checks and converts between `mesh.v1` and Consul's JSON.
+//! - `report`: the proxy's config status (`ReportStatus`) as stored for
+//!   mesh-control.
 
 use std::{path::PathBuf, sync::Arc};
 
 use consul_client::{Client, Error, QueryOptions};
 use mesh_proto::v1::{
     DeregisterRequest, DeregisterResponse, ListInstancesRequest, ListInstancesResponse,
-    RegisterRequest, RegisterResponse, ServiceRegistration, registry_server::Registry,
+    RegisterRequest, RegisterResponse, ReportStatusRequest, ReportStatusResponse,
+    ServiceRegistration, registry_server::Registry,
 };
 use mesh_runtime::shutdown::Shutdown;
 use tonic::{Request, Response, Status};
@@ -20,6 +23,7 @@ use crate::metrics::{BridgeMetrics, CallOutcome};
 
 mod convert;
 mod outbox;
+mod report;
 
 use outbox::{Outbox, Submitted};
 pub use outbox::{OutboxError, QueuedCall};
@@ -33,6 +37,8 @@ pub struct RegistryApi {
     /// Every Consul address: mesh-wide listings.
     consul: Client,
     metrics: BridgeMetrics,
+    /// The node whose proxy reports through this bridge.
+    node: Option<String>,
 }
 
 // === impl RegistryApi ===
@@ -52,7 +58,14 @@ impl RegistryApi {
             agent,
             consul,
             metrics,
+            node: None,
         })
+    }
+
+    /// Takes `ReportStatus` from the proxy of `node` (only).
+    pub fn reporting_for(mut self, node: &str) -> Self {
+        self.node = Some(node.to_owned());
+        self
     }
 
     /// Applies queued calls whenever the agent is reachable, until `shutdown`.
@@ -154,6 +167,30 @@ impl Registry for RegistryApi {
         };
         let instances = instances.map_err(|e| status(&e))?;
         Ok(Response::new(ListInstancesResponse { instances }))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<ReportStatusRequest>,
+    ) -> Result<Response<ReportStatusResponse>, Status> {
+        let req = request.into_inner();
+        if self.node.as_deref() != Some(req.node.trim()) {
+            let serves = self.node.as_deref().unwrap_or("no node");
+            return Err(Status::failed_precondition(format!(
+                "this bridge takes the status of {serves}'s proxy, not of node {:?}",
+                req.node
+            )));
+        }
+        let (version, refused) = (req.version_in_effect, req.refused_version);
+        let (key, value) =
+            report::record(req, report::now_ms()).map_err(Status::invalid_argument)?;
+        // Not queued: a status is only worth its freshness, and the proxy
+        // reports again soon.
+        let result = self.consul.kv_put(&key, &value, None).await;
+        self.metrics.consul_call(&result);
+        result.map_err(|e| status(&e))?;
+        tracing::debug!(%key, version, refused, "proxy status recorded");
+        Ok(Response::new(ReportStatusResponse {}))
     }
 }
 

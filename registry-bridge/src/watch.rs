@@ -1,7 +1,8 @@
 //! Consul watches shared by every subscriber: one blocking-query loop per
-//! watched service (`/v1/health/service/<name>?passing`) and one on the
-//! catalog (`/v1/catalog/services`), each publishing its latest trusted
-//! answer on a `tokio::sync::watch` channel.
+//! watched service (`/v1/health/service/<name>?passing`), one on the
+//! catalog (`/v1/catalog/services`) and one per subscribed node on its
+//! config version (`mesh/nodes/<node>/routes`), each publishing its latest
+//! trusted answer on a `tokio::sync::watch` channel.
 //!
 //! [`Watches::service`] starts a service's loop on its first subscriber and
 //! the loop stops itself when its last receiver is dropped. Every applied
@@ -11,7 +12,7 @@
 //! - `topics`: the map of shared channels and the last-receiver rule.
 //! - `blocking`: Consul's blocking-query rules and the loop that runs them.
 //! - `trust`: which answers may replace what is known.
-//! - `service` / `catalog`: the two kinds of watched data.
+//! - `service` / `catalog` / `node_config`: the kinds of watched data.
 
 use std::{
     collections::BTreeSet,
@@ -29,12 +30,15 @@ use crate::metrics::BridgeMetrics;
 
 mod blocking;
 mod catalog;
+mod node_config;
 mod service;
 mod topics;
 mod trust;
 
 use blocking::Source;
 use topics::Topics;
+
+pub use node_config::{NodeConfigEntry, NodeConfigView};
 
 /// A service's passing endpoints, sorted by node then instance ID.
 pub type Endpoints = Arc<[Endpoint]>;
@@ -68,6 +72,7 @@ pub(crate) struct Hub {
     shutdown: Shutdown,
     services: Topics<ServiceView>,
     catalog: Topics<CatalogView>,
+    configs: Topics<NodeConfigView>,
     changes: watch::Sender<u64>,
     /// Whether the last Consul read of any loop got an answer.
     reachable: watch::Sender<bool>,
@@ -87,6 +92,7 @@ impl Watches {
             shutdown,
             services: Topics::default(),
             catalog: Topics::default(),
+            configs: Topics::default(),
             changes: watch::channel(0).0,
             reachable: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
@@ -109,6 +115,17 @@ impl Watches {
         let (rx, new) = self.hub.catalog.subscribe("");
         if let Some(tx) = new {
             self.spawn(catalog::CatalogSource, tx);
+        }
+        rx
+    }
+
+    /// Subscribes to `node`'s config version, starting its loop if no
+    /// stream of the node watches it yet; the loop stops with the last
+    /// receiver.
+    pub fn node_config(&self, node: &str) -> watch::Receiver<NodeConfigView> {
+        let (rx, new) = self.hub.configs.subscribe(node);
+        if let Some(tx) = new {
+            self.spawn(node_config::NodeConfigSource::new(node), tx);
         }
         rx
     }

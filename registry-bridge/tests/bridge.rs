@@ -512,3 +512,85 @@ async fn a_watch_naming_too_many_services_is_refused_with_the_limit() -> Result<
     assert_eq!(h.bridge.watches().active(), 0, "nothing watched");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_s_config_version_rides_its_stream_and_its_proxy_s_status_is_recorded() {
+    use mesh_proto::v1::ReportStatusRequest;
+    let mut h = Harness::start().await.unwrap();
+    let consul = h.consul_client();
+    let key = "mesh/nodes/test-node/routes";
+    let stored = |number: u64, rendered: &str| {
+        serde_json::json!({"node": "test-node", "number": number, "author": "t",
+            "created_at_ms": 1, "routes": {}, "rendered": rendered, "diff": ""})
+        .to_string()
+    };
+    consul
+        .kv_put(
+            key,
+            stored(1, "[routes.web]\nretries = 1\n").as_bytes(),
+            None,
+        )
+        .await
+        .unwrap();
+    let own = WatchRequest {
+        node: "test-node".into(),
+        services: vec!["web".into()],
+    };
+    let mut stream = h.discovery.watch(own).await.unwrap().into_inner();
+    let first = next(&mut stream).await.unwrap();
+    assert!(matches!(first.kind, Some(Kind::Snapshot(_))), "{first:?}");
+    let config = first
+        .config
+        .expect("the snapshot carries the node's config");
+    assert_eq!(
+        (config.version, config.text.as_str()),
+        (1, "[routes.web]\nretries = 1\n")
+    );
+    assert_eq!(config.sha256.len(), 64, "{}", config.sha256);
+
+    // A new version alone comes as a delta without services that carries it.
+    consul
+        .kv_put(
+            key,
+            stored(2, "[routes.web]\nretries = 2\n").as_bytes(),
+            None,
+        )
+        .await
+        .unwrap();
+    let update = until(&mut stream, |u| u.config.is_some()).await.unwrap();
+    assert_eq!(update.config.unwrap().version, 2);
+
+    // Another node's stream gets none.
+    let mut other = h.watch(&["web"]).await.unwrap();
+    assert_eq!(next(&mut other).await.unwrap().config, None);
+
+    // The proxy's status lands in mesh/status/<node>; another node's is refused.
+    let report = |node: &str| ReportStatusRequest {
+        node: node.into(),
+        version_in_effect: 1,
+        refused_version: 2,
+        reason: "routes.web.retries: 11 is more than 10".into(),
+    };
+    h.registry.report_status(report("test-node")).await.unwrap();
+    let pair = consul
+        .kv_get(
+            "mesh/status/test-node",
+            consul_client::QueryOptions::default(),
+        )
+        .await
+        .unwrap()
+        .value
+        .expect("the status key");
+    let status: serde_json::Value = serde_json::from_slice(&pair.value).unwrap();
+    assert_eq!(status["version_in_effect"], 1, "{status}");
+    assert_eq!(status["refused_version"], 2, "{status}");
+    assert_eq!(status["reason"], "routes.web.retries: 11 is more than 10");
+    assert!(status["at_ms"].as_u64().unwrap_or(0) > 0, "{status}");
+    let e = h
+        .registry
+        .report_status(report("elsewhere"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("\"elsewhere\""), "{}", e.message());
+}

@@ -126,3 +126,38 @@ fn errors_map_to_grpc_and_http_in_one_place() {
     let status = tonic::Status::from(ControlError::NotFound("node \"x\"".into()));
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
+
+#[test]
+fn a_proxy_s_report_says_applied_refused_or_pending_against_the_newest_version() {
+    use crate::store::ProxyReport;
+    assert_eq!(ProxyStatus::of(3, None), ProxyStatus::unknown());
+    let report = |in_effect, refused, reason: &str| ProxyReport {
+        version_in_effect: in_effect,
+        refused_version: refused,
+        reason: reason.into(),
+        at_ms: 1_764_000_000_000,
+    };
+    let applied = ProxyStatus::of(3, Some(&report(3, 0, "")));
+    assert_eq!(
+        (applied.state.as_str(), applied.version_in_effect),
+        ("applied", 3)
+    );
+    assert_eq!(applied.last_seen, "2025-11-24T16:00:00.000Z");
+    let refused = ProxyStatus::of(
+        4,
+        Some(&report(3, 4, "routes.web.retries: 11 is more than 10")),
+    );
+    assert_eq!(
+        (
+            refused.state.as_str(),
+            refused.refused_version,
+            refused.reason.as_str()
+        ),
+        ("refused", 4, "routes.web.retries: 11 is more than 10")
+    );
+    assert_eq!(
+        ProxyStatus::of(5, Some(&report(3, 4, "old"))).state,
+        "pending"
+    );
+    assert_eq!(ProxyStatus::of(0, Some(&report(2, 0, ""))).state, "pending");
+}

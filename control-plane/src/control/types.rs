@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     model::{RouteSpec, Version, rfc3339},
     render::{Format, Upstreams},
+    store::ProxyReport,
 };
 
 /// Which replica answers and which one leads.
@@ -45,12 +46,20 @@ pub struct NodeInfo {
 /// What a node's proxy last reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyStatus {
-    /// `unknown` until proxies report their config version.
+    /// `unknown` until the proxy reports; then `applied` (the node's
+    /// newest version is in effect), `refused` (the proxy refused the
+    /// newest version and keeps an older one) or `pending`.
     pub state: String,
-    /// The config version in effect; 0: unknown.
+    /// The config version in effect; 0: none or unknown.
     pub version_in_effect: u64,
     /// When the proxy last reported (RFC 3339); empty: never.
     pub last_seen: String,
+    /// The newest version the proxy refused; 0: none.
+    #[serde(default)]
+    pub refused_version: u64,
+    /// Why it refused it.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// A service of Consul's catalog.
@@ -256,6 +265,30 @@ impl ProxyStatus {
             state: "unknown".into(),
             version_in_effect: 0,
             last_seen: String::new(),
+            refused_version: 0,
+            reason: String::new(),
+        }
+    }
+
+    /// The status of a node whose newest config version is `current`
+    /// (0: none), from its proxy's last `report`.
+    pub fn of(current: u64, report: Option<&ProxyReport>) -> Self {
+        let Some(report) = report else {
+            return Self::unknown();
+        };
+        let state = if report.version_in_effect == current {
+            "applied"
+        } else if current != 0 && report.refused_version == current {
+            "refused"
+        } else {
+            "pending"
+        };
+        Self {
+            state: state.into(),
+            version_in_effect: report.version_in_effect,
+            last_seen: rfc3339(report.at_ms),
+            refused_version: report.refused_version,
+            reason: report.reason.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@ mod agent;
 mod drain;
 mod dump;
 mod hygiene;
+mod node_config;
 mod peers;
 mod protocols;
 mod reload;

@@ -85,6 +85,8 @@ pub struct BridgeState {
     pub registered: Mutex<Vec<pb::ServiceRegistration>>,
     pub deregistered: Mutex<Vec<String>>,
     pub reply: Mutex<Reply>,
+    /// Config statuses the proxy reported.
+    pub reports: Mutex<Vec<pb::ReportStatusRequest>>,
 }
 
 /// A tonic server implementing `mesh.v1.Registry` and `mesh.v1.Discovery`.
@@ -112,6 +114,7 @@ impl FakeBridge {
             registered: Mutex::new(Vec::new()),
             deregistered: Mutex::new(Vec::new()),
             reply: Mutex::new(Reply::Applied),
+            reports: Mutex::new(Vec::new()),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -143,6 +146,30 @@ impl FakeBridge {
         let removed = removed.into_iter().map(str::to_owned).collect();
         self.state
             .send(Kind::Delta(pb::Delta { upserted, removed }));
+    }
+
+    /// Sends the node's config version `version` with `text` in a delta
+    /// without services, as the bridge does when only the config changed.
+    pub fn send_config(&self, version: u64, text: &str) {
+        use sha2::Digest;
+        let config = pb::NodeConfig {
+            version,
+            text: text.to_owned(),
+            sha256: hex::encode(sha2::Sha256::digest(text.as_bytes())),
+        };
+        let update = pb::RouteUpdate {
+            version: self.state.version.fetch_add(1, Ordering::SeqCst) + 1,
+            kind: Some(Kind::Delta(pb::Delta::default())),
+            stale: false,
+            config: Some(config),
+        };
+        let mut subs = self.state.subscribers.lock().unwrap();
+        subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
+    }
+
+    /// Config statuses the proxy reported so far.
+    pub fn reports(&self) -> Vec<pb::ReportStatusRequest> {
+        self.state.reports.lock().unwrap().clone()
     }
 
     /// Marks the snapshots sent from now on as stale (Consul unreachable).
@@ -188,6 +215,7 @@ impl BridgeState {
             version: self.version.fetch_add(1, Ordering::SeqCst) + 1,
             kind: Some(kind),
             stale: self.stale.load(Ordering::SeqCst),
+            config: None,
         };
         let mut subs = self.subscribers.lock().unwrap();
         subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
@@ -237,6 +265,14 @@ impl RegistryApi for BridgeState {
         let instances = self.registered.lock().unwrap().clone();
         Ok(GrpcResponse::new(pb::ListInstancesResponse { instances }))
     }
+
+    async fn report_status(
+        &self,
+        request: tonic::Request<pb::ReportStatusRequest>,
+    ) -> Result<GrpcResponse<pb::ReportStatusResponse>, Status> {
+        self.reports.lock().unwrap().push(request.into_inner());
+        Ok(GrpcResponse::new(pb::ReportStatusResponse {}))
+    }
 }
 
 #[tonic::async_trait]
@@ -254,6 +290,7 @@ impl Discovery for BridgeState {
             version: self.version.fetch_add(1, Ordering::SeqCst) + 1,
             kind: Some(Kind::Snapshot(pb::Snapshot { services })),
             stale: self.stale.load(Ordering::SeqCst),
+            config: None,
         };
         tx.try_send(Ok(first)).unwrap();
         self.subscribers.lock().unwrap().push(tx);

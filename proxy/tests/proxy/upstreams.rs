@@ -312,6 +312,13 @@ impl RegistryApi for GrpcApi {
     ) -> Result<tonic::Response<pb::ListInstancesResponse>, Status> {
         Err(Status::unimplemented("not here"))
     }
+
+    async fn report_status(
+        &self,
+        _request: tonic::Request<pb::ReportStatusRequest>,
+    ) -> Result<tonic::Response<pb::ReportStatusResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
 }
 
 #[tonic::async_trait]
@@ -335,6 +342,7 @@ impl Discovery for GrpcApi {
                         }],
                     })),
                     stale: false,
+                    config: None,
                 };
                 if tx.send(Ok(update)).await.is_err() {
                     return;

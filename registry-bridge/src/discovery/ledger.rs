@@ -58,6 +58,10 @@ pub(crate) struct Cursor {
     version: u64,
     seq: u64,
     stale: bool,
+    /// The node's config, as the `config` field of a message.
+    config: Option<Bytes>,
+    /// `config` changed since the stream last sent it.
+    config_unsent: bool,
 }
 
 /// One message for one stream, ready to send.
@@ -71,6 +75,8 @@ pub(crate) struct Update {
     pub(crate) stale: bool,
     /// Services carried (upserted and removed, for a delta).
     pub(crate) services: usize,
+    /// The node's config rides along.
+    pub(crate) config: bool,
     /// The gRPC message, in chunks.
     pub(crate) chunks: Vec<Bytes>,
 }
@@ -397,6 +403,16 @@ impl Cursor {
         self.stale
     }
 
+    /// The node's config (its encoded `config` field) as it is now: every
+    /// snapshot carries it, and the next message after it changed.
+    pub(crate) fn set_config(&mut self, config: Option<&Bytes>) {
+        if self.config.as_ref() == config {
+            return;
+        }
+        self.config = config.cloned();
+        self.config_unsent = config.is_some();
+    }
+
     /// A snapshot of what `follow` sees now; stale unless `reachable`.
     pub(crate) fn snapshot(
         &mut self,
@@ -407,13 +423,15 @@ impl Cursor {
         let (body, services) = ledger.snapshot(follow);
         self.seq = ledger.seq();
         self.stale = !reachable;
+        self.config_unsent = self.config.is_some();
         self.message(true, body, services)
     }
 
     /// The next message after a change: a delta of what changed for
     /// `follow`, or a snapshot when the stream fell behind the log or its
     /// last snapshot was stale and Consul is back; `None` when there is
-    /// nothing to send.
+    /// nothing to send. A changed config with no service change goes as a
+    /// delta without services.
     pub(crate) fn next(
         &mut self,
         ledger: &mut Ledger,
@@ -433,7 +451,7 @@ impl Cursor {
                 removed,
             } => {
                 self.seq = seq;
-                if upserted.is_empty() && removed.is_empty() {
+                if upserted.is_empty() && removed.is_empty() && !self.config_unsent {
                     return None;
                 }
                 let services = upserted.len() + removed.len();
@@ -445,12 +463,16 @@ impl Cursor {
 
     fn message(&mut self, snapshot: bool, body: Bytes, services: usize) -> Update {
         self.version += 1;
+        let config = std::mem::take(&mut self.config_unsent)
+            .then_some(self.config.as_ref())
+            .flatten();
         Update {
             version: self.version,
             snapshot,
             stale: self.stale,
             services,
-            chunks: wire::frame(self.version, snapshot, body, self.stale),
+            config: config.is_some(),
+            chunks: wire::frame(self.version, snapshot, body, self.stale, config),
         }
     }
 }

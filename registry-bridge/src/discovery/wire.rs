@@ -5,7 +5,9 @@
 //! `Snapshot` or a `Delta` carries it in (both list services as field 1),
 //! and every stream's message refers to that piece instead of encoding
 //! the service again. A snapshot of every service is one piece shared by
-//! every stream that sends it at the same point of the change log.
+//! every stream that sends it at the same point of the change log. A
+//! node's config is one piece too (see [`crate::watch::NodeConfigEntry`]),
+//! shared by every stream of that node.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use mesh_proto::v1::{Delta, Endpoint, RouteUpdate, ServiceEndpoints, Snapshot};
@@ -61,24 +63,31 @@ pub(crate) fn delta_body(upserted: &[Bytes], removed: &[String]) -> Bytes {
 }
 
 /// The chunks of one gRPC message holding a `RouteUpdate`: `snapshot`
-/// tells whether `body` is a `Snapshot` or a `Delta`.
-pub(crate) fn frame(version: u64, snapshot: bool, body: Bytes, stale: bool) -> Vec<Bytes> {
+/// tells whether `body` is a `Snapshot` or a `Delta`; `config` is the
+/// encoded `config` field, when the message carries one.
+pub(crate) fn frame(
+    version: u64,
+    snapshot: bool,
+    body: Bytes,
+    stale: bool,
+    config: Option<&Bytes>,
+) -> Vec<Bytes> {
     let version_field = RouteUpdate {
         version,
-        kind: None,
-        stale: false,
+        ..RouteUpdate::default()
     }
     .encode_to_vec();
     let key = if snapshot { SNAPSHOT_KEY } else { DELTA_KEY };
     let kind_len = 1 + prost::length_delimiter_len(body.len()) + body.len();
     let stale_field: &[u8] = if stale { &STALE_TRUE } else { &[] };
-    let len = version_field.len() + kind_len + stale_field.len();
+    let config_len = config.map_or(0, Bytes::len);
+    let len = version_field.len() + kind_len + stale_field.len() + config_len;
     // A catalog would need millions of services to come near 4 GiB; no
     // gRPC peer takes such a message anyway.
     let len32 = u32::try_from(len).expect("a route update is under 4 GiB");
 
-    let whole = body.len() < COPY_BELOW;
-    let head_len = GRPC_PREFIX + len - if whole { 0 } else { body.len() };
+    let whole = body.len() + config_len < COPY_BELOW;
+    let head_len = GRPC_PREFIX + len - if whole { 0 } else { body.len() + config_len };
     let mut head = BytesMut::with_capacity(head_len);
     head.put_u8(0);
     head.put_u32(len32);
@@ -89,12 +98,16 @@ pub(crate) fn frame(version: u64, snapshot: bool, body: Bytes, stale: bool) -> V
     if whole {
         head.put_slice(&body);
         head.put_slice(stale_field);
+        if let Some(config) = config {
+            head.put_slice(config);
+        }
         return vec![head.freeze()];
     }
     let mut chunks = vec![head.freeze(), body];
     if stale {
         chunks.push(Bytes::from_static(&STALE_TRUE));
     }
+    chunks.extend(config.cloned());
     chunks
 }
 
@@ -148,11 +161,12 @@ pub(crate) mod tests {
         for stale in [false, true] {
             let services = vec![service("api", &[]), service("web", &["a", "b"])];
             let body = concat(&services.iter().map(piece).collect::<Vec<_>>());
-            let chunks = frame(7, true, body, stale);
+            let chunks = frame(7, true, body, stale, None);
             let expected = RouteUpdate {
                 version: 7,
                 kind: Some(Kind::Snapshot(Snapshot { services })),
                 stale,
+                config: None,
             };
             assert_eq!(concat(&chunks), prost_framed(&expected));
         }
@@ -163,19 +177,51 @@ pub(crate) mod tests {
         let upserted = vec![service("web", &["a"])];
         let removed = vec!["gone".to_owned(), "old".to_owned()];
         let body = delta_body(&upserted.iter().map(piece).collect::<Vec<_>>(), &removed);
-        let chunks = frame(300, false, body, false);
+        let chunks = frame(300, false, body, false, None);
         assert_eq!(chunks.len(), 1, "a small delta is one buffer");
         let expected = RouteUpdate {
             version: 300,
             kind: Some(Kind::Delta(Delta { upserted, removed })),
             stale: false,
+            config: None,
         };
         assert_eq!(concat(&chunks), prost_framed(&expected));
     }
 
     #[test]
+    fn a_config_rides_along_as_prost_encodes_it() {
+        let entry = crate::watch::NodeConfigEntry::new(4, "[routes.web]\nretries = 1\n".into());
+        for (snapshot, stale, services) in [(true, true, 2), (false, false, 0), (true, false, 600)]
+        {
+            let services: Vec<_> = (0..services)
+                .map(|i| service(&format!("svc-{i:04}"), &["a", "b"]))
+                .collect();
+            let pieces: Vec<_> = services.iter().map(piece).collect();
+            let (body, kind) = if snapshot {
+                (concat(&pieces), Kind::Snapshot(Snapshot { services }))
+            } else {
+                (
+                    delta_body(&pieces, &[]),
+                    Kind::Delta(Delta {
+                        upserted: services,
+                        removed: Vec::new(),
+                    }),
+                )
+            };
+            let chunks = frame(9, snapshot, body, stale, Some(&entry.piece));
+            let expected = RouteUpdate {
+                version: 9,
+                kind: Some(kind),
+                stale,
+                config: Some(entry.config.clone()),
+            };
+            assert_eq!(concat(&chunks), prost_framed(&expected));
+        }
+    }
+
+    #[test]
     fn an_empty_snapshot_is_still_a_snapshot() {
-        let update = decode(&frame(1, true, Bytes::new(), true));
+        let update = decode(&frame(1, true, Bytes::new(), true, None));
         assert_eq!(update.kind, Some(Kind::Snapshot(Snapshot::default())));
         assert!(update.stale);
     }
@@ -186,7 +232,7 @@ pub(crate) mod tests {
         let services: Vec<_> = names.iter().map(|n| service(n, &["a", "b"])).collect();
         let body = concat(&services.iter().map(piece).collect::<Vec<_>>());
         assert!(body.len() > COPY_BELOW);
-        let chunks = frame(2, true, body.clone(), true);
+        let chunks = frame(2, true, body.clone(), true, None);
         assert_eq!(chunks[1].as_ptr(), body.as_ptr(), "the same buffer");
         let update = decode(&chunks);
         let Some(Kind::Snapshot(s)) = update.kind else {

@@ -181,7 +181,7 @@ fn a_subscriber_that_falls_behind_the_log_gets_a_snapshot_with_the_next_version(
     let mut probe = Cursor {
         version: 1,
         seq: slow.seq,
-        stale: false,
+        ..Cursor::default()
     };
     assert!(matches!(
         read(&probe.next(&mut ledger, &follow, true).expect("an update")),
@@ -366,4 +366,46 @@ fn streams_following_all_share_one_snapshot_buffer() {
         a.chunks[1].as_ptr(),
         "a change makes a new one"
     );
+}
+
+#[test]
+fn the_config_rides_in_every_snapshot_and_once_after_each_change() {
+    let mut ledger = ledger_with(&[("web", &["a"])]);
+    let follow = named(&["web"]);
+    let mut cursor = Cursor::default();
+    let config_of = |update: &Update| decode(&update.chunks).config.map(|c| c.version);
+    let v1 = crate::watch::NodeConfigEntry::new(1, "a".into());
+    cursor.set_config(Some(&v1.piece));
+    let first = cursor.snapshot(&mut ledger, &follow, true);
+    assert_eq!((first.config, config_of(&first)), (true, Some(1)));
+
+    // Unchanged: nothing to send, and a service change goes without it.
+    cursor.set_config(Some(&v1.piece));
+    assert!(cursor.next(&mut ledger, &follow, true).is_none());
+    ledger.answer("web", eps(&["a", "b"]));
+    let delta = cursor.next(&mut ledger, &follow, true).expect("a delta");
+    assert_eq!(config_of(&delta), None);
+
+    // A new version alone: a delta without services that carries it.
+    let v2 = crate::watch::NodeConfigEntry::new(2, "b".into());
+    cursor.set_config(Some(&v2.piece));
+    let alone = cursor.next(&mut ledger, &follow, true).expect("the config");
+    assert_eq!(read(&alone), Msg::Delta(3, Vec::new(), Vec::new()));
+    assert_eq!(config_of(&alone), Some(2));
+    assert!(
+        cursor.next(&mut ledger, &follow, true).is_none(),
+        "sent once"
+    );
+
+    // A stale snapshot carries it too, and the fresh one after it again.
+    let stale = cursor.snapshot(&mut ledger, &follow, false);
+    assert_eq!(config_of(&stale), Some(2));
+    let fresh = cursor.next(&mut ledger, &follow, true).expect("fresh");
+    assert_eq!((fresh.snapshot, config_of(&fresh)), (true, Some(2)));
+
+    // No config at all: none rides, and nothing is sent for it.
+    let mut bare = Cursor::default();
+    bare.set_config(None);
+    assert_eq!(config_of(&bare.snapshot(&mut ledger, &follow, true)), None);
+    assert!(bare.next(&mut ledger, &follow, true).is_none());
 }
