@@ -1,7 +1,7 @@
 //! The running mesh-control: builds everything from a [`Config`], binds the
-//! gRPC and HTTP listeners, owns the tasks (leader lock, readiness, both
-//! servers), and drains them on shutdown, releasing the leader lock so
-//! another replica takes it at once.
+//! gRPC and HTTP listeners, owns the tasks (leader lock, readiness, the
+//! dashboard's state, both servers), and drains them on shutdown,
+//! releasing the leader lock so another replica takes it at once.
 
 use std::{io, net::SocketAddr, time::Duration};
 
@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::{
     config::Config,
     control::{Control, ControlParts},
+    dashboard::{ConsulSource, Dashboard, Publisher},
     grpc::ControlApi,
     leader::{Elector, LeaderInfo, LeaderState},
     metrics::ControlMetrics,
@@ -79,7 +80,7 @@ impl ControlPlane {
         let (elector, leader) =
             Elector::new(consul.clone(), me, config.leader_ttl, metrics.clone());
         let control = Control::new(ControlParts {
-            consul,
+            consul: consul.clone(),
             nginx: config.nginx.clone(),
             bridge_port: config.bridge_port,
             replica: config.replica.clone(),
@@ -100,8 +101,18 @@ impl ControlPlane {
             ControlApi::new(control.clone()),
             shutdown.clone(),
         ));
+        let (publisher, subscriptions) = Publisher::new();
+        tasks.spawn(
+            publisher
+                .run(
+                    ConsulSource::new(control.clone(), consul, leader.clone()),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("dashboard")),
+        );
+        let dashboard = Dashboard::new(subscriptions, shutdown.clone());
         let router = admin
-            .router(rest::router(control))
+            .router(rest::router(control).merge(dashboard.router()))
             .layer(middleware::from_fn_with_state(
                 leader.clone(),
                 ready_names_leader,

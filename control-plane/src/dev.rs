@@ -176,6 +176,7 @@ async fn start(
         format!(
             "mesh-control HTTP     http://{CONTROL_HTTP}  (REST /v1/nodes ..., /metrics /ready /live)"
         ),
+        format!("dashboard             http://{CONTROL_HTTP}/"),
     ];
     if config.demo {
         table.extend(start_demo(bins, logs, group, &http).await?);

@@ -15,6 +15,7 @@
 //! - [`template`]: the small template language of the nginx template.
 //! - [`diff`]: unified diffs between versions.
 //! - [`control`]: the calls, whatever the transport; [`grpc`] and [`rest`] serve them.
+//! - [`dashboard`]: the web dashboard on the HTTP listener, live over Server-Sent Events.
 //! - [`error`]: what a call fails with, mapped to gRPC and HTTP in one place.
 //! - [`metrics`]: mesh-control's Prometheus metrics.
 //! - [`config`]: mesh-control's flags, environment and TOML into a checked config.
@@ -31,6 +32,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod dashboard;
 pub mod demo;
 pub mod dev;
 pub mod diff;

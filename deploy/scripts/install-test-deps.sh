@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, where it is
 # missing: Consul (deploy/scripts/install-consul.sh), promtool (Debian's
-# `prometheus` package) and Debian's nginx. Prints `export` lines for the
-# environment the tests read (MESH_CONSUL_BIN).
+# `prometheus` package), Debian's nginx and Debian's Chromium. Prints
+# `export` lines for the environment the tests read (MESH_CONSUL_BIN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -10,10 +10,12 @@ consul=$(bash "$here/install-consul.sh" | tail -n 1)
 echo "export MESH_CONSUL_BIN=$consul"
 
 # promtool (Debian's `prometheus` package) checks the /metrics pages;
-# nginx (Debian's) checks the nginx.conf mesh-control renders.
+# nginx (Debian's) checks the nginx.conf mesh-control renders; headless
+# Chromium (Debian's) loads the dashboard as a person would.
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-test-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2

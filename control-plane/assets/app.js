@@ -1,0 +1,346 @@
+// The Meshwork dashboard: renders the state mesh-control pushes on
+// /v1/events (Server-Sent Events), live, without a reload.
+//
+// Everything shown comes from the mesh (node and service names, tags,
+// check outputs, authors, diffs), so the page is built with DOM calls and
+// text nodes only: no HTML is ever parsed from data. Links are in-page
+// (#/...) and built from encoded names.
+'use strict';
+
+(function () {
+  // --- state ---------------------------------------------------------------
+
+  /** The newest snapshot received (see dashboard::state::Snapshot). */
+  let snapshot = null;
+  /** Diffs of versions by "node\nnumber": versions never change once stored. */
+  const diffs = new Map();
+
+  // --- DOM helpers: text only ----------------------------------------------
+
+  /**
+   * An element with attributes and children. Children are nodes, or values
+   * shown as text; arrays are flattened; null and undefined are skipped.
+   * Event-handler attributes are refused, and href must stay in the page.
+   */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (/^on/i.test(name)) throw new Error('event handler attributes are not allowed: ' + name);
+      if (name === 'href' && !String(value).startsWith('#')) throw new Error('only in-page links: ' + value);
+      if (name === 'class') node.className = String(value);
+      else node.setAttribute(name, String(value));
+    }
+    append(node, children);
+    return node;
+  }
+
+  function append(node, children) {
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      if (Array.isArray(child)) append(node, child);
+      else if (child instanceof Node) node.appendChild(child);
+      else node.appendChild(document.createTextNode(String(child)));
+    }
+  }
+
+  function badge(word, kind) {
+    return el('span', { class: 'badge ' + String(kind || word).replace(/[^a-z-]/g, '') }, word);
+  }
+
+  function table(headers, rows) {
+    return el('table', {},
+      el('thead', {}, el('tr', {}, headers.map((h) => el('th', {}, h)))),
+      el('tbody', {}, rows));
+  }
+
+  function facts(pairs) {
+    return el('dl', { class: 'facts' },
+      pairs.filter((p) => p).map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)]));
+  }
+
+  function nodeHref(name) {
+    return '#/nodes/' + encodeURIComponent(name);
+  }
+
+  function versionHref(name, number) {
+    return nodeHref(name) + '/versions/' + encodeURIComponent(number);
+  }
+
+  /** "2026-05-01T12:00:00.250Z" as "2026-05-01 12:00:00 UTC"; empty: `none`. */
+  function when(iso, none) {
+    if (!iso) return none;
+    return String(iso).replace('T', ' ').replace(/(\.\d+)?Z$/, ' UTC');
+  }
+
+  // --- routing ---------------------------------------------------------------
+
+  /** The page the hash names: {page, node?, version?}. */
+  function route() {
+    const parts = location.hash.replace(/^#\/?/, '').split('/').map((p) => {
+      try { return decodeURIComponent(p); } catch (e) { return p; }
+    });
+    if (parts[0] === 'nodes' && parts[1]) {
+      const version = parts[2] === 'versions' && /^\d+$/.test(parts[3] || '') ? Number(parts[3]) : null;
+      return { page: 'node', node: parts[1], version };
+    }
+    if (parts[0] === 'services' || parts[0] === 'rollouts') return { page: parts[0] };
+    return { page: 'nodes' };
+  }
+
+  // --- pages -----------------------------------------------------------------
+
+  function nodesPage(s) {
+    const rows = s.nodes.map((n) => el('tr', {},
+      el('td', {}, el('a', { href: nodeHref(n.name) }, n.name)),
+      el('td', {}, n.address),
+      el('td', {}, n.datacenter),
+      el('td', {}, badge(n.agent)),
+      el('td', { title: refusal(n) || null }, badge(n.proxy.state)),
+      el('td', { class: 'num' }, n.routes_version ? n.routes_version : 'none'),
+      el('td', { class: 'num' }, inEffect(n)),
+      el('td', {}, when(n.proxy.last_seen, 'never')),
+      el('td', { class: 'num' }, n.instances)));
+    return [
+      el('h1', {}, 'Nodes ', el('span', { class: 'count' }, '(' + s.nodes.length + ')')),
+      s.nodes.length
+        ? table(['Node', 'Address', 'Datacenter', 'Agent', 'Proxy', 'Config version',
+          'In effect', 'Last seen', 'Instances'], rows)
+        : el('p', { class: 'empty' }, 'No nodes in Consul\'s catalog.'),
+    ];
+  }
+
+  /** The version a node's proxy runs, and whether it is the newest. */
+  function inEffect(n) {
+    const v = n.proxy.version_in_effect;
+    if (!v) return 'unknown';
+    if (n.routes_version && v < n.routes_version) return [String(v) + ' ', badge('behind')];
+    return String(v);
+  }
+
+  /** Which version the node's proxy refused and why; empty when none. */
+  function refusal(n) {
+    if (!n.proxy.refused_version) return '';
+    return 'version ' + n.proxy.refused_version + ' refused' + (n.proxy.reason ? ': ' + n.proxy.reason : '');
+  }
+
+  function nodePage(s, name, selected) {
+    const n = s.nodes.find((x) => x.name === name);
+    const history = s.routes[name];
+    const crumbs = el('div', { class: 'crumbs' }, el('a', { href: '#/nodes' }, 'Nodes'), ' / ', name);
+    if (!n) {
+      return [crumbs, el('h1', {}, 'Node ' + name),
+        el('p', { class: 'empty' }, 'Node ' + name + ' is not in Consul\'s catalog.')];
+    }
+    return [
+      crumbs,
+      el('h1', {}, 'Node ' + name),
+      facts([
+        ['Address', n.address],
+        ['Datacenter', n.datacenter],
+        ['Agent', badge(n.agent)],
+        ['Proxy', badge(n.proxy.state)],
+        ['Config version', n.routes_version ? String(n.routes_version) : 'none'],
+        ['Version in effect', inEffect(n)],
+        n.proxy.refused_version ? ['Refused', refusal(n)] : null,
+        ['Last seen', when(n.proxy.last_seen, 'never')],
+        ['Instances', String(n.instances)],
+      ]),
+      routesSection(history),
+      history ? versionsSection(name, history, selected || history.version) : null,
+    ];
+  }
+
+  function routesSection(history) {
+    if (!history) {
+      return [el('h2', {}, 'Routes'),
+        el('p', { class: 'empty' }, 'No routes yet: this node\'s proxy runs with the defaults.')];
+    }
+    const names = Object.keys(history.routes).sort();
+    const rows = names.map((svc) => {
+      const r = history.routes[svc];
+      const weights = Object.entries(r.weights || {}).map(([k, w]) => el('span', { class: 'tag' }, k + '=' + w));
+      const hash = r.hash_header ? 'header ' + r.hash_header : r.hash_cookie ? 'cookie ' + r.hash_cookie : '';
+      return el('tr', {},
+        el('td', {}, svc),
+        el('td', {}, r.timeout || 'default'),
+        el('td', {}, r.per_try_timeout || 'default'),
+        el('td', { class: 'num' }, r.retries === undefined ? 'default' : r.retries),
+        el('td', {}, r.lb || 'default'),
+        el('td', {}, weights.length ? weights : ''),
+        el('td', {}, hash));
+    });
+    return [
+      el('h2', {}, 'Routes ', el('span', { class: 'count' },
+        '\u2014 version ' + history.version + ', revision ' + history.revision)),
+      names.length
+        ? table(['Service', 'Timeout', 'Per-try timeout', 'Retries', 'Load balancing', 'Weights', 'Hash on'], rows)
+        : el('p', { class: 'empty' }, 'Version ' + history.version + ' has no routes.'),
+    ];
+  }
+
+  function versionsSection(name, history, selected) {
+    const rows = history.versions.map((v) => el('tr', { class: v.number === selected ? 'selected' : null },
+      el('td', { class: 'num' }, el('a', { href: versionHref(name, v.number) }, 'version ' + v.number)),
+      el('td', {}, v.author),
+      el('td', {}, when(v.created_at, '')),
+      el('td', { class: 'num' }, v.routes)));
+    const shown = history.versions.length < history.versions_total
+      ? 'newest ' + history.versions.length + ' of ' + history.versions_total
+      : String(history.versions_total);
+    return [
+      el('h2', {}, 'Versions ', el('span', { class: 'count' }, '(' + shown + ')')),
+      table(['Version', 'Author', 'Created', 'Routes'], rows),
+      el('h2', {}, 'Diff of version ' + selected,
+        el('span', { class: 'count' }, selected > 1 ? ' against version ' + (selected - 1) : '')),
+      diffView(name, selected),
+    ];
+  }
+
+  function diffView(name, number) {
+    const entry = loadDiff(name, number);
+    if (entry.status === 'loading') return el('p', { class: 'empty' }, 'Loading the diff\u2026');
+    if (entry.status === 'error') return el('p', { class: 'empty' }, 'The diff could not be read: ' + entry.error);
+    if (!entry.diff) return el('p', { class: 'empty' }, 'No change against the previous version.');
+    const lines = entry.diff.replace(/\n$/, '').split('\n');
+    return el('pre', { class: 'diff' }, lines.map((line) => el('span', { class: diffClass(line) }, line)));
+  }
+
+  function diffClass(line) {
+    if (line.startsWith('+++') || line.startsWith('---')) return 'meta';
+    if (line.startsWith('@@')) return 'hunk';
+    if (line.startsWith('+')) return 'add';
+    if (line.startsWith('-')) return 'del';
+    return 'ctx';
+  }
+
+  /** A version's diff from the REST API, fetched once and kept. */
+  function loadDiff(name, number) {
+    const key = name + '\n' + number;
+    let entry = diffs.get(key);
+    if (entry) return entry;
+    entry = { status: 'loading' };
+    diffs.set(key, entry);
+    fetch('/v1/nodes/' + encodeURIComponent(name) + '/versions/' + encodeURIComponent(number),
+      { headers: { accept: 'application/json' }, cache: 'no-store' })
+      .then((r) => r.json().then((body) => {
+        if (!r.ok) throw new Error(body.error || ('HTTP ' + r.status));
+        return body;
+      }))
+      .then((v) => { entry.status = 'ok'; entry.diff = v.diff; })
+      .catch((e) => { entry.status = 'error'; entry.error = String((e && e.message) || e); })
+      .then(render);
+    return entry;
+  }
+
+  function servicesPage(s) {
+    const sections = s.services.map((svc) => {
+      const passing = svc.instances.filter((i) => i.health === 'passing').length;
+      const rows = svc.instances.map((i) => el('tr', {},
+        el('td', {}, i.id),
+        el('td', {}, el('a', { href: nodeHref(i.node) }, i.node)),
+        el('td', {}, i.address + ':' + i.port),
+        el('td', {}, tags(i.tags), meta(i.meta)),
+        el('td', {}, badge(i.health)),
+        el('td', {}, el('ul', { class: 'checks' }, i.checks.map((c) =>
+          el('li', { title: c.output || null }, c.id + ': ', badge(c.status)))))));
+      return el('section', { class: 'service' },
+        el('h2', {}, svc.name),
+        el('p', { class: 'summary' },
+          svc.instances.length + (svc.instances.length === 1 ? ' instance, ' : ' instances, ') + passing + ' passing',
+          svc.tags.length ? ' \u00b7 tags ' : '', tags(svc.tags)),
+        svc.instances.length
+          ? table(['Instance', 'Node', 'Address', 'Tags and meta', 'Health', 'Checks'], rows)
+          : el('p', { class: 'empty' }, 'No instances.'));
+    });
+    return [
+      el('h1', {}, 'Services ', el('span', { class: 'count' }, '(' + s.services.length + ')')),
+      sections.length ? sections : el('p', { class: 'empty' }, 'No services in Consul\'s catalog.'),
+    ];
+  }
+
+  function tags(list) {
+    return (list || []).map((t) => el('span', { class: 'tag' }, t));
+  }
+
+  function meta(map) {
+    return Object.entries(map || {}).map(([k, v]) => el('span', { class: 'tag' }, k + '=' + v));
+  }
+
+  function rolloutsPage(s) {
+    const rollouts = s.rollouts || [];
+    if (!rollouts.length) {
+      return [
+        el('h1', {}, 'Rollouts'),
+        el('p', { class: 'empty' }, 'No rollouts yet.'),
+        el('p', { class: 'empty' },
+          'A rollout brings a config version to the nodes step by step (a canary first, then batches, ' +
+          'each gated on health); it shows here as it runs.'),
+      ];
+    }
+    // Whatever fields a rollout has, shown as they come.
+    return [
+      el('h1', {}, 'Rollouts ', el('span', { class: 'count' }, '(' + rollouts.length + ')')),
+      rollouts.map((r, k) => el('section', { class: 'service' },
+        el('h2', {}, 'Rollout ' + (r.id !== undefined ? r.id : k + 1)),
+        facts(Object.entries(r).map(([key, value]) =>
+          [key, typeof value === 'object' ? JSON.stringify(value) : String(value)])))),
+    ];
+  }
+
+  // --- rendering -------------------------------------------------------------
+
+  function render() {
+    const r = route();
+    for (const a of document.querySelectorAll('#nav a')) {
+      const page = r.page === 'node' ? 'nodes' : r.page;
+      a.classList.toggle('active', a.getAttribute('data-page') === page);
+    }
+    if (!snapshot) return;
+    const s = snapshot;
+    let content;
+    if (r.page === 'node') content = nodePage(s, r.node, r.version);
+    else if (r.page === 'services') content = servicesPage(s);
+    else if (r.page === 'rollouts') content = rolloutsPage(s);
+    else content = nodesPage(s);
+    const main = document.getElementById('main');
+    main.replaceChildren(...[content].flat(Infinity).filter((x) => x));
+
+    const banner = document.getElementById('banner');
+    banner.hidden = !s.error;
+    banner.textContent = s.error
+      ? 'mesh-control cannot read the mesh\'s state: ' + s.error + '. Showing the last state read.'
+      : '';
+
+    const st = s.status;
+    const leader = st.leader ? 'leader ' + st.leader + (st.is_leader ? ' (this replica)' : '') : 'no leader';
+    document.getElementById('footer').textContent =
+      'Replica ' + st.replica + ' \u00b7 ' + leader + ' \u00b7 updated ' + when(s.updated_at, 'never');
+    document.title = 'Meshwork \u00b7 ' + (r.page === 'node' ? r.node : r.page);
+  }
+
+  function setConnection(word) {
+    const conn = document.getElementById('conn');
+    conn.textContent = word;
+    conn.className = 'conn ' + word;
+  }
+
+  // --- live updates ----------------------------------------------------------
+
+  function connect() {
+    const events = new EventSource('/v1/events');
+    events.addEventListener('open', () => setConnection('live'));
+    events.addEventListener('error', () => setConnection('reconnecting'));
+    events.addEventListener('state', (e) => {
+      snapshot = JSON.parse(e.data);
+      // A diff that failed is asked for again with the next state.
+      for (const [key, entry] of diffs) if (entry.status === 'error') diffs.delete(key);
+      setConnection('live');
+      render();
+    });
+  }
+
+  window.addEventListener('hashchange', render);
+  render();
+  connect();
+})();

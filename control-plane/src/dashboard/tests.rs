@@ -1,0 +1,539 @@
+use std::{net::SocketAddr, time::Duration};
+
+use mesh_runtime::shutdown::{self, Trigger};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use super::{
+    state::{MAX_VERSIONS, Reading, assemble},
+    *,
+};
+use crate::{
+    control::{CheckInfo, InstanceInfo, NodeInfo, NodeRoutes, ServiceInfo, Status, VersionSummary},
+    error::ControlError,
+    model::RouteSpec,
+};
+
+/// Markup an operator or a service may put in a tag, a meta value or a
+/// route: it must reach the page as text.
+const MARKUP: &str = "<img src=x onerror=alert(1)>\"</script>";
+
+fn node(name: &str, routes_version: u64) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        address: format!("10.0.0.{}", name.len()),
+        datacenter: "dc1".into(),
+        routes_version,
+        ..NodeInfo::default()
+    }
+}
+
+fn instance(id: &str, node: &str, agent: &str) -> InstanceInfo {
+    InstanceInfo {
+        id: id.into(),
+        node: node.into(),
+        address: "10.0.0.9".into(),
+        port: 9100,
+        tags: vec![MARKUP.into()],
+        health: "passing".into(),
+        checks: vec![
+            CheckInfo {
+                id: "serfHealth".into(),
+                status: agent.into(),
+                output: "Agent alive and reachable".into(),
+            },
+            CheckInfo {
+                id: format!("service:{id}"),
+                status: "passing".into(),
+                output: String::new(),
+            },
+        ],
+        ..InstanceInfo::default()
+    }
+}
+
+fn versions(n: u64) -> Vec<VersionSummary> {
+    (1..=n)
+        .map(|number| VersionSummary {
+            number,
+            author: "alice".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            routes: 1,
+        })
+        .collect()
+}
+
+fn reading(node_names: &[&str]) -> Reading {
+    let routes = NodeRoutes {
+        node: "n1".into(),
+        revision: 57,
+        version: 2,
+        routes: [(
+            "web".to_owned(),
+            RouteSpec {
+                timeout: Some("2s".into()),
+                ..RouteSpec::default()
+            },
+        )]
+        .into(),
+    };
+    Reading {
+        status: Status {
+            replica: "c1".into(),
+            is_leader: true,
+            leader: "c1".into(),
+            ..Status::default()
+        },
+        nodes: node_names
+            .iter()
+            .rev()
+            .map(|n| node(n, u64::from(*n == "n1") * 2))
+            .collect(),
+        services: vec![
+            ServiceInfo {
+                name: "web".into(),
+                tags: vec![MARKUP.into()],
+                instances: vec![instance("web-1", "n1", "passing")],
+            },
+            ServiceInfo {
+                name: "api".into(),
+                tags: Vec::new(),
+                instances: vec![
+                    instance("api-1", "n1", "passing"),
+                    instance("api-2", "n2", "critical"),
+                ],
+            },
+        ],
+        routes: [("n1".to_owned(), (routes, versions(2)))].into(),
+    }
+}
+
+#[test]
+fn assemble_sorts_by_name_and_derives_each_nodes_agent_health_and_instances() {
+    let snapshot = assemble(reading(&["n1", "n2", "n3"]), "now".into());
+    let names: Vec<&str> = snapshot
+        .nodes
+        .iter()
+        .map(|n| n.info.name.as_str())
+        .collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    let agents: Vec<&str> = snapshot.nodes.iter().map(|n| n.agent.as_str()).collect();
+    // n3 runs no instance, so nothing carries its agent's check.
+    assert_eq!(agents, ["passing", "critical", "unknown"]);
+    let instances: Vec<u32> = snapshot.nodes.iter().map(|n| n.instances).collect();
+    assert_eq!(instances, [2, 1, 0]);
+    let services: Vec<&str> = snapshot.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(services, ["api", "web"]);
+    assert_eq!(snapshot.nodes[0].info.proxy.state, "unknown");
+    assert!(snapshot.rollouts.is_empty());
+    assert_eq!(snapshot.updated_at, "now");
+}
+
+#[test]
+fn assemble_keeps_each_nodes_routes_and_its_newest_versions_first() {
+    let mut r = reading(&["n1"]);
+    let total = MAX_VERSIONS as u64 + 7;
+    r.routes.get_mut("n1").expect("n1 has routes").1 = versions(total);
+    let snapshot = assemble(r, "now".into());
+    let history = &snapshot.routes["n1"];
+    assert_eq!((history.version, history.revision), (2, 57));
+    assert_eq!(history.routes["web"].timeout.as_deref(), Some("2s"));
+    assert_eq!(history.versions_total, total);
+    assert_eq!(history.versions.len(), MAX_VERSIONS);
+    assert_eq!(history.versions[0].number, total);
+    assert_eq!(
+        history.versions[MAX_VERSIONS - 1].number,
+        total - MAX_VERSIONS as u64 + 1
+    );
+}
+
+#[test]
+fn the_state_is_one_json_line_that_carries_markup_and_newlines_as_they_are() {
+    let mut snapshot = assemble(reading(&["n1"]), "now".into());
+    snapshot.error = "line one\nline two".into();
+    let json = snapshot.to_json();
+    assert!(!json.contains('\n'), "{json}");
+    let back: serde_json::Value = serde_json::from_str(&json).expect("the state is JSON");
+    assert_eq!(back["services"][1]["tags"][0], MARKUP);
+    assert_eq!(back["error"], "line one\nline two");
+    assert_eq!(back["nodes"][0]["name"], "n1");
+    assert_eq!(back["nodes"][0]["agent"], "passing");
+    assert_eq!(back["nodes"][0]["proxy"]["state"], "unknown");
+    assert_eq!(back["routes"]["n1"]["versions"][0]["number"], 2);
+}
+
+#[test]
+fn a_changed_time_alone_is_not_a_change() {
+    let a = assemble(reading(&["n1"]), "t1".into());
+    let b = assemble(reading(&["n1"]), "t2".into());
+    assert!(a.same_as(&b));
+    let c = assemble(reading(&["n1", "n2"]), "t2".into());
+    assert!(!a.same_as(&c));
+    assert!(!a.same_as(&a.with_error("Consul is down".into(), "t3".into())));
+}
+
+#[test]
+fn the_page_runs_under_its_policy_and_never_parses_html_from_data() {
+    // The policy allows no inline script, style or event handler: the page
+    // only works if it has none.
+    for (i, _) in INDEX_HTML.match_indices("<script") {
+        let tag = &INDEX_HTML[i..i + INDEX_HTML[i..].find('>').expect("a closed tag")];
+        assert!(tag.contains(" src="), "inline script in index.html: {tag}");
+    }
+    for forbidden in [
+        " style=",
+        " onclick=",
+        " onload=",
+        " onerror=",
+        "javascript:",
+    ] {
+        assert!(
+            !INDEX_HTML.contains(forbidden),
+            "index.html has {forbidden:?}"
+        );
+    }
+    // The script shows data as text: no HTML parsing, no code from strings.
+    for forbidden in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "setTimeout(\"",
+        "createContextualFragment",
+        "DOMParser",
+    ] {
+        assert!(!APP_JS.contains(forbidden), "app.js uses {forbidden}");
+    }
+    for forbidden in ["http://", "https://", "@import", "url("] {
+        assert!(!APP_CSS.contains(forbidden), "app.css loads {forbidden}");
+    }
+}
+
+// --- the publisher and the HTTP routes, over a source the test drives ---
+
+/// A [`Source`] that answers each read with the next reading the test
+/// sends, and says when the publisher waits for a change.
+struct Scripted {
+    readings: mpsc::UnboundedReceiver<Result<Reading, ControlError>>,
+    ticks: mpsc::UnboundedReceiver<()>,
+    waiting: mpsc::UnboundedSender<()>,
+}
+
+/// The test's side of a [`Scripted`] source.
+struct Script {
+    readings: mpsc::UnboundedSender<Result<Reading, ControlError>>,
+    ticks: mpsc::UnboundedSender<()>,
+    waiting: mpsc::UnboundedReceiver<()>,
+}
+
+impl Source for Scripted {
+    async fn read(&mut self) -> Result<Reading, ControlError> {
+        match self.readings.recv().await {
+            Some(reading) => reading,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn changed(&mut self) {
+        let _ = self.waiting.send(());
+        if self.ticks.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Script {
+    /// The publisher read `reading` and is waiting for the next change.
+    async fn read(&mut self, reading: Result<Reading, ControlError>) {
+        self.readings.send(reading).expect("the publisher runs");
+        self.waiting.recv().await.expect("the publisher runs");
+    }
+
+    /// A change: the publisher reads again.
+    fn change(&self, reading: Result<Reading, ControlError>) {
+        self.readings.send(reading).expect("the publisher runs");
+        self.tick();
+    }
+
+    /// A change the publisher is told of, with nothing to read yet.
+    fn tick(&self) {
+        self.ticks.send(()).expect("the publisher runs");
+    }
+}
+
+fn scripted() -> (Scripted, Script) {
+    let (readings_tx, readings) = mpsc::unbounded_channel();
+    let (ticks_tx, ticks) = mpsc::unbounded_channel();
+    let (waiting, waiting_rx) = mpsc::unbounded_channel();
+    (
+        Scripted {
+            readings,
+            ticks,
+            waiting,
+        },
+        Script {
+            readings: readings_tx,
+            ticks: ticks_tx,
+            waiting: waiting_rx,
+        },
+    )
+}
+
+struct Running {
+    subscriptions: Subscriptions,
+    script: Script,
+    trigger: Trigger,
+    shutdown: Shutdown,
+    task: JoinHandle<()>,
+}
+
+fn start() -> Running {
+    let (publisher, subscriptions) = Publisher::new();
+    let (source, script) = scripted();
+    let (trigger, shutdown) = shutdown::channel();
+    let task = tokio::spawn(publisher.run(source, shutdown.clone()));
+    Running {
+        subscriptions,
+        script,
+        trigger,
+        shutdown,
+        task,
+    }
+}
+
+async fn next(rx: &mut watch::Receiver<Option<Arc<Snapshot>>>) -> Arc<Snapshot> {
+    loop {
+        rx.changed().await.expect("the publisher runs");
+        if let Some(s) = rx.borrow_and_update().clone() {
+            return s;
+        }
+    }
+}
+
+fn names(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot
+        .nodes
+        .iter()
+        .map(|n| n.info.name.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_publisher_sends_changes_only_and_keeps_the_last_good_state_on_error() {
+    let mut run = start();
+    let mut rx = run.subscriptions.subscribe();
+    run.script.read(Ok(reading(&["n1"]))).await;
+    assert_eq!(names(&*next(&mut rx).await), ["n1"]);
+
+    // The same state again: nothing is sent.
+    run.script.change(Ok(reading(&["n1"])));
+    run.script.waiting.recv().await.expect("the publisher runs");
+    assert!(!rx.has_changed().expect("the publisher runs"));
+
+    run.script.change(Ok(reading(&["n1", "n2"])));
+    let second = next(&mut rx).await;
+    assert_eq!(names(&second), ["n1", "n2"]);
+    assert!(second.error.is_empty());
+
+    run.script.change(Err(ControlError::Unavailable(
+        "Consul at http://127.0.0.1:8500 is unreachable".into(),
+    )));
+    let failed = next(&mut rx).await;
+    assert_eq!(names(&failed), ["n1", "n2"], "the last good state stays");
+    assert!(failed.error.contains("unreachable"), "{}", failed.error);
+
+    run.trigger.trigger();
+    run.task.await.expect("the publisher stops on shutdown");
+    assert!(rx.borrow().is_none(), "no stale state once stopped");
+}
+
+#[tokio::test]
+async fn a_page_that_opens_while_nobody_watched_wakes_the_publisher() {
+    let mut run = start();
+    let first = run.subscriptions.subscribe();
+    run.script.read(Ok(reading(&["n1"]))).await;
+    // The page goes away: at the next change the publisher stops reading
+    // and drops what it read, which goes stale from then on.
+    drop(first);
+    run.script.tick();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while run.subscriptions.current().is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the publisher parks within 10 s");
+    // A new page wakes it: it reads, and the page gets the fresh state.
+    let mut rx = run.subscriptions.subscribe();
+    run.script.read(Ok(reading(&["n1", "n2", "n3"]))).await;
+    assert_eq!(names(&*next(&mut rx).await), ["n1", "n2", "n3"]);
+    run.trigger.trigger();
+    run.task.await.expect("the publisher stops on shutdown");
+}
+
+/// Serves the dashboard's routes on a port of its own.
+async fn serve(subscriptions: Subscriptions, shutdown: Shutdown) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+    let addr = listener.local_addr().expect("a bound address");
+    let router = Dashboard::new(subscriptions, shutdown.clone()).router();
+    let mut stop = shutdown;
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.requested().await })
+            .await
+    });
+    addr
+}
+
+/// An HTTP/1.0 request (answered without chunked framing): the open stream.
+async fn request(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("the server listens");
+    let head = format!("GET {path} HTTP/1.0\r\nHost: dashboard\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("a request");
+    stream
+}
+
+/// The whole answer to `GET path`: head (lower case) and body.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = request(addr, path).await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .expect("a text answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    (head.to_lowercase(), body.to_owned())
+}
+
+/// The status code of an answer's head.
+fn status(head: &str) -> &str {
+    head.split_whitespace().nth(1).unwrap_or_default()
+}
+
+/// Reads from `stream` until `buf` holds one more SSE event; returns it.
+async fn next_event(stream: &mut TcpStream, buf: &mut String) -> String {
+    let read = async {
+        loop {
+            if let Some(end) = buf.find("\n\n") {
+                let event = buf[..end].to_owned();
+                buf.drain(..end + 2);
+                if event.starts_with(':') {
+                    continue; // a keep-alive comment
+                }
+                return event;
+            }
+            let mut chunk = [0u8; 8192];
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .expect("the stream stays open");
+            assert!(n > 0, "the event stream ended; so far: {buf}");
+            buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an event within 10 s")
+}
+
+fn event_state(event: &str) -> serde_json::Value {
+    assert!(event.contains("event: state\n"), "{event}");
+    let data: Vec<&str> = event
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "one data line: {event}");
+    serde_json::from_str(data[0]).expect("the data is JSON")
+}
+
+#[tokio::test]
+async fn the_page_its_assets_and_the_event_stream_are_served_with_types_and_policy() {
+    let mut run = start();
+    let addr = serve(run.subscriptions.clone(), run.shutdown.clone()).await;
+
+    let (head, _) = get(addr, "/").await;
+    assert_eq!(status(&head), "303", "{head}");
+    assert!(head.contains("location: /ui/"), "{head}");
+    for (path, content_type, text) in [
+        ("/ui/", "text/html; charset=utf-8", INDEX_HTML),
+        ("/ui/app.js", "text/javascript; charset=utf-8", APP_JS),
+        ("/ui/app.css", "text/css; charset=utf-8", APP_CSS),
+    ] {
+        let (head, body) = get(addr, path).await;
+        assert_eq!(status(&head), "200", "{path}: {head}");
+        assert!(
+            head.contains(&format!("content-type: {content_type}")),
+            "{path}: {head}"
+        );
+        assert!(
+            head.contains(&format!(
+                "content-security-policy: {}",
+                CONTENT_SECURITY_POLICY.to_lowercase()
+            )),
+            "{path}: {head}"
+        );
+        assert!(
+            head.contains("x-content-type-options: nosniff"),
+            "{path}: {head}"
+        );
+        assert_eq!(body, text, "{path}");
+    }
+
+    // The stream gives the state once read, then each change.
+    let mut stream = request(addr, "/v1/events").await;
+    let mut buf = String::new();
+    run.script.read(Ok(reading(&["n1"]))).await;
+    let first = next_event(&mut stream, &mut buf).await;
+    let (head, first) = first.split_once("\r\n\r\n").expect("a head, then events");
+    let head = head.to_lowercase();
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(first.contains("retry: 1000"), "{first}");
+    let state = event_state(first);
+    assert_eq!(state["nodes"][0]["name"], "n1");
+    assert_eq!(state["services"][1]["tags"][0], MARKUP);
+
+    run.script.change(Ok(reading(&["n1", "n2"])));
+    let state = event_state(&next_event(&mut stream, &mut buf).await);
+    assert_eq!(state["nodes"][1]["name"], "n2");
+
+    // On shutdown the stream ends, so the server can drain.
+    run.trigger.trigger();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends on shutdown")
+        .expect("a clean end");
+    run.task.await.expect("the publisher stops on shutdown");
+}
+
+#[test]
+fn the_script_shows_every_key_a_route_has() {
+    let spec = RouteSpec {
+        timeout: Some("2s".into()),
+        per_try_timeout: Some("500ms".into()),
+        retries: Some(2),
+        lb: Some("consistent-hash".into()),
+        weights: [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into(),
+        hash_header: Some("x-user".into()),
+        hash_cookie: Some("session".into()),
+    };
+    let json = serde_json::to_value(&spec).expect("a route is JSON");
+    let keys = json.as_object().expect("a route is a JSON object");
+    assert_eq!(keys.len(), 7, "{json}");
+    for key in keys.keys() {
+        assert!(
+            APP_JS.contains(&format!("r.{key}")),
+            "app.js does not show {key}"
+        );
+    }
+}
