@@ -114,6 +114,14 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         status["is_leader"], true,
         "the only replica leads: {status}"
     );
+    // The dashboard it printed answers.
+    assert!(
+        printed.contains("dashboard") && printed.contains("http://127.0.0.1:8893/"),
+        "meshctl did not print the dashboard:\n{printed}"
+    );
+    let page = HttpClient::new(&host, control).get("/ui/").await.unwrap();
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains("<html"), "{}", page.text());
     let services = tokio::process::Command::new("ip")
         .args(["netns", "exec", host.name()])
         .arg(&meshctl)
