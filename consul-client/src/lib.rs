@@ -1,5 +1,5 @@
 //! A thin typed client for the parts of Consul's HTTP API that Meshwork
-//! uses: blocking health and catalog queries, the agent's service API,
+//! uses: blocking health and catalog queries, the agent's service and check API,
 //! the leader status, KV with check-and-set, and sessions.
 //!
 //! Why our own: the design card named `consulrs`, which was tried against a
@@ -35,7 +35,7 @@ pub use client::Client;
 pub use config::{ClientConfig, ConfigError, TlsFiles};
 pub use error::Error;
 pub use model::{
-    AgentService, AgentServiceCheck, AgentServiceRegistration, HealthCheck, KvPair, KvTxnOp,
-    KvTxnOutcome, Node, ServiceEntry, SessionRequest,
+    AgentCheckRegistration, AgentService, AgentServiceCheck, AgentServiceRegistration, HealthCheck,
+    KvPair, KvTxnOp, KvTxnOutcome, Node, ServiceEntry, SessionRequest,
 };
 pub use query::{QueryOptions, QueryResult};

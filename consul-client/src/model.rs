@@ -71,6 +71,40 @@ pub struct AgentServiceCheck {
     pub status: Option<String>,
 }
 
+/// A check of its own to register with the agent
+/// (`PUT /v1/agent/check/register`). Here a TTL check: the registering
+/// process passes it (`PUT /v1/agent/check/pass/<id>`) before the TTL runs
+/// out, or the agent marks it critical.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCheckRegistration {
+    /// Check ID, unique on the agent; Consul defaults it to the name.
+    #[serde(rename = "ID", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Check name.
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// Free-form notes for people reading the check.
+    #[serde(rename = "Notes", default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    /// How long the check stays passing without a pass (`"3s"`).
+    #[serde(rename = "TTL", default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// Initial status (`passing`, `warning`, `critical`); Consul starts a
+    /// TTL check critical.
+    #[serde(rename = "Status", default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The service instance the check belongs to; none for a node check.
+    #[serde(rename = "ServiceID", default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    /// Deregister the check after it was critical this long.
+    #[serde(
+        rename = "DeregisterCriticalServiceAfter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deregister_critical_service_after: Option<String>,
+}
+
 /// A service instance as Consul reports it (agent services, health entries).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -174,9 +208,15 @@ pub struct SessionRequest {
     /// `release` (default) or `delete`: what happens to held keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub behavior: Option<String>,
-    /// How long a released lock cannot be taken again (`"1s"`).
+    /// How long the keys of an invalidated session cannot be locked again
+    /// (`"1s"`; Consul's default is 15 s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_delay: Option<String>,
+    /// The checks (on the session's node) whose going critical invalidates
+    /// the session. Empty: Consul's default, the node's `serfHealth`; given,
+    /// they replace it, so name `serfHealth` too to keep it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<String>,
 }
 
 /// One operation of a KV transaction (`PUT /v1/txn`): every operation of
@@ -264,6 +304,34 @@ mod tests {
         );
         let back: AgentServiceRegistration = serde_json::from_value(json).unwrap();
         assert_eq!(back, reg);
+    }
+
+    #[test]
+    fn check_registration_and_session_checks_use_consul_names() {
+        let check = AgentCheckRegistration {
+            id: Some("mesh-control-c1".into()),
+            name: "mesh-control c1".into(),
+            ttl: Some("3s".into()),
+            status: Some("passing".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&check).unwrap(),
+            serde_json::json!({"ID": "mesh-control-c1", "Name": "mesh-control c1",
+                               "TTL": "3s", "Status": "passing"})
+        );
+        let session = SessionRequest {
+            lock_delay: Some("1s".into()),
+            checks: vec!["serfHealth".into(), "mesh-control-c1".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&session).unwrap(),
+            serde_json::json!({"LockDelay": "1s", "Checks": ["serfHealth", "mesh-control-c1"]})
+        );
+        // No checks named: none sent, so Consul keeps its default.
+        let plain = serde_json::to_value(SessionRequest::default()).unwrap();
+        assert_eq!(plain, serde_json::json!({}));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use consul_client::{
-    AgentServiceCheck, AgentServiceRegistration, Client, ClientConfig, KvTxnOp, KvTxnOutcome,
-    QueryOptions, SessionRequest, TlsFiles,
+    AgentCheckRegistration, AgentServiceCheck, AgentServiceRegistration, Client, ClientConfig,
+    KvTxnOp, KvTxnOutcome, QueryOptions, SessionRequest, TlsFiles,
     testing::{DevAgent, Ports, free_port},
 };
 use rcgen::{
@@ -145,6 +145,104 @@ async fn kv_check_and_set_and_session_lock() -> Result<()> {
             .await?
             .value
             .is_none()
+    );
+    Ok(())
+}
+
+/// Blocks on `key` until no session holds it; returns the lock's index.
+async fn wait_lock_free(c: &Client, key: &str) -> Result<u64> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut index = 0;
+    while Instant::now() < deadline {
+        let r = c
+            .kv_get(key, QueryOptions::blocking(index, Duration::from_secs(2)))
+            .await?;
+        match r.value {
+            Some(pair) if pair.session.is_some() => index = r.index,
+            _ => return Ok(r.index),
+        }
+    }
+    bail!("{key}: still locked after {DEADLINE:?}")
+}
+
+#[tokio::test]
+async fn a_session_bound_to_a_ttl_check_holds_while_passed_and_releases_when_not() -> Result<()> {
+    let agent = DevAgent::start().await;
+    let c = client(&agent);
+    let check = AgentCheckRegistration {
+        id: Some("alive-1".into()),
+        name: "alive".into(),
+        notes: Some("passed by the test".into()),
+        ttl: Some("1s".into()),
+        status: Some("passing".into()),
+        ..Default::default()
+    };
+    c.agent_check_register(&check).await?;
+    let checks = c.agent_checks().await?;
+    let registered = checks.get("alive-1").context("alive-1 on the agent")?;
+    assert_eq!(registered.status, "passing");
+    assert!(registered.service_id.is_empty(), "a node check");
+
+    // Consul refuses a session bound to a check it does not know.
+    let e = c
+        .session_create(&SessionRequest {
+            checks: vec!["serfHealth".into(), "ghost".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("ghost"), "{e}");
+    // Passing a check the agent does not know is an error too.
+    assert!(c.agent_check_pass("ghost").await.is_err());
+
+    let key = "mesh/test/alive";
+    let session = c
+        .session_create(&SessionRequest {
+            name: Some("alive".into()),
+            behavior: Some("release".into()),
+            lock_delay: Some("1s".into()),
+            checks: vec!["serfHealth".into(), "alive-1".into()],
+            ..Default::default()
+        })
+        .await?;
+    assert!(c.kv_acquire(key, b"me", &session).await?);
+
+    // Passed well within its TTL, the check keeps the session (and the
+    // lock) across several TTLs.
+    for _ in 0..12 {
+        c.agent_check_pass("alive-1").await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let held = c.kv_get(key, QueryOptions::default()).await?.value;
+    assert_eq!(
+        held.context("lock")?.session.as_deref(),
+        Some(&*session),
+        "a passed check lost its session"
+    );
+
+    // No longer passed: the check goes critical, the session is
+    // invalidated and the lock released.
+    wait_lock_free(&c, key).await?;
+    let checks = c.agent_checks().await?;
+    assert_eq!(checks["alive-1"].status, "critical");
+    assert!(!c.session_renew(&session).await?, "the session is gone");
+
+    // A critical check cannot back a new session until it passes again.
+    let bound = SessionRequest {
+        checks: vec!["serfHealth".into(), "alive-1".into()],
+        ..Default::default()
+    };
+    let e = c.session_create(&bound).await.unwrap_err();
+    assert!(e.message().contains("critical"), "{e}");
+    c.agent_check_pass("alive-1").await?;
+    let again = c.session_create(&bound).await?;
+
+    // Deregistering the check invalidates the session bound to it.
+    c.agent_check_deregister("alive-1").await?;
+    assert!(!c.agent_checks().await?.contains_key("alive-1"));
+    assert!(
+        !c.session_renew(&again).await?,
+        "the session outlived its check"
     );
     Ok(())
 }

@@ -1,12 +1,14 @@
-//! mesh-control replicas against a real Consul dev agent: one leader and a
-//! clean hand-over, check-and-set writes that never overwrite each other,
+//! mesh-control replicas against a real Consul dev agent: one leader, a
+//! clean hand-over, a killed leader replaced within 10 s while a live one
+//! keeps the lock, check-and-set writes that never overwrite each other,
 //! bad input refused by name with nothing stored, the REST mirror, the
 //! metrics, and `meshctl` talking to a replica.
 
 use std::{
+    fs::File,
     future::Future,
-    path::Path,
-    process::Command,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -15,7 +17,11 @@ use consul_client::{
     AgentServiceRegistration, Client, ClientConfig, QueryOptions,
     testing::{DevAgent, free_port},
 };
-use mesh_control_plane::{app::ControlPlane, config::Args};
+use mesh_control_plane::{
+    app::ControlPlane,
+    config::Args,
+    leader::{CHECK_TTL, SERVICE_NAME},
+};
 use mesh_proto::v1::{self as pb, control_client::ControlClient};
 use mesh_runtime::metrics::Registry;
 use serde_json::{Value, json};
@@ -23,8 +29,21 @@ use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// How soon another replica must lead once the leader is killed (the
+/// control-plane issue's promise).
+const TAKEOVER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Polls `attempt` until it succeeds or the deadline passes.
-async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+async fn eventually<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    eventually_within(what, DEADLINE, attempt).await
+}
+
+/// Polls `attempt` until it succeeds or `deadline` passes.
+async fn eventually_within<T, F, Fut>(what: &str, deadline: Duration, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -33,8 +52,8 @@ where
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() > DEADLINE => {
-                return Err(e.context(format!("{what}: not true after {DEADLINE:?}")));
+            Err(e) if start.elapsed() > deadline => {
+                return Err(e.context(format!("{what}: not true after {deadline:?}")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -216,6 +235,223 @@ async fn two_replicas_elect_one_leader_and_hand_over_on_shutdown() -> Result<()>
     assert!(
         lock.is_none_or(|l| l.session.is_none()),
         "released on shutdown"
+    );
+    let left: Vec<String> = consul(&agent)
+        .agent_services()
+        .await?
+        .into_values()
+        .filter(|s| s.service == SERVICE_NAME)
+        .map(|s| s.id)
+        .collect();
+    assert!(left.is_empty(), "still registered after shutdown: {left:?}");
+    Ok(())
+}
+
+/// A mesh-control process (the binary, as operators run it), killed on
+/// drop.
+struct ControlProcess {
+    name: String,
+    child: Child,
+    http: String,
+    log: PathBuf,
+}
+
+impl ControlProcess {
+    fn spawn(agent: &DevAgent, name: &str, dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        let http = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
+            .args(["--replica", name, "--consul-addr", &agent.addr()])
+            .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-listen", &http])
+            .args(["--bridge-port", &free_port().to_string()])
+            .env_remove("MESH_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("mesh-control starts")?;
+        Ok(Self {
+            name: name.into(),
+            child,
+            http: format!("http://{http}"),
+            log,
+        })
+    }
+
+    /// `/ready`'s leader line: `leader: c1 (this replica)`.
+    async fn leader_line(&self) -> Result<String> {
+        let resp = reqwest::get(format!("{}/ready", self.http)).await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{}: /ready {status}: {text}", self.name);
+        }
+        Ok(text.lines().nth(1).unwrap_or_default().to_owned())
+    }
+
+    fn leads(line: &str, name: &str) -> bool {
+        line == format!("leader: {name} (this replica)")
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("{signal} to {}", self.name))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The IDs of the passing `mesh-control` instances, sorted.
+async fn passing_replicas(c: &Client) -> Result<Vec<String>> {
+    let entries = c
+        .health_service(SERVICE_NAME, true, QueryOptions::default())
+        .await?
+        .value;
+    let mut ids: Vec<String> = entries.into_iter().map(|e| e.service.id).collect();
+    ids.sort();
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_within_10s_and_a_live_busy_one_keeps_the_lock() -> Result<()> {
+    use nix::sys::signal::Signal;
+
+    mesh_runtime::install_crypto_provider();
+    let agent = DevAgent::start().await;
+    let c = consul(&agent);
+    node_with_services(&agent).await?;
+    let dir = tempfile::tempdir()?;
+    let mut replicas = [
+        ControlProcess::spawn(&agent, "c1", dir.path())?,
+        ControlProcess::spawn(&agent, "c2", dir.path())?,
+    ];
+    let leader = eventually("the two processes agree on one leader", || async {
+        let lines = [
+            replicas[0].leader_line().await?,
+            replicas[1].leader_line().await?,
+        ];
+        match (0..2).find(|&i| ControlProcess::leads(&lines[i], &replicas[i].name)) {
+            Some(i) if lines[1 - i] == format!("leader: {}", replicas[i].name) => Ok(i),
+            _ => bail!("{lines:?}"),
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "c1's log:\n{}\nc2's log:\n{}",
+            replicas[0].log_tail(),
+            replicas[1].log_tail()
+        )
+    })?;
+    let other = 1 - leader;
+    eventually("both replicas are passing instances", || async {
+        let ids = passing_replicas(&c).await?;
+        if ids != ["mesh-control-c1", "mesh-control-c2"] {
+            bail!("{ids:?}");
+        }
+        Ok(())
+    })
+    .await?;
+
+    // Alive but busy: the leader stopped for a second misses a pass and
+    // keeps the lock, unchanged, across three check TTLs and more.
+    let held = c
+        .kv_get("mesh/leader", QueryOptions::default())
+        .await?
+        .value
+        .context("the lock")?;
+    let session = held.session.clone().context("the lock's session")?;
+    replicas[leader].signal(Signal::SIGSTOP)?;
+    // How long the process is frozen, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    replicas[leader].signal(Signal::SIGCONT)?;
+    let watch = Instant::now();
+    let mut index = held.modify_index;
+    while watch.elapsed() < CHECK_TTL * 3 + Duration::from_secs(1) {
+        let read = c
+            .kv_get(
+                "mesh/leader",
+                QueryOptions::blocking(index, Duration::from_secs(1)),
+            )
+            .await?;
+        let now = read.value.context("the lock")?;
+        assert_eq!(
+            (now.session.as_deref(), now.lock_index),
+            (Some(session.as_str()), held.lock_index),
+            "the live leader lost the lock after {:?}:\n{}",
+            watch.elapsed(),
+            replicas[leader].log_tail()
+        );
+        index = read.index;
+    }
+    assert!(
+        ControlProcess::leads(
+            &replicas[leader].leader_line().await?,
+            &replicas[leader].name
+        ),
+        "the live leader still says it leads"
+    );
+
+    // Killed: the other replica leads within the deadline.
+    replicas[leader].child.kill()?;
+    let killed = Instant::now();
+    let survivor = &replicas[other];
+    eventually_within("the other replica leads", TAKEOVER_DEADLINE, || async {
+        let line = survivor.leader_line().await?;
+        if !ControlProcess::leads(&line, &survivor.name) {
+            bail!("{}: {line}", survivor.name);
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("{}'s log:\n{}", survivor.name, survivor.log_tail()))?;
+    println!(
+        "takeover after SIGKILL of the leader: {:?}",
+        killed.elapsed()
+    );
+    // The dead replica's critical check is its instance's alone: the
+    // node's other services stay passing.
+    assert_eq!(
+        passing_replicas(&c).await?,
+        [format!("mesh-control-{}", survivor.name)]
+    );
+    let orders = c
+        .health_service("orders", true, QueryOptions::default())
+        .await?
+        .value;
+    assert_eq!(orders.len(), 2, "{orders:?}");
+
+    // SIGTERM: the survivor releases the lock and deregisters itself.
+    survivor.signal(Signal::SIGTERM)?;
+    let survivor = &mut replicas[other];
+    let status = eventually("the survivor exits on SIGTERM", || {
+        let exited = survivor.child.try_wait();
+        async move { exited?.context("still running") }
+    })
+    .await?;
+    assert!(status.success(), "{status}");
+    let lock = c
+        .kv_get("mesh/leader", QueryOptions::default())
+        .await?
+        .value;
+    assert!(lock.is_none_or(|l| l.session.is_none()), "released on exit");
+    let services = c.agent_services().await?;
+    assert!(
+        !services.contains_key(&format!("mesh-control-{}", survivor.name)),
+        "{services:?}"
     );
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The agent's service API: what is registered on this agent.
+//! The agent's service and check API: what is registered on this agent,
+//! and the TTL checks a process keeps passing to say it is alive.
 
 use std::collections::HashMap;
 
@@ -7,7 +8,7 @@ use reqwest::Method;
 use super::{Client, Request};
 use crate::{
     error::Error,
-    model::{AgentService, AgentServiceRegistration},
+    model::{AgentCheckRegistration, AgentService, AgentServiceRegistration, HealthCheck},
 };
 
 impl Client {
@@ -30,6 +31,32 @@ impl Client {
     /// Every instance registered on the agent, by ID, in any health.
     pub async fn agent_services(&self) -> Result<HashMap<String, AgentService>, Error> {
         let req = Request::new(Method::GET, &["agent", "services"]);
+        Ok(self.json(req).await?.value)
+    }
+
+    /// Registers (or replaces, with its new status) a check on the agent.
+    pub async fn agent_check_register(&self, reg: &AgentCheckRegistration) -> Result<(), Error> {
+        let req = Request::new(Method::PUT, &["agent", "check", "register"]).json(reg)?;
+        self.send_ok(req).await.map(drop)
+    }
+
+    /// Marks the TTL check `id` passing and restarts its TTL. An error when
+    /// the agent does not know the check (or it has no TTL).
+    pub async fn agent_check_pass(&self, id: &str) -> Result<(), Error> {
+        let req = Request::new(Method::PUT, &["agent", "check", "pass", id]);
+        self.send_ok(req).await.map(drop)
+    }
+
+    /// Deregisters the check `id` from the agent; sessions bound to it are
+    /// invalidated.
+    pub async fn agent_check_deregister(&self, id: &str) -> Result<(), Error> {
+        let req = Request::new(Method::PUT, &["agent", "check", "deregister", id]);
+        self.send_ok(req).await.map(drop)
+    }
+
+    /// Every check registered on the agent, by ID, with its status.
+    pub async fn agent_checks(&self) -> Result<HashMap<String, HealthCheck>, Error> {
+        let req = Request::new(Method::GET, &["agent", "checks"]);
         Ok(self.json(req).await?.value)
     }
 }
