@@ -190,7 +190,9 @@ async fn the_dashboard_shows_nodes_services_routes_versions_and_rollouts_live() 
     assert_eq!(r1["Proxy"], "unknown", "{r1:?}");
     assert_eq!(r1["Config version"], "1", "{r1:?}");
     assert_eq!(r1["Last seen"], "never", "{r1:?}");
-    assert_eq!(r1["Instances"], "1", "{r1:?}");
+    // web-1, and mesh-control itself: each replica registers with its
+    // agent for the leader lock's check.
+    assert_eq!(r1["Instances"], "2", "{r1:?}");
     assert_eq!(r2["Config version"], "none", "{r2:?}");
     assert_eq!(r2["Agent"], "passing", "{r2:?}");
     browser
