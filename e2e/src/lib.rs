@@ -48,6 +48,7 @@ pub mod netns;
 pub mod node;
 pub mod process;
 pub mod wait;
+pub mod ws;
 
 pub use crate::{
     http::{HttpClient, Response},

@@ -10,13 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
-use futures::{SinkExt as _, StreamExt as _};
-use mesh_e2e::{HttpClient, Mesh, MeshOptions, Node, echo, eventually};
-use tokio_tungstenite::{client_async, tungstenite::Message};
+use anyhow::{Result, ensure};
+use mesh_e2e::{HttpClient, Mesh, MeshOptions, Node, echo, eventually, ws};
 
 /// The inbound listener's port on every node.
-const INBOUND: u16 = 8892;
+const INBOUND: u16 = 8443;
 
 /// How long a routing change may take to show where nothing is measured.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -219,36 +217,8 @@ async fn grpc_calls(n1: &Node, n2: &Node) -> Result<()> {
 async fn websocket_echo(n1: &Node, n2: &Node) -> Result<()> {
     let upgrades = r#"mesh_proxy_inbound_requests_total{protocol="http1",code_class="1xx"}"#;
     let before = metric(n2, upgrades).await?;
-    for url in [
-        "ws://127.0.0.1:8888/wsdemo/_demo/ws",
-        "ws://wsdemo.mesh/_demo/ws",
-    ] {
-        let stream = n1.ns.connect(proxy(), Duration::from_secs(5)).await?;
-        let (mut socket, response) =
-            tokio::time::timeout(Duration::from_secs(10), client_async(url, stream))
-                .await
-                .context("WebSocket handshake in time")?
-                .with_context(|| format!("WebSocket handshake for {url}"))?;
-        ensure!(response.status() == 101, "{url}: {}", response.status());
-        for i in 0..5 {
-            socket.send(Message::text(format!("hello {i}"))).await?;
-            let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
-                .await
-                .context("echo in time")?
-                .context("socket closed")??;
-            ensure!(
-                reply == Message::text(format!("wsdemo-1: hello {i}")),
-                "{url}: {reply:?}"
-            );
-        }
-        let big = vec![42u8; 128 * 1024];
-        socket.send(Message::binary(big.clone())).await?;
-        let reply = socket.next().await.context("socket closed")??;
-        ensure!(
-            reply.into_data().as_ref() == &big[..],
-            "{url}: binary echo differs"
-        );
-        socket.close(None).await?;
+    for url in ws::echo_urls("wsdemo") {
+        ws::echo(&n1.ns, proxy(), &url, "wsdemo-1", 5).await?;
     }
     let through = metric(n2, upgrades).await? - before;
     ensure!(

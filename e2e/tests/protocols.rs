@@ -8,10 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
-use futures::{SinkExt as _, StreamExt as _};
-use mesh_e2e::{Mesh, MeshOptions, echo};
-use tokio_tungstenite::{client_async, tungstenite::Message};
+use anyhow::Result;
+use mesh_e2e::{Mesh, MeshOptions, echo, ws};
 
 /// How long a routing change may take to show where nothing is measured.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -52,38 +50,8 @@ async fn grpc_calls(n2: &mesh_e2e::Node) -> Result<()> {
 }
 
 async fn websocket_echo(n2: &mesh_e2e::Node) -> Result<()> {
-    for url in [
-        "ws://127.0.0.1:8888/wsdemo/_demo/ws",
-        "ws://wsdemo.mesh/_demo/ws",
-    ] {
-        let stream = n2.ns.connect(proxy(), Duration::from_secs(5)).await?;
-        let (mut socket, response) =
-            tokio::time::timeout(Duration::from_secs(10), client_async(url, stream))
-                .await
-                .context("WebSocket handshake in time")?
-                .with_context(|| format!("WebSocket handshake for {url}"))?;
-        ensure!(response.status() == 101, "{url}: {}", response.status());
-        let start = Instant::now();
-        for i in 0..10 {
-            socket.send(Message::text(format!("hello {i}"))).await?;
-            let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
-                .await
-                .context("echo in time")?
-                .context("socket closed")??;
-            ensure!(
-                reply == Message::text(format!("wsdemo-1: hello {i}")),
-                "{url}: {reply:?}"
-            );
-        }
-        let round_trips = start.elapsed();
-        let big = vec![42u8; 128 * 1024];
-        socket.send(Message::binary(big.clone())).await?;
-        let reply = socket.next().await.context("socket closed")??;
-        ensure!(
-            reply.into_data().as_ref() == &big[..],
-            "{url}: binary echo differs"
-        );
-        socket.close(None).await?;
+    for url in ws::echo_urls("wsdemo") {
+        let round_trips = ws::echo(&n2.ns, proxy(), &url, "wsdemo-1", 10).await?;
         println!(
             "WebSocket n2 -> n1 via {url}: 10 text round trips in {round_trips:?}, 128 KiB binary echoed"
         );
