@@ -1,9 +1,15 @@
-//! The proxy's own admin route, next to the shared `/live`, `/ready` and
-//! `/metrics`: `/routes`, what the proxy routes to right now and where it
-//! came from (nginx-upsync's `upstream_show`), with each endpoint's load,
-//! latency estimate and ejection, the other nodes' proxies requests to
-//! their nodes' instances go through, and the node config version from
-//! mesh-control in effect (or refused, and why).
+//! The proxy's own admin routes, next to the shared `/live`, `/ready` and
+//! `/metrics`:
+//!
+//! - `/routes`: what the proxy routes to right now and where it came from
+//!   (nginx-upsync's `upstream_show`), with each endpoint's load, latency
+//!   estimate and ejection, the other nodes' proxies requests to their
+//!   nodes' instances go through, and the node config version from
+//!   mesh-control in effect (or refused, and why).
+//! - `/stats`: readiness, the node config version in effect, and the
+//!   outbound requests, errors and latency since the proxy started, as
+//!   JSON (see [`stats`](crate::stats)); the bridge serves it to
+//!   mesh-control as `Registry.ProxyStats`.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -14,6 +20,7 @@ use tokio::sync::watch;
 use crate::{
     node_config,
     peer::{PeerView, Peers},
+    stats::{Stats, StatsSource},
     table::{Routes, RoutingTable, Source, now_unix_ms},
 };
 
@@ -72,15 +79,25 @@ type Shown = (
     watch::Receiver<node_config::Status>,
 );
 
-/// The router serving `/routes`.
+/// The router serving `/routes` and `/stats`.
 pub fn router(
     routes: Arc<Routes>,
     peers: Arc<Peers>,
     config: watch::Receiver<node_config::Status>,
+    stats: StatsSource,
 ) -> Router {
     Router::new()
         .route("/routes", get(show))
         .with_state((routes, peers, config))
+        .merge(
+            Router::new()
+                .route("/stats", get(stats_json))
+                .with_state(stats),
+        )
+}
+
+async fn stats_json(State(stats): State<StatsSource>) -> Json<Stats> {
+    Json(stats.snapshot())
 }
 
 async fn show(State((routes, peers, config)): State<Shown>) -> Json<RoutesView> {

@@ -51,7 +51,7 @@ pub struct Args {
     /// Outbound listener local services call (default 127.0.0.1:8888).
     #[arg(long, env = "MESH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Admin listener: /live /ready /routes /metrics (default 127.0.0.1:8889).
+    /// Admin listener: /live /ready /routes /stats /metrics (default 127.0.0.1:8889).
     #[arg(long, env = "MESH_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// The node's mesh-bridge gRPC address (default http://127.0.0.1:8890).

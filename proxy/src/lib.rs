@@ -28,7 +28,8 @@
 //! - [`node_config`]: the node's config version from mesh-control: checked, layered over the file's policies, saved, reported.
 //! - [`agent`]: Consul's agent registration API, validated.
 //! - [`registrar`]: registrations to the bridge, or to a durable queue.
-//! - [`admin`]: `/routes` on the admin listener.
+//! - [`admin`]: `/routes` and `/stats` on the admin listener.
+//! - [`stats`]: `/stats`: readiness, config version, requests, errors and latency since start.
 //! - [`metrics`]: the proxy's metric handles.
 
 pub mod admin;
@@ -55,6 +56,7 @@ pub mod registrar;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod stats;
 pub mod table;
 pub mod upgrade;
 pub mod upstream;
@@ -222,10 +224,17 @@ impl App {
         let limits = server::Limits::of(&config);
 
         let (trigger, stop) = shutdown::channel();
+        let stats = stats::StatsSource::new(
+            config.node.clone(),
+            admin.clone(),
+            registry.clone(),
+            layers.status(),
+        );
         let router = admin.router(admin::router(
             routes.clone(),
             proxy.peers().clone(),
             layers.status(),
+            stats,
         ));
         // Listen now, or, taking over from another process, once the
         // routing table is loaded: see `listen`.

@@ -14,8 +14,8 @@ use mesh_runtime::metrics::{Counter, Gauge, Histogram, Registry};
 
 use crate::{limits::Limit, protocol::Protocol};
 
-const REQUESTS: &str = "mesh_proxy_requests_total";
-const DURATION: &str = "mesh_proxy_request_duration_seconds";
+pub(crate) const REQUESTS: &str = "mesh_proxy_requests_total";
+pub(crate) const DURATION: &str = "mesh_proxy_request_duration_seconds";
 const UPSTREAM_ERRORS: &str = "mesh_proxy_upstream_errors_total";
 const ENDPOINTS: &str = "mesh_proxy_endpoints";
 const DISCOVERY_CONNECTED: &str = "mesh_proxy_discovery_connected";
@@ -26,7 +26,7 @@ const QUEUE_DEPTH: &str = "mesh_proxy_queue_depth";
 const RETRIES: &str = "mesh_proxy_retries_total";
 const EJECTIONS: &str = "mesh_proxy_ejections_total";
 const EJECTED: &str = "mesh_proxy_endpoints_ejected";
-const OVERLOADED: &str = "mesh_proxy_overloaded_total";
+pub(crate) const OVERLOADED: &str = "mesh_proxy_overloaded_total";
 const PEERS: &str = "mesh_proxy_peers";
 const PEER_REQUESTS: &str = "mesh_proxy_peer_requests_total";
 const PEER_CONNECTIONS: &str = "mesh_proxy_peer_connections";

@@ -153,7 +153,10 @@ fn open_registry(
     let agent = Client::new(&config.consul.first_only())?;
     let path = config.data_dir.join("queue");
     RegistryApi::open(path.clone(), agent, consul, metrics.clone())
-        .map(|api| api.reporting_for(&config.node))
+        .map(|api| {
+            api.reporting_for(&config.node)
+                .reading_proxy_at(config.proxy_admin)
+        })
         .map_err(|source| StartError::Queue { path, source })
 }
 

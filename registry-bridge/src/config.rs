@@ -63,6 +63,10 @@ pub struct Args {
     /// milliseconds later) [default: false].
     #[arg(long, env = "MESH_STALE_READS", num_args = 0..=1, default_missing_value = "true")]
     pub stale_reads: Option<bool>,
+    /// This node's proxy's admin listener, whose `/stats` the bridge
+    /// serves as `Registry.ProxyStats` [default: 127.0.0.1:8889].
+    #[arg(long, env = "MESH_PROXY_ADMIN")]
+    pub proxy_admin: Option<SocketAddr>,
 }
 
 /// The checked configuration.
@@ -84,6 +88,8 @@ pub struct Config {
     pub wait: Duration,
     /// Read from any server rather than the leader.
     pub stale_reads: bool,
+    /// The node's proxy's admin listener (`/stats`).
+    pub proxy_admin: SocketAddr,
 }
 
 /// Default Consul agent address.
@@ -92,6 +98,8 @@ pub const DEFAULT_CONSUL_ADDR: &str = consul_client::config::DEFAULT_ADDR;
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8890";
 /// Default admin listener (the port table).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8891";
+/// Default address of the node's proxy's admin listener (the port table).
+pub const DEFAULT_PROXY_ADMIN: &str = "127.0.0.1:8889";
 /// Default state folder.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/meshwork/bridge";
 /// Default blocking-query wait.
@@ -147,6 +155,9 @@ impl Args {
             data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             wait,
             stale_reads: self.stale_reads.unwrap_or(false),
+            proxy_admin: self
+                .proxy_admin
+                .unwrap_or_else(|| parse_default(DEFAULT_PROXY_ADMIN)),
         })
     }
 
@@ -162,8 +173,7 @@ impl Args {
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
-    addr.parse()
-        .expect("the default listen addresses are valid")
+    addr.parse().expect("the default addresses are valid")
 }
 
 /// The given node name, else the hostname.
@@ -194,6 +204,7 @@ mod tests {
         assert_eq!(c.consul.addrs, vec![DEFAULT_CONSUL_ADDR]);
         assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:8890");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8891");
+        assert_eq!(c.proxy_admin.to_string(), "127.0.0.1:8889");
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.wait, Duration::from_secs(60));
         assert_eq!(c.node, "n1");
@@ -211,6 +222,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.consul.addrs, vec!["http://a:8500", "http://b:8500"]);
         assert_eq!(c.wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_proxy_admin_address_is_a_flag_and_a_file_key() {
+        let c = parse(&["--proxy-admin", "127.0.0.1:9889"]).unwrap();
+        assert_eq!(c.proxy_admin.to_string(), "127.0.0.1:9889");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bridge.toml");
+        std::fs::write(&file, "node = \"n1\"\nproxy_admin = \"[::1]:8889\"\n").unwrap();
+        let args = Args {
+            config: Some(file),
+            ..Args::default()
+        };
+        let c = mesh_runtime::config::merge(args)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.proxy_admin.to_string(), "[::1]:8889");
+        assert!(Args::try_parse_from(["mesh-bridge", "--proxy-admin", "localhost"]).is_err());
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! queries and streams each node's proxy the healthy endpoints of the
 //! services it calls (`mesh.v1.Discovery`), and carries the proxy's
 //! registrations to the node's Consul agent, keeping them in a durable
-//! queue while the agent is unreachable (`mesh.v1.Registry`).
+//! queue while the agent is unreachable (`mesh.v1.Registry`). For
+//! mesh-control it reads the node's proxy's health and traffic totals from
+//! the proxy's admin `/stats` (`Registry.ProxyStats`, `--proxy-admin`).
 //!
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`watch`]: one shared blocking-query loop per watched service, and
 //!   one on the catalog; untrusted answers never shrink a set.
 //! - [`discovery`]: the Watch streams (snapshot, then deltas), all fed from
 //!   one shared change log.
-//! - [`registry`]: Register/Deregister/ListInstances and the durable queue.
+//! - [`registry`]: Register/Deregister/ListInstances and the durable queue,
+//!   ReportStatus, and ProxyStats from the node's proxy's `/stats`.
 //! - [`metrics`]: the bridge's Prometheus metrics.
 //! - [`app`]: the running [`Bridge`]: listeners, tasks, shutdown.
 

@@ -2,19 +2,22 @@
 //! first Consul address); while it is unreachable they wait in the durable
 //! queue and the answer says `queued`. Consul's refusals come back with
 //! Consul's message: 400 as `InvalidArgument`, 403 as `PermissionDenied`.
+//! `ProxyStats` answers for the node's proxy with its admin `/stats`
+//! (`--proxy-admin`), or `Unavailable` naming the address and why.
 //!
 //! - `outbox`: apply now or queue, and the drainer.
 //! - `convert`: checks and converts between `mesh.v1` and Consul's JSON.
 //! - `report`: the proxy's config status (`ReportStatus`) as stored for
 //!   mesh-control.
+//! - `proxy_stats`: the proxy's `/stats` (`ProxyStats`), read over HTTP.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use consul_client::{Client, Error, QueryOptions};
 use mesh_proto::v1::{
     DeregisterRequest, DeregisterResponse, ListInstancesRequest, ListInstancesResponse,
-    RegisterRequest, RegisterResponse, ReportStatusRequest, ReportStatusResponse,
-    ServiceRegistration, registry_server::Registry,
+    ProxyStatsRequest, ProxyStatsResponse, RegisterRequest, RegisterResponse, ReportStatusRequest,
+    ReportStatusResponse, ServiceRegistration, registry_server::Registry,
 };
 use mesh_runtime::shutdown::Shutdown;
 use tonic::{Request, Response, Status};
@@ -23,10 +26,12 @@ use crate::metrics::{BridgeMetrics, CallOutcome};
 
 mod convert;
 mod outbox;
+mod proxy_stats;
 mod report;
 
 use outbox::{Outbox, Submitted};
 pub use outbox::{OutboxError, QueuedCall};
+pub use proxy_stats::{ProxyAdmin, ProxyStatsError, ProxyStatsReason};
 
 /// The Registry service. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -39,6 +44,8 @@ pub struct RegistryApi {
     metrics: BridgeMetrics,
     /// The node whose proxy reports through this bridge.
     node: Option<String>,
+    /// The node's proxy's admin listener, for `ProxyStats`.
+    proxy: ProxyAdmin,
 }
 
 // === impl RegistryApi ===
@@ -59,12 +66,20 @@ impl RegistryApi {
             consul,
             metrics,
             node: None,
+            proxy: ProxyAdmin::new(default_proxy_admin()),
         })
     }
 
     /// Takes `ReportStatus` from the proxy of `node` (only).
     pub fn reporting_for(mut self, node: &str) -> Self {
         self.node = Some(node.to_owned());
+        self
+    }
+
+    /// Answers `ProxyStats` from the proxy admin listener at `addr`
+    /// (otherwise [`DEFAULT_PROXY_ADMIN`](crate::config::DEFAULT_PROXY_ADMIN)).
+    pub fn reading_proxy_at(mut self, addr: SocketAddr) -> Self {
+        self.proxy = ProxyAdmin::new(addr);
         self
     }
 
@@ -192,6 +207,26 @@ impl Registry for RegistryApi {
         tracing::debug!(%key, version, refused, "proxy status recorded");
         Ok(Response::new(ReportStatusResponse {}))
     }
+
+    async fn proxy_stats(
+        &self,
+        _request: Request<ProxyStatsRequest>,
+    ) -> Result<Response<ProxyStatsResponse>, Status> {
+        match self.proxy.stats().await {
+            Ok(stats) => Ok(Response::new(stats)),
+            Err(e) => {
+                tracing::debug!(error = %e, "proxy stats unavailable");
+                Err(Status::unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The proxy admin address of the port table.
+fn default_proxy_admin() -> SocketAddr {
+    crate::config::DEFAULT_PROXY_ADMIN
+        .parse()
+        .expect("the default proxy admin address is valid")
 }
 
 /// The gRPC status for a Consul error: whose fault, and Consul's message.

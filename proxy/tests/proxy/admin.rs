@@ -1,4 +1,5 @@
-//! The admin listener: /live, /ready, /routes, /metrics (checked by promtool).
+//! The admin listener: /live, /ready, /routes, /stats, /metrics (checked by
+//! promtool).
 
 use std::{io::Write, process::Command};
 
@@ -80,6 +81,76 @@ async fn metrics_count_requests_and_pass_promtool() {
     }
     promtool(&text);
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn stats_count_proxied_requests_errors_and_latency_since_start() {
+    let a = TestUpstream::start("orders-1", Behaviour::Echo).await;
+    let reset = TestUpstream::start("reset-1", Behaviour::Reset).await;
+    let bridge = FakeBridge::start(vec![
+        service("orders", vec![endpoint("orders-1", a.addr)]),
+        service("reset", vec![endpoint("reset-1", reset.addr)]),
+        service("empty", vec![]),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(bridge.addr, dir.path()).await;
+    proxy.wait_service("orders", 1).await;
+    // Version 1 from mesh-control: one attempt at `reset`, so one 502.
+    bridge.send_config(1, "[routes.reset]\nretries = 0\n");
+    proxy
+        .wait_routes("config version 1 in effect", |r| {
+            r["config"]["version"] == 1
+        })
+        .await;
+
+    let before = stats(&proxy).await;
+    assert_eq!(before["node"], "test-node");
+    assert_eq!(before["ready"], true);
+    assert_eq!(before["config_version"], 1);
+    assert_eq!(before["requests"], 0);
+    assert_eq!(before["errors"], 0);
+    let bounds = before["latency"]["bounds_seconds"].as_array().unwrap();
+    assert_eq!(bounds.len(), mesh_runtime::metrics::LATENCY_BUCKETS.len());
+    assert_eq!(
+        before["latency"]["counts"].as_array().unwrap().len(),
+        bounds.len()
+    );
+
+    for _ in 0..3 {
+        assert_eq!(
+            get(proxy.addr, "/orders/", &[]).await.status,
+            StatusCode::OK
+        );
+    }
+    let addr = proxy.addr;
+    let status = move |path| async move { get(addr, path, &[]).await.status };
+    assert_eq!(status("/reset/").await, StatusCode::BAD_GATEWAY);
+    assert_eq!(status("/empty/").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status("/nosuch/").await, StatusCode::NOT_FOUND);
+
+    // Read at once: no upkeep tick is needed for the latencies to show.
+    let after = stats(&proxy).await;
+    assert_eq!(after["requests"], 6, "{after}");
+    assert_eq!(after["errors"], 2, "{after}");
+    let latency = &after["latency"];
+    assert_eq!(latency["count"], 6, "{after}");
+    let in_buckets: u64 = latency["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(in_buckets, 6, "all under 10 s: {after}");
+    let sum = latency["sum_seconds"].as_f64().unwrap();
+    assert!(sum > 0.0 && sum < 60.0, "{after}");
+    proxy.stop().await;
+}
+
+async fn stats(proxy: &TestProxy) -> serde_json::Value {
+    let r = get(proxy.admin, "/stats", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    r.json()
 }
 
 /// Runs `promtool check metrics` when it is installed (Debian's

@@ -273,6 +273,14 @@ impl RegistryApi for BridgeState {
         self.reports.lock().unwrap().push(request.into_inner());
         Ok(GrpcResponse::new(pb::ReportStatusResponse {}))
     }
+    async fn proxy_stats(
+        &self,
+        _request: tonic::Request<pb::ProxyStatsRequest>,
+    ) -> Result<GrpcResponse<pb::ProxyStatsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake bridge does not read proxies",
+        ))
+    }
 }
 
 #[tonic::async_trait]

@@ -319,6 +319,13 @@ impl RegistryApi for GrpcApi {
     ) -> Result<tonic::Response<pb::ReportStatusResponse>, Status> {
         Err(Status::unimplemented("not here"))
     }
+
+    async fn proxy_stats(
+        &self,
+        _request: tonic::Request<pb::ProxyStatsRequest>,
+    ) -> Result<tonic::Response<pb::ProxyStatsResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
 }
 
 #[tonic::async_trait]
