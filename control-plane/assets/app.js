@@ -103,6 +103,7 @@
       el('td', { class: 'num' }, n.instances)));
     return [
       el('h1', {}, 'Nodes ', el('span', { class: 'count' }, '(' + s.nodes.length + ')')),
+      rolloutBanner(s),
       s.nodes.length
         ? table(['Node', 'Address', 'Datacenter', 'Agent', 'Proxy', 'Config version',
           'In effect', 'Last seen', 'Instances'], rows)
@@ -132,6 +133,7 @@
       return [crumbs, el('h1', {}, 'Node ' + name),
         el('p', { class: 'empty' }, 'Node ' + name + ' is not in Consul\'s catalog.')];
     }
+    const rolling = nodeInRollout(s, name);
     return [
       crumbs,
       el('h1', {}, 'Node ' + name),
@@ -145,6 +147,10 @@
         n.proxy.refused_version ? ['Refused', refusal(n)] : null,
         ['Last seen', when(n.proxy.last_seen, 'never')],
         ['Instances', String(n.instances)],
+        rolling ? ['Rollout', [
+          el('a', { href: '#/rollouts' }, 'version ' + rolling[0].version), ' (', rolloutBadge(rolling[0].state),
+          '): step ' + rolling[1].step + ', ', badge(rolling[1].state, 'step-' + rolling[1].state),
+          rolling[1].detail ? ' ' + rolling[1].detail : '']] : null,
       ]),
       routesSection(history),
       history ? versionsSection(name, history, selected || history.version) : null,
@@ -267,6 +273,55 @@
     return Object.entries(map || {}).map(([k, v]) => el('span', { class: 'tag' }, k + '=' + v));
   }
 
+  /** Rollout states in which a rollout may still move nodes. */
+  const UNDER_WAY = ['running', 'paused', 'aborting'];
+
+  /** The rollout under way, if any (the snapshot lists it first). */
+  function activeRollout(s) {
+    return (s.rollouts || []).find((ro) => UNDER_WAY.includes(ro.state)) || null;
+  }
+
+  function rolloutBadge(state) {
+    return badge(state, 'rollout-' + state);
+  }
+
+  /** "step k of n": the step under way, the last one once all are done. */
+  function stepText(ro) {
+    return 'step ' + Math.min(ro.step, ro.steps) + ' of ' + ro.steps;
+  }
+
+  function progressText(ro) {
+    return ro.done + '/' + ro.nodes.length + ' nodes, ' + stepText(ro);
+  }
+
+  /** 30000 as "30 s", 120000 as "2 min", 1500 as "1500 ms". */
+  function duration(ms) {
+    if (ms >= 60000 && ms % 60000 === 0) return ms / 60000 + ' min';
+    if (ms >= 1000 && ms % 1000 === 0) return ms / 1000 + ' s';
+    return ms + ' ms';
+  }
+
+  function plural(n, one, many) {
+    return n + ' ' + (n === 1 ? one : many);
+  }
+
+  /** A line on the nodes page while a rollout is under way. */
+  function rolloutBanner(s) {
+    const ro = activeRollout(s);
+    if (!ro) return null;
+    return el('p', { class: 'rollout-banner' },
+      el('a', { href: '#/rollouts' }, 'Rollout of version ' + ro.version), ': ',
+      rolloutBadge(ro.state), ' ' + stepText(ro) + ', ' + ro.done + '/' + ro.nodes.length + ' nodes done',
+      ro.reason ? ' \u2014 ' + ro.reason : '');
+  }
+
+  /** Where `name` is in the rollout under way: [rollout, its node], or null. */
+  function nodeInRollout(s, name) {
+    const ro = activeRollout(s);
+    const rn = ro && ro.nodes.find((x) => x.node === name);
+    return rn ? [ro, rn] : null;
+  }
+
   function rolloutsPage(s) {
     const rollouts = s.rollouts || [];
     if (!rollouts.length) {
@@ -278,13 +333,55 @@
           'each gated on health); it shows here as it runs.'),
       ];
     }
-    // Whatever fields a rollout has, shown as they come.
+    const total = s.rollouts_total || rollouts.length;
+    const shown = rollouts.length < total ? 'newest ' + rollouts.length + ' of ' + total : String(total);
     return [
-      el('h1', {}, 'Rollouts ', el('span', { class: 'count' }, '(' + rollouts.length + ')')),
-      rollouts.map((r, k) => el('section', { class: 'service' },
-        el('h2', {}, 'Rollout ' + (r.id !== undefined ? r.id : k + 1)),
-        facts(Object.entries(r).map(([key, value]) =>
-          [key, typeof value === 'object' ? JSON.stringify(value) : String(value)])))),
+      el('h1', {}, 'Rollouts ', el('span', { class: 'count' }, '(' + shown + ')')),
+      rollouts.map(rolloutSection),
+    ];
+  }
+
+  function rolloutSection(ro) {
+    const options = 'canary ' + plural(ro.canary, 'node', 'nodes') + ', then ' +
+      plural(ro.batch, 'node', 'nodes') + ' a step \u00b7 soak ' + duration(ro.soak_ms) +
+      ' \u00b7 acknowledgement within ' + duration(ro.ack_timeout_ms);
+    return el('section', { class: 'rollout' },
+      el('h2', {}, 'Rollout of version ' + ro.version + ' ', rolloutBadge(ro.state)),
+      el('p', { class: 'summary' },
+        'by ' + ro.author + ' \u00b7 started ' + when(ro.created_at, 'unknown') +
+        ' \u00b7 updated ' + when(ro.updated_at, 'unknown') + (ro.driver ? ' \u00b7 driven by ' + ro.driver : '')),
+      el('p', { class: 'progress' },
+        el('progress', { max: ro.nodes.length || 1, value: ro.done }), ' ', progressText(ro)),
+      ro.reason ? el('p', { class: 'reason ' + ro.state.replace(/[^a-z]/g, '') }, ro.reason) : null,
+      el('p', { class: 'summary' }, options),
+      rolloutNodes(ro),
+      rolloutHistory(ro));
+  }
+
+  function rolloutNodes(ro) {
+    const current = UNDER_WAY.includes(ro.state) ? ro.step : 0;
+    const rows = ro.nodes.map((rn) => el('tr', { class: rn.step === current ? 'current' : null },
+      el('td', { class: 'num' }, rn.step),
+      el('td', {}, el('a', { href: nodeHref(rn.node) }, rn.node)),
+      el('td', { class: 'num' },
+        rn.from ? el('a', { href: versionHref(rn.node, rn.from) }, String(rn.from)) : 'none',
+        ' \u2192 ', el('a', { href: versionHref(rn.node, ro.version), title: 'version ' + ro.version + ' of ' + rn.node + ' and its diff' },
+          String(ro.version))),
+      el('td', {}, badge(rn.state, 'step-' + rn.state)),
+      el('td', {}, rn.detail),
+      el('td', {}, when(rn.pushed_at, '')),
+      el('td', {}, when(rn.acked_at, ''))));
+    return table(['Step', 'Node', 'Version', 'State', 'Detail', 'Pushed', 'Acknowledged'], rows);
+  }
+
+  /** What happened, oldest first, as the API keeps it. */
+  function rolloutHistory(ro) {
+    if (!ro.events.length) return null;
+    return [
+      el('h3', {}, 'History ', el('span', { class: 'count' }, '(oldest first)')),
+      el('table', { class: 'events' }, el('tbody', {}, ro.events.map((ev) => el('tr', {},
+        el('td', { class: 'at' }, when(ev.at, '')),
+        el('td', {}, ev.text))))),
     ];
   }
 

@@ -28,6 +28,7 @@ use crate::{
     leader::{Elector, LeaderInfo, LeaderState},
     metrics::ControlMetrics,
     rest,
+    rollout::driver::Driver,
 };
 
 /// A started mesh-control replica.
@@ -101,6 +102,10 @@ impl ControlPlane {
             ControlApi::new(control.clone()),
             shutdown.clone(),
         ));
+        tasks.spawn(
+            Driver::new(control.clone(), leader.clone(), config.replica.clone())
+                .run(shutdown.clone()),
+        );
         let (publisher, subscriptions) = Publisher::new();
         tasks.spawn(
             publisher

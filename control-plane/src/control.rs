@@ -24,9 +24,10 @@ use crate::{
     store::{Conflict, Store},
 };
 
+pub mod rollouts;
 pub mod types;
 
-pub use self::types::*;
+pub use self::{rollouts::*, types::*};
 
 /// How long a connect to a node's bridge may take.
 pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -216,10 +217,17 @@ impl Control {
                 current: current.version.map(|v| (v.number, v.author)),
             }));
         }
-        let version = next_version(node, current.version.as_ref(), author, routes);
-        let revision = self
+        let (version, revision) = self
             .store
-            .commit(&version, change.expected_revision)
+            .commit_next(node, change.expected_revision, |number| {
+                next_version(
+                    node,
+                    number,
+                    current.version.as_ref(),
+                    author.clone(),
+                    routes.clone(),
+                )
+            })
             .await?;
         tracing::info!(
             node, version = version.number, author = %version.author, revision,
@@ -278,9 +286,9 @@ impl Control {
                 empty_version(node)
             }
         };
-        let previous = match version.number {
-            0 | 1 => None,
-            n => self.store.version(node, n - 1).await?,
+        let previous = match version.previous_number() {
+            0 => None,
+            n => self.store.version(node, n).await?,
         };
         let (text, diff) = match query.format {
             Format::Proxy => (version.rendered.clone(), version.diff.clone()),
@@ -375,7 +383,7 @@ impl Control {
     }
 
     /// A Registry client of `node`'s bridge, and its URL.
-    async fn bridge(
+    pub(crate) async fn bridge(
         &self,
         node: &str,
     ) -> Result<(RegistryClient<tonic::transport::Channel>, String), ControlError> {
@@ -447,9 +455,15 @@ impl Control {
     }
 }
 
-/// The version after `previous` with `routes`, rendered and diffed.
-fn next_version(node: &str, previous: Option<&Version>, author: String, routes: Routes) -> Version {
-    let number = previous.map_or(1, |v| v.number + 1);
+/// Version `number` of `node` with `routes`, based on `previous`,
+/// rendered and diffed against it.
+pub(crate) fn next_version(
+    node: &str,
+    number: u64,
+    previous: Option<&Version>,
+    author: String,
+    routes: Routes,
+) -> Version {
     let rendered = proxy_config(node, number, &routes);
     let (old, old_label) = match previous {
         Some(p) => (
@@ -467,6 +481,7 @@ fn next_version(node: &str, previous: Option<&Version>, author: String, routes: 
     Version {
         node: node.to_owned(),
         number,
+        previous: Some(previous.map_or(0, |p| p.number)),
         author,
         created_at_ms: now_ms(),
         routes,
@@ -480,6 +495,7 @@ fn empty_version(node: &str) -> Version {
     Version {
         node: node.to_owned(),
         number: 0,
+        previous: Some(0),
         author: String::new(),
         created_at_ms: 0,
         routes: Routes::new(),
@@ -488,7 +504,7 @@ fn empty_version(node: &str) -> Version {
     }
 }
 
-fn check_author(author: &str) -> Result<String, ControlError> {
+pub(crate) fn check_author(author: &str) -> Result<String, ControlError> {
     let author = author.trim();
     if author.is_empty() {
         return Err(ControlError::invalid(
@@ -505,7 +521,7 @@ fn check_author(author: &str) -> Result<String, ControlError> {
     Ok(author.to_owned())
 }
 
-fn unknown_node(node: &str) -> ControlError {
+pub(crate) fn unknown_node(node: &str) -> ControlError {
     ControlError::NotFound(format!("node {node:?} is not in Consul's catalog"))
 }
 

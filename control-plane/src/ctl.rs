@@ -6,6 +6,10 @@
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
+pub mod rollout;
+
+pub use self::rollout::{StageArgs, StartArgs};
+
 use mesh_proto::v1::{self as pb, control_client::ControlClient};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -88,7 +92,7 @@ pub struct RenderArgs {
 // === impl CtlError ===
 
 impl CtlError {
-    fn new(message: impl Into<String>, exit_code: i32) -> Self {
+    pub(crate) fn new(message: impl Into<String>, exit_code: i32) -> Self {
         Self {
             message: message.into(),
             exit_code,
@@ -132,7 +136,11 @@ impl Ctl {
         })
     }
 
-    fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> String) -> String {
+    pub(crate) fn print<T: Serialize>(
+        &self,
+        value: &T,
+        table: impl FnOnce(&T) -> String,
+    ) -> String {
         match self.output {
             Output::Json => {
                 let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
@@ -329,7 +337,7 @@ impl Ctl {
         }))
     }
 
-    async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, CtlError>
+    pub(crate) async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, CtlError>
     where
         F: FnOnce(ControlClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -5,6 +5,8 @@
 //!
 //! `GET /health` answers 200 or 503; `PUT /_demo/health` with body `fail` or
 //! `ok` flips it, so that tests and demos can make Consul see it critical.
+//! `PUT /_demo/answer` with a status code (`500`) makes every other answer
+//! carry that status, to show what a harmful route does (`200` undoes it).
 //! `GET /_demo/ws` is a WebSocket echo: each text message comes back as
 //! `<instance>: <text>`, each binary one as it is.
 
@@ -12,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     time::Duration,
 };
@@ -56,6 +58,8 @@ struct Demo {
     id: Arc<str>,
     node: Arc<str>,
     healthy: Arc<AtomicBool>,
+    /// The status of ordinary answers.
+    status: Arc<AtomicU16>,
 }
 
 impl DemoConfig {
@@ -78,10 +82,12 @@ pub async fn serve(config: DemoConfig) -> anyhow::Result<()> {
         id: id.as_str().into(),
         node: hostname().into(),
         healthy: Arc::new(AtomicBool::new(true)),
+        status: Arc::new(AtomicU16::new(200)),
     };
     let app = Router::new()
         .route("/health", get(health))
         .route("/_demo/health", put(set_health))
+        .route("/_demo/answer", put(set_answer))
         .route("/_demo/ws", get(ws_echo))
         .fallback(answer)
         .with_state(demo);
@@ -188,6 +194,27 @@ async fn set_health(State(demo): State<Demo>, body: String) -> impl IntoResponse
     (StatusCode::OK, format!("{}\n", body.trim()))
 }
 
+async fn set_answer(State(demo): State<Demo>, body: String) -> impl IntoResponse {
+    match body
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        Some(code) if (200..600).contains(&code.as_u16()) => {
+            demo.status.store(code.as_u16(), Ordering::Relaxed);
+            (StatusCode::OK, format!("{}\n", code.as_u16()))
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "expected a status code from 200 to 599, got {:?}\n",
+                body.trim()
+            ),
+        ),
+    }
+}
+
 async fn ws_echo(State(demo): State<Demo>, ws: WebSocketUpgrade) -> impl IntoResponse {
     ws.on_upgrade(move |socket| echo_socket(socket, demo.id))
 }
@@ -212,7 +239,10 @@ async fn answer(State(demo): State<Demo>, uri: Uri, headers: HeaderMap) -> impl 
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let status =
+        StatusCode::from_u16(demo.status.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK);
     (
+        status,
         [("x-instance", demo.id.to_string())],
         Json(json!({
             "service": &*demo.name,

@@ -28,6 +28,10 @@ pub enum ControlError {
     /// current. Nothing was stored; read again and retry.
     #[error("{0}")]
     Conflict(Conflict),
+    /// The call does not fit the state things are in (a rollout is
+    /// already under way, say); nothing was changed.
+    #[error("{0}")]
+    Refused(String),
     /// The stored routes cannot be expressed in the format asked for.
     #[error("{0}")]
     Unrenderable(String),
@@ -53,6 +57,7 @@ impl ControlError {
             Self::Invalid(_) => "invalid",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
+            Self::Refused(_) => "refused",
             Self::Unrenderable(_) => "unrenderable",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -64,7 +69,7 @@ impl ControlError {
         match self {
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::Refused(_) => StatusCode::CONFLICT,
             Self::Unrenderable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,7 +82,7 @@ impl ControlError {
             Self::Invalid(_) => tonic::Code::InvalidArgument,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Conflict(_) => tonic::Code::Aborted,
-            Self::Unrenderable(_) => tonic::Code::FailedPrecondition,
+            Self::Unrenderable(_) | Self::Refused(_) => tonic::Code::FailedPrecondition,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Internal(_) => tonic::Code::Internal,
         }
@@ -89,6 +94,7 @@ impl From<StoreError> for ControlError {
         match e {
             StoreError::Conflict(c) => Self::Conflict(c),
             StoreError::Corrupt { .. } => Self::Internal(e.to_string()),
+            StoreError::Contended(_) => Self::Unavailable(e.to_string()),
             StoreError::Consul(c) => consul(c),
         }
     }

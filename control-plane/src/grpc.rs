@@ -212,6 +212,99 @@ impl control_server::Control for ControlApi {
             queued: r.queued,
         })
     }
+
+    async fn stage_version(
+        &self,
+        request: Request<pb::StageVersionRequest>,
+    ) -> Result<Response<pb::StageVersionResponse>, Status> {
+        let pb::StageVersionRequest {
+            nodes,
+            routes,
+            author,
+        } = request.into_inner();
+        let result = async {
+            let stage = control::StageVersion {
+                nodes,
+                routes: routes_from_pb(routes)?,
+                author,
+            };
+            self.control.stage_version(stage).await
+        }
+        .await;
+        self.done("StageVersion", result, |s| pb::StageVersionResponse {
+            version: s.version,
+            nodes: s
+                .nodes
+                .into_iter()
+                .map(|n| pb::StagedNode {
+                    node: n.node,
+                    from: n.from,
+                    diff: n.diff,
+                })
+                .collect(),
+        })
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let r = request.into_inner();
+        let start = control::StartRollout {
+            version: r.version,
+            author: r.author,
+            canary: r.canary,
+            batch: r.batch,
+            soak_ms: r.soak_ms,
+            ack_timeout_ms: r.ack_timeout_ms,
+        };
+        let result = self.control.start_rollout(start).await;
+        self.done("StartRollout", result, pb::Rollout::from)
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let version = request.into_inner().version;
+        let result = self.control.rollout(version).await;
+        self.done("GetRollout", result, pb::Rollout::from)
+    }
+
+    async fn list_rollouts(
+        &self,
+        _: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        let result = self.control.rollouts().await;
+        self.done("ListRollouts", result, |all| pb::ListRolloutsResponse {
+            rollouts: all.into_iter().map(pb::Rollout::from).collect(),
+        })
+    }
+
+    async fn change_rollout(
+        &self,
+        request: Request<pb::ChangeRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let r = request.into_inner();
+        let result = async {
+            let action = match r.action.as_str() {
+                "pause" => control::RolloutAction::Pause,
+                "resume" => control::RolloutAction::Resume,
+                "abort" => control::RolloutAction::Abort,
+                other => {
+                    return Err(ControlError::invalid(
+                        "action",
+                        format!("{other:?} is not pause, resume or abort"),
+                    ));
+                }
+            };
+            self.control
+                .rollout_action(r.version, action, &r.author)
+                .await
+        }
+        .await;
+        self.done("ChangeRollout", result, pb::Rollout::from)
+    }
 }
 
 // === conversions ===
@@ -342,5 +435,89 @@ fn registration_from_pb(s: pb::ServiceRegistration) -> control::Registration {
                 deregister_critical_service_after: c.deregister_critical_service_after,
             })
             .collect(),
+    }
+}
+
+impl From<control::RolloutView> for pb::Rollout {
+    fn from(r: control::RolloutView) -> Self {
+        Self {
+            version: r.version,
+            author: r.author,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            state: r.state,
+            reason: r.reason,
+            step: r.step,
+            steps: r.steps,
+            done: r.done,
+            canary: r.canary,
+            batch: r.batch,
+            soak_ms: r.soak_ms,
+            ack_timeout_ms: r.ack_timeout_ms,
+            nodes: r
+                .nodes
+                .into_iter()
+                .map(|n| pb::RolloutNode {
+                    node: n.node,
+                    step: n.step,
+                    from: n.from,
+                    state: n.state,
+                    detail: n.detail,
+                    pushed_at: n.pushed_at,
+                    acked_at: n.acked_at,
+                })
+                .collect(),
+            events: r
+                .events
+                .into_iter()
+                .map(|e| pb::RolloutEvent {
+                    at: e.at,
+                    text: e.text,
+                })
+                .collect(),
+            driver: r.driver,
+        }
+    }
+}
+
+impl From<pb::Rollout> for control::RolloutView {
+    fn from(r: pb::Rollout) -> Self {
+        Self {
+            version: r.version,
+            author: r.author,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            state: r.state,
+            reason: r.reason,
+            step: r.step,
+            steps: r.steps,
+            done: r.done,
+            canary: r.canary,
+            batch: r.batch,
+            soak_ms: r.soak_ms,
+            ack_timeout_ms: r.ack_timeout_ms,
+            nodes: r
+                .nodes
+                .into_iter()
+                .map(|n| control::RolloutNodeView {
+                    node: n.node,
+                    step: n.step,
+                    from: n.from,
+                    state: n.state,
+                    detail: n.detail,
+                    pushed_at: n.pushed_at,
+                    acked_at: n.acked_at,
+                })
+                .collect(),
+            events: r
+                .events
+                .into_iter()
+                .map(|e| control::RolloutEventView {
+                    at: e.at,
+                    text: e.text,
+                })
+                .collect(),
+            driver: r.driver,
+        }
     }
 }

@@ -44,5 +44,6 @@ pub mod model;
 pub mod procs;
 pub mod render;
 pub mod rest;
+pub mod rollout;
 pub mod store;
 pub mod template;

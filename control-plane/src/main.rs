@@ -8,7 +8,10 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use mesh_control_plane::{
     control::{Check, Registration},
-    ctl::{self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, Output, RenderArgs, SetRoutesArgs},
+    ctl::{
+        self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, Output, RenderArgs, SetRoutesArgs, StageArgs,
+        StartArgs,
+    },
     demo, dev,
     render::Format,
 };
@@ -57,6 +60,12 @@ enum Command {
     Versions(VersionsCli),
     /// A node's config rendered for mesh-proxy or nginx.
     Render(RenderCli),
+    /// Staged rollouts of a config version: canary first, then batches,
+    /// each step gated on the proxies' acknowledgement, health and a soak.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Register an instance on a node, through the node's bridge.
     Register(RegisterCli),
     /// Deregister an instance from a node, through the node's bridge.
@@ -101,6 +110,80 @@ enum RoutesCommand {
         #[arg(long, env = "MESH_AUTHOR")]
         author: Option<String>,
     },
+    /// Store a route file as one new config version of several nodes,
+    /// in effect on none of them until `meshctl rollout start`.
+    Stage {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// A node, in rollout order (repeat, or separate with commas).
+        #[arg(long = "node", required = true, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// The route file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Who stages it [default: $USER].
+        #[arg(long, env = "MESH_AUTHOR")]
+        author: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Start rolling out a version staged with `meshctl routes stage`.
+    Start {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The staged version.
+        #[arg(long)]
+        version: u64,
+        /// Nodes in the first step (0: no canary step).
+        #[arg(long)]
+        canary: Option<u32>,
+        /// Nodes per later step.
+        #[arg(long)]
+        batch: Option<u32>,
+        /// How long each step's nodes must stay healthy (e.g. 30s, 2m).
+        #[arg(long)]
+        soak: Option<HumanDuration>,
+        /// How long a proxy may take to acknowledge the version.
+        #[arg(long)]
+        ack_timeout: Option<HumanDuration>,
+        /// Who starts it [default: $USER].
+        #[arg(long, env = "MESH_AUTHOR")]
+        author: Option<String>,
+    },
+    /// A rollout's state, nodes and history [default: the one under way,
+    /// or else the newest].
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The version.
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+        /// Follow it until it ends; exit 2 when it aborts.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every rollout, newest first.
+    List(ClientArgs),
+    /// Start no new step (a step under way finishes its gates).
+    Pause(RolloutChangeCli),
+    /// Go on after a pause.
+    Resume(RolloutChangeCli),
+    /// Put every node the rollout moved back on its previous version.
+    Abort(RolloutChangeCli),
+}
+
+#[derive(Debug, Args)]
+struct RolloutChangeCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The version [default: the rollout under way].
+    #[arg(long, default_value_t = 0)]
+    version: u64,
+    /// Who asks [default: $USER].
+    #[arg(long, env = "MESH_AUTHOR")]
+    author: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -351,10 +434,7 @@ async fn control(command: Command) -> Result<String, CtlError> {
         } => {
             // The file is read first: a bad one needs no mesh-control.
             ctl::read_route_file(&file)?;
-            let author = author
-                .or_else(|| std::env::var("USER").ok())
-                .filter(|a| !a.trim().is_empty())
-                .unwrap_or_else(|| "meshctl".into());
+            let author = author_or_user(author);
             let args = SetRoutesArgs {
                 node,
                 file,
@@ -363,6 +443,66 @@ async fn control(command: Command) -> Result<String, CtlError> {
             };
             connect(&client).await?.routes_set(args).await
         }
+        Command::Routes {
+            command:
+                RoutesCommand::Stage {
+                    client,
+                    nodes,
+                    file,
+                    author,
+                },
+        } => {
+            ctl::read_route_file(&file)?;
+            let args = StageArgs {
+                nodes,
+                file,
+                author: author_or_user(author),
+            };
+            connect(&client).await?.routes_stage(args).await
+        }
+        Command::Rollout { command } => match command {
+            RolloutCommand::Start {
+                client,
+                version,
+                canary,
+                batch,
+                soak,
+                ack_timeout,
+                author,
+            } => {
+                let args = StartArgs {
+                    version,
+                    author: author_or_user(author),
+                    canary,
+                    batch,
+                    soak: soak.map(HumanDuration::get),
+                    ack_timeout: ack_timeout.map(HumanDuration::get),
+                };
+                connect(&client).await?.rollout_start(args).await
+            }
+            RolloutCommand::Status {
+                client,
+                version,
+                watch,
+            } => {
+                let mut ctl = connect(&client).await?;
+                if watch {
+                    ctl.rollout_watch(version, |line| {
+                        use std::io::Write as _;
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(line.as_bytes());
+                        let _ = out.flush();
+                    })
+                    .await
+                } else {
+                    ctl.rollout_status(version).await
+                }
+            }
+            RolloutCommand::List(client) => connect(&client).await?.rollout_list().await,
+            RolloutCommand::Pause(c) => change(c, "pause").await,
+            RolloutCommand::Resume(c) => change(c, "resume").await,
+            RolloutCommand::Abort(c) => change(c, "abort").await,
+        },
         Command::Versions(v) => connect(&v.client).await?.versions(&v.node, v.number).await,
         Command::Render(r) => {
             let args = RenderArgs {
@@ -403,6 +543,23 @@ async fn control(command: Command) -> Result<String, CtlError> {
         Command::Deregister(d) => connect(&d.client).await?.deregister(&d.node, &d.id).await,
         Command::Dev { .. } | Command::Demo { .. } => unreachable!("handled by main"),
     }
+}
+
+/// `meshctl rollout pause|resume|abort`.
+async fn change(c: RolloutChangeCli, action: &str) -> Result<String, CtlError> {
+    let author = author_or_user(c.author);
+    Ctl::connect(&c.client.control_addr, c.client.output)
+        .await?
+        .rollout_change(c.version, action, author)
+        .await
+}
+
+/// The author given, or else the user's name, or else `meshctl`.
+fn author_or_user(author: Option<String>) -> String {
+    author
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "meshctl".into())
 }
 
 /// Overlays the flags given on the `--config` file; exits 64 on a bad one.

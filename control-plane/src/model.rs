@@ -132,8 +132,13 @@ pub type Routes = BTreeMap<String, Route>;
 pub struct Version {
     /// The node.
     pub node: String,
-    /// 1, 2, 3, … per node.
+    /// Its number: one sequence across the mesh, so a version staged on
+    /// many nodes has one number on all of them.
     pub number: u64,
+    /// The node's version this one was based on; `Some(0)`: none. `None`
+    /// in records from before versions named it (then it is `number - 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
     /// Who made the change.
     pub author: String,
     /// When, in milliseconds since the Unix epoch.
@@ -144,6 +149,15 @@ pub struct Version {
     pub rendered: String,
     /// Unified diff of `rendered` against the previous version's.
     pub diff: String,
+}
+
+// === impl Version ===
+
+impl Version {
+    /// The number of the version this one was based on; 0: none.
+    pub fn previous_number(&self) -> u64 {
+        self.previous.unwrap_or(self.number.saturating_sub(1))
+    }
 }
 
 /// What validation checks routes against: Consul's catalog.

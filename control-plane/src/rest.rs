@@ -12,6 +12,11 @@
 //! | `GET /v1/nodes/{node}/render?format=proxy\|nginx[&version=N][&upstreams=upsync\|static]` | Render |
 //! | `PUT /v1/nodes/{node}/register` | Register (body: the instance) |
 //! | `PUT /v1/nodes/{node}/deregister/{id}` | Deregister |
+//! | `POST /v1/versions` | StageVersion (body: `nodes`, `routes`, `author`) |
+//! | `GET /v1/rollouts` | ListRollouts |
+//! | `POST /v1/rollouts` | StartRollout (body: `version`, `author`, `canary`, `batch`, `soak_ms`, `ack_timeout_ms`) |
+//! | `GET /v1/rollouts/{version}` | GetRollout (0: the one under way, or else the newest) |
+//! | `PUT /v1/rollouts/{version}/{pause\|resume\|abort}` | ChangeRollout (body: `author`) |
 //!
 //! Errors are JSON `{"error", "kind", …}` with the status of
 //! [`ControlError::http_status`]: 400 naming the field, 404, 409 naming the
@@ -25,12 +30,14 @@ use axum::{
         rejection::{PathRejection, QueryRejection},
     },
     response::{IntoResponse, Response},
-    routing::{get, put},
+    routing::{get, post, put},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    control::{Control, Registration, RenderQuery, SetRoutes},
+    control::{
+        Control, Registration, RenderQuery, RolloutAction, SetRoutes, StageVersion, StartRollout,
+    },
     error::ControlError,
 };
 
@@ -46,6 +53,10 @@ pub fn router(control: Control) -> Router {
         .route("/v1/nodes/{node}/render", get(render))
         .route("/v1/nodes/{node}/register", put(register))
         .route("/v1/nodes/{node}/deregister/{id}", put(deregister))
+        .route("/v1/versions", post(stage_version))
+        .route("/v1/rollouts", get(rollouts).post(start_rollout))
+        .route("/v1/rollouts/{version}", get(rollout))
+        .route("/v1/rollouts/{version}/{action}", put(change_rollout))
         .with_state(control)
 }
 
@@ -146,4 +157,68 @@ async fn deregister(
 ) -> Response {
     let result = control.deregister(&node, &id).await;
     answer(&control, "Deregister", result)
+}
+
+async fn stage_version(State(control): State<Control>, stage: Bytes) -> Response {
+    let result = match body::<StageVersion>("body", &stage) {
+        Ok(stage) => control.stage_version(stage).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "StageVersion", result)
+}
+
+async fn rollouts(State(control): State<Control>) -> Response {
+    let result = control.rollouts().await;
+    answer(&control, "ListRollouts", result)
+}
+
+async fn start_rollout(State(control): State<Control>, start: Bytes) -> Response {
+    let result = match body::<StartRollout>("body", &start) {
+        Ok(start) => control.start_rollout(start).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "StartRollout", result)
+}
+
+async fn rollout(
+    State(control): State<Control>,
+    path: Result<Path<u64>, PathRejection>,
+) -> Response {
+    let result = match path {
+        Ok(Path(version)) => control.rollout(version).await,
+        Err(e) => Err(ControlError::invalid("version", e.body_text())),
+    };
+    answer(&control, "GetRollout", result)
+}
+
+/// Who asks for a pause, resume or abort.
+#[derive(Debug, serde::Deserialize)]
+struct Author {
+    author: String,
+}
+
+async fn change_rollout(
+    State(control): State<Control>,
+    path: Result<Path<(u64, String)>, PathRejection>,
+    who: Bytes,
+) -> Response {
+    let result = async {
+        let Path((version, action)) =
+            path.map_err(|e| ControlError::invalid("version", e.body_text()))?;
+        let action = match action.as_str() {
+            "pause" => RolloutAction::Pause,
+            "resume" => RolloutAction::Resume,
+            "abort" => RolloutAction::Abort,
+            other => {
+                return Err(ControlError::invalid(
+                    "action",
+                    format!("{other:?} is not pause, resume or abort"),
+                ));
+            }
+        };
+        let who = body::<Author>("body", &who)?;
+        control.rollout_action(version, action, &who.author).await
+    }
+    .await;
+    answer(&control, "ChangeRollout", result)
 }

@@ -5,6 +5,12 @@
 //!   *revision*: every change names the revision it is based on.
 //! - `mesh/versions/<node>/<n>`: config version `n` of the node, written
 //!   once and never changed.
+//! - `mesh/seq/version`: the last version number handed out; numbers are
+//!   one sequence across the mesh.
+//! - `mesh/releases/<n>`: version `n` staged on many nodes (JSON
+//!   [`Release`]): their records exist, none is current yet.
+//! - `mesh/rollouts/<n>`: the rollout of version `n` (JSON
+//!   [`Rollout`]); `mesh/rollout-active`: the number of the one under way.
 //! - `mesh/leader`: the leader lock (see [`crate::leader`]).
 //! - `mesh/status/<node>`: what the node's proxy last reported (JSON
 //!   [`ProxyReport`]), written by the node's bridge, read here.
@@ -20,13 +26,38 @@ use std::collections::BTreeMap;
 use consul_client::{Client, KvPair, KvTxnOp, KvTxnOutcome, QueryOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Version;
+use crate::{model::Version, rollout::Rollout};
 
 /// The root of every key the control plane writes.
 pub const PREFIX: &str = "mesh/";
 
 /// The leader lock's key.
 pub const LEADER_KEY: &str = "mesh/leader";
+
+/// The last version number handed out (decimal text).
+pub const SEQ_KEY: &str = "mesh/seq/version";
+
+/// The version whose rollout is under way (decimal text; empty: none).
+pub const ACTIVE_ROLLOUT_KEY: &str = "mesh/rollout-active";
+
+/// How often a change races for the sequence before giving up.
+const SEQUENCE_TRIES: usize = 16;
+
+/// Nodes per staging transaction (two operations each; Consul takes 64).
+const STAGE_CHUNK: usize = 30;
+
+/// A version staged on many nodes, ready to roll out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// The version number, the same on every node.
+    pub version: u64,
+    /// Who staged it.
+    pub author: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// The nodes, in the order they were named.
+    pub nodes: Vec<String>,
+}
 
 /// Consul KV, as the control plane lays it out.
 #[derive(Clone, Debug)]
@@ -87,6 +118,9 @@ pub enum StoreError {
         /// What is wrong with it.
         message: String,
     },
+    /// Too many changes raced for the same key; nothing was written.
+    #[error("{0} changed too often to be written; try again")]
+    Contended(String),
     /// Consul did not answer, or refused.
     #[error(transparent)]
     Consul(#[from] consul_client::Error),
@@ -123,55 +157,324 @@ impl Store {
         }
     }
 
-    /// Stores `version` as `node`'s current version and as its immutable
-    /// version record, if the routes key is still at `expected` (0: the
-    /// node has no routes yet). Returns the new revision.
-    pub async fn commit(&self, version: &Version, expected: u64) -> Result<u64, StoreError> {
-        let node = &version.node;
+    /// The last version number handed out, and the sequence key's
+    /// revision (0: the key does not exist yet; then the number is the
+    /// highest one stored, so records from before the sequence stay
+    /// unique).
+    pub async fn sequence(&self) -> Result<(u64, u64), StoreError> {
+        let read = self.consul.kv_get(SEQ_KEY, QueryOptions::default()).await?;
+        if let Some(pair) = read.value {
+            let last = std::str::from_utf8(&pair.value)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: SEQ_KEY.to_owned(),
+                    message: "not a number".into(),
+                })?;
+            return Ok((pair.modify_index, last));
+        }
+        let prefix = format!("{PREFIX}versions/");
+        let pairs = self
+            .consul
+            .kv_list(&prefix, QueryOptions::default())
+            .await?;
+        let last = pairs
+            .value
+            .iter()
+            .filter_map(|p| p.key.rsplit('/').next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok((0, last))
+    }
+
+    /// Takes the next version number: one transaction that moves the
+    /// sequence on from `seq` (its revision and value) together with `ops`.
+    fn with_sequence(seq: (u64, u64), mut ops: Vec<KvTxnOp>) -> Vec<KvTxnOp> {
+        ops.insert(
+            0,
+            KvTxnOp::Cas {
+                key: SEQ_KEY.to_owned(),
+                value: (seq.1 + 1).to_string().into_bytes(),
+                index: seq.0,
+            },
+        );
+        ops
+    }
+
+    /// Stores `make(number)` as `node`'s current version and as its
+    /// immutable version record, with the next number of the sequence, if
+    /// the routes key is still at `expected` (0: the node has no routes
+    /// yet). Returns the version and the new revision. A race for the
+    /// sequence with another change is retried; a race for the routes is
+    /// [`StoreError::Conflict`].
+    pub async fn commit_next(
+        &self,
+        node: &str,
+        expected: u64,
+        make: impl Fn(u64) -> Version,
+    ) -> Result<(Version, u64), StoreError> {
         let routes_key = Self::routes_key(node);
-        let version_key = Self::version_key(node, version.number);
-        let value = serde_json::to_vec(version).map_err(|e| StoreError::Corrupt {
-            key: routes_key.clone(),
-            message: e.to_string(),
-        })?;
-        let ops = [
-            KvTxnOp::Cas {
-                key: routes_key.clone(),
-                value: value.clone(),
-                index: expected,
-            },
-            KvTxnOp::Cas {
-                key: version_key.clone(),
-                value,
-                index: 0,
-            },
-        ];
-        match self.consul.kv_txn(&ops).await? {
-            KvTxnOutcome::Committed(written) => Ok(written
-                .iter()
-                .find(|(key, _)| *key == routes_key)
-                .map_or(0, |(_, index)| *index)),
-            KvTxnOutcome::RolledBack(errors) => {
-                let now = self.current(node).await?;
-                if now.revision == expected {
-                    // The routes key did not move: the version key is in the way.
+        for _ in 0..SEQUENCE_TRIES {
+            let seq = self.sequence().await?;
+            let version = make(seq.1 + 1);
+            let version_key = Self::version_key(node, version.number);
+            let value = encode(&routes_key, &version)?;
+            let ops = Self::with_sequence(
+                seq,
+                vec![
+                    KvTxnOp::Cas {
+                        key: routes_key.clone(),
+                        value: value.clone(),
+                        index: expected,
+                    },
+                    KvTxnOp::Cas {
+                        key: version_key.clone(),
+                        value,
+                        index: 0,
+                    },
+                ],
+            );
+            match self.consul.kv_txn(&ops).await? {
+                KvTxnOutcome::Committed(written) => {
+                    let revision = written
+                        .iter()
+                        .find(|(key, _)| *key == routes_key)
+                        .map_or(0, |(_, index)| *index);
+                    return Ok((version, revision));
+                }
+                KvTxnOutcome::RolledBack(errors) => {
+                    let now = self.current(node).await?;
+                    if now.revision != expected {
+                        return Err(StoreError::Conflict(Conflict {
+                            key: routes_key,
+                            expected,
+                            actual: now.revision,
+                            current: now.version.map(|v| (v.number, v.author)),
+                        }));
+                    }
+                    if self.sequence().await?.0 != seq.0 {
+                        continue; // another change took the number
+                    }
                     let reason = errors.first().map_or("", |(_, what)| what.as_str());
                     return Err(StoreError::Corrupt {
                         key: version_key,
                         message: format!(
-                            "version {} exists although {routes_key} is at version {} ({reason})",
-                            version.number,
-                            version.number.saturating_sub(1)
+                            "version {} exists although the sequence is at {} ({reason})",
+                            version.number, seq.1
                         ),
                     });
                 }
-                Err(StoreError::Conflict(Conflict {
-                    key: routes_key,
-                    expected,
-                    actual: now.revision,
-                    current: now.version.map(|v| (v.number, v.author)),
-                }))
             }
+        }
+        Err(StoreError::Contended(SEQ_KEY.to_owned()))
+    }
+
+    /// Stores version records for many nodes under one new number, none of
+    /// them current yet: `make(node, number, its current version)` for each
+    /// of `nodes` (node and its current state), then the release record
+    /// that names them. A node whose routes moved since `nodes` was read
+    /// is a [`StoreError::Conflict`] and no release is stored.
+    pub async fn stage(
+        &self,
+        author: &str,
+        nodes: &[(String, Current)],
+        make: impl Fn(&str, u64, Option<&Version>) -> Version,
+    ) -> Result<Release, StoreError> {
+        let number = self.take_number().await?;
+        for chunk in nodes.chunks(STAGE_CHUNK) {
+            let mut ops = Vec::with_capacity(chunk.len() * 2);
+            for (node, current) in chunk {
+                let version = make(node, number, current.version.as_ref());
+                let key = Self::version_key(node, number);
+                ops.push(KvTxnOp::CheckIndex {
+                    key: Self::routes_key(node),
+                    index: current.revision,
+                });
+                ops.push(KvTxnOp::Cas {
+                    value: encode(&key, &version)?,
+                    key,
+                    index: 0,
+                });
+            }
+            if let KvTxnOutcome::RolledBack(_) = self.consul.kv_txn(&ops).await? {
+                for (node, current) in chunk {
+                    let now = self.current(node).await?;
+                    if now.revision != current.revision {
+                        return Err(StoreError::Conflict(Conflict {
+                            key: Self::routes_key(node),
+                            expected: current.revision,
+                            actual: now.revision,
+                            current: now.version.map(|v| (v.number, v.author)),
+                        }));
+                    }
+                }
+                return Err(StoreError::Corrupt {
+                    key: Self::version_key(&chunk[0].0, number),
+                    message: format!("version {number} exists although the sequence just gave it"),
+                });
+            }
+        }
+        let release = Release {
+            version: number,
+            author: author.to_owned(),
+            created_at_ms: crate::model::now_ms(),
+            nodes: nodes.iter().map(|(n, _)| n.clone()).collect(),
+        };
+        let key = Self::release_key(number);
+        let value = serde_json::to_vec(&release).map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        if !self.consul.kv_put(&key, &value, Some(0)).await? {
+            return Err(StoreError::Corrupt {
+                key,
+                message: "a release with this number exists".into(),
+            });
+        }
+        Ok(release)
+    }
+
+    /// Moves the sequence on by one and returns the number.
+    async fn take_number(&self) -> Result<u64, StoreError> {
+        for _ in 0..SEQUENCE_TRIES {
+            let seq = self.sequence().await?;
+            let ops = Self::with_sequence(seq, Vec::new());
+            if let KvTxnOutcome::Committed(_) = self.consul.kv_txn(&ops).await? {
+                return Ok(seq.1 + 1);
+            }
+        }
+        Err(StoreError::Contended(SEQ_KEY.to_owned()))
+    }
+
+    /// The release key of version `number`.
+    pub fn release_key(number: u64) -> String {
+        format!("{PREFIX}releases/{number}")
+    }
+
+    /// Release `number`, if it was staged.
+    pub async fn release(&self, number: u64) -> Result<Option<Release>, StoreError> {
+        let key = Self::release_key(number);
+        let read = self.consul.kv_get(&key, QueryOptions::default()).await?;
+        read.value.as_ref().map(decode_json).transpose()
+    }
+
+    /// Makes `version` (a stored record of its node) the node's current
+    /// version, if the routes key is still at `expected`. Returns whether
+    /// it was written.
+    pub async fn put_current(&self, version: &Version, expected: u64) -> Result<bool, StoreError> {
+        let key = Self::routes_key(&version.node);
+        let value = encode(&key, version)?;
+        Ok(self.consul.kv_put(&key, &value, Some(expected)).await?)
+    }
+
+    /// The rollout key of version `number`.
+    pub fn rollout_key(number: u64) -> String {
+        format!("{PREFIX}rollouts/{number}")
+    }
+
+    /// The rollout of version `number` and its revision, if there is one.
+    pub async fn rollout(&self, number: u64) -> Result<Option<(Rollout, u64)>, StoreError> {
+        let key = Self::rollout_key(number);
+        let read = self.consul.kv_get(&key, QueryOptions::default()).await?;
+        match read.value {
+            None => Ok(None),
+            Some(pair) => Ok(Some((decode_json(&pair)?, pair.modify_index))),
+        }
+    }
+
+    /// Every rollout, newest first.
+    pub async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let prefix = format!("{PREFIX}rollouts/");
+        let pairs = self
+            .consul
+            .kv_list(&prefix, QueryOptions::default())
+            .await?;
+        let mut out = pairs
+            .value
+            .iter()
+            .map(decode_json::<Rollout>)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|r| std::cmp::Reverse(r.version));
+        Ok(out)
+    }
+
+    /// The version whose rollout is under way (0: none) and the active
+    /// key's revision (0: it does not exist).
+    pub async fn active_rollout(&self) -> Result<(u64, u64), StoreError> {
+        let read = self
+            .consul
+            .kv_get(ACTIVE_ROLLOUT_KEY, QueryOptions::default())
+            .await?;
+        match read.value {
+            None => Ok((0, 0)),
+            Some(pair) => {
+                let text = String::from_utf8_lossy(&pair.value);
+                let number = if text.trim().is_empty() {
+                    0
+                } else {
+                    text.trim().parse().map_err(|_| StoreError::Corrupt {
+                        key: ACTIVE_ROLLOUT_KEY.to_owned(),
+                        message: format!("{text:?} is not a version number"),
+                    })?
+                };
+                Ok((number, pair.modify_index))
+            }
+        }
+    }
+
+    /// Stores a new rollout and makes it the active one, if none is
+    /// (`active` is the active key's revision when it was read as idle).
+    /// Returns whether it was stored.
+    pub async fn start_rollout(&self, rollout: &Rollout, active: u64) -> Result<bool, StoreError> {
+        let key = Self::rollout_key(rollout.version);
+        let ops = [
+            KvTxnOp::Cas {
+                key: ACTIVE_ROLLOUT_KEY.to_owned(),
+                value: rollout.version.to_string().into_bytes(),
+                index: active,
+            },
+            KvTxnOp::Cas {
+                value: encode(&key, rollout)?,
+                key,
+                index: 0,
+            },
+        ];
+        Ok(matches!(
+            self.consul.kv_txn(&ops).await?,
+            KvTxnOutcome::Committed(_)
+        ))
+    }
+
+    /// Writes `rollout` if its record is still at `revision`; returns the
+    /// new revision, or `None` when someone else wrote it first. An ended
+    /// rollout also clears the active key.
+    pub async fn save_rollout(
+        &self,
+        rollout: &Rollout,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = Self::rollout_key(rollout.version);
+        let mut ops = vec![KvTxnOp::Cas {
+            value: encode(&key, rollout)?,
+            key: key.clone(),
+            index: revision,
+        }];
+        if rollout.state.is_final() {
+            let (active, active_revision) = self.active_rollout().await?;
+            if active == rollout.version {
+                ops.push(KvTxnOp::Cas {
+                    key: ACTIVE_ROLLOUT_KEY.to_owned(),
+                    value: Vec::new(),
+                    index: active_revision,
+                });
+            }
+        }
+        match self.consul.kv_txn(&ops).await? {
+            KvTxnOutcome::Committed(written) => Ok(written
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, index)| *index)),
+            KvTxnOutcome::RolledBack(_) => Ok(None),
         }
     }
 
@@ -251,8 +554,19 @@ impl Store {
 }
 
 fn decode(pair: &KvPair) -> Result<Version, StoreError> {
+    decode_json(pair)
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(pair: &KvPair) -> Result<T, StoreError> {
     serde_json::from_slice(&pair.value).map_err(|e| StoreError::Corrupt {
         key: pair.key.clone(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
         message: e.to_string(),
     })
 }

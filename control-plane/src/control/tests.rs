@@ -18,8 +18,9 @@ fn routes(timeout_secs: u64) -> Routes {
 
 #[test]
 fn a_first_version_is_all_added_and_the_next_shows_what_changed() {
-    let first = next_version("n1", None, "alice".into(), routes(2));
+    let first = next_version("n1", 1, None, "alice".into(), routes(2));
     assert_eq!(first.number, 1);
+    assert_eq!(first.previous, Some(0));
     assert!(
         first
             .diff
@@ -28,13 +29,16 @@ fn a_first_version_is_all_added_and_the_next_shows_what_changed() {
         first.diff
     );
     assert!(first.diff.contains("+timeout = \"2s\""), "{}", first.diff);
-    let second = next_version("n1", Some(&first), "bob".into(), routes(3));
-    assert_eq!(second.number, 2);
+    // Numbers are one sequence across the mesh: the next one of this node
+    // need not be 2.
+    let second = next_version("n1", 7, Some(&first), "bob".into(), routes(3));
+    assert_eq!(second.number, 7);
+    assert_eq!(second.previous_number(), 1);
     assert_eq!(second.author, "bob");
     assert!(
         second
             .diff
-            .contains("--- n1 version 1 (proxy)\n+++ n1 version 2 (proxy)\n")
+            .contains("--- n1 version 1 (proxy)\n+++ n1 version 7 (proxy)\n")
     );
     assert!(
         second
@@ -44,7 +48,7 @@ fn a_first_version_is_all_added_and_the_next_shows_what_changed() {
         second.diff
     );
     assert!(
-        second.rendered.contains("config version 2."),
+        second.rendered.contains("config version 7."),
         "{}",
         second.rendered
     );

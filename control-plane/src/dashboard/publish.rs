@@ -4,10 +4,10 @@
 //! reads the state, publishes it on a watch channel when it changed, and
 //! waits for the next change. [`ConsulSource`] wakes on Consul's blocking
 //! queries (catalog nodes, catalog services, and the KV prefixes in
-//! [`WATCHED_PREFIXES`]: routes and proxy reports) and on a change of the
-//! leader lock at once; a health check that flips need not move any of
-//! those indexes, so the state is also read again every [`REFRESH`]. While
-//! no page is open nothing is read.
+//! [`WATCHED_PREFIXES`]: routes, proxy reports and rollouts) and on a
+//! change of the leader lock at once; a health check that flips need not
+//! move any of those indexes, so the state is also read again every
+//! [`REFRESH`]. While no page is open nothing is read.
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
@@ -35,8 +35,10 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// The KV prefixes whose changes wake the publisher at once: each node's
-/// routes, and what each node's proxy reported.
-pub const WATCHED_PREFIXES: [&str; 2] = ["mesh/nodes/", "mesh/status/"];
+/// routes, what each node's proxy reported, and the rollouts (the leader
+/// writes a rollout's record at each of its steps, so its progress shows
+/// as it happens).
+pub const WATCHED_PREFIXES: [&str; 3] = ["mesh/nodes/", "mesh/status/", "mesh/rollouts/"];
 
 /// Blocking queries held while a page is open: catalog nodes, catalog
 /// services, one per watched prefix.
@@ -214,13 +216,18 @@ impl ConsulSource {
 impl Source for ConsulSource {
     async fn read(&mut self) -> Result<Reading, ControlError> {
         let status = self.control.status();
-        let (nodes, services) = tokio::try_join!(self.control.nodes(), self.control.services())?;
+        let (nodes, services, rollouts) = tokio::try_join!(
+            self.control.nodes(),
+            self.control.services(),
+            self.control.rollouts(),
+        )?;
         let routes = self.histories(&nodes).await?;
         Ok(Reading {
             status,
             nodes,
             services,
             routes,
+            rollouts,
         })
     }
 

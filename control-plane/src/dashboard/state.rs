@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::{
-    control::{NodeInfo, NodeRoutes, ServiceInfo, Status, VersionSummary},
+    control::{NodeInfo, NodeRoutes, RolloutView, ServiceInfo, Status, VersionSummary},
     model::RouteSpec,
 };
 
 /// The newest versions of a node the state carries; older ones stay in the
 /// REST API (`/v1/nodes/{node}/versions`).
 pub const MAX_VERSIONS: usize = 50;
+
+/// The newest rollouts the state carries; older ones stay in the REST API.
+pub const MAX_ROLLOUTS: usize = 20;
 
 /// Consul's check of a node's agent (Serf membership).
 pub const AGENT_CHECK: &str = "serfHealth";
@@ -30,9 +33,11 @@ pub struct Snapshot {
     /// Each node's current routes and newest versions, by node name (only
     /// nodes that have routes).
     pub routes: BTreeMap<String, NodeHistory>,
-    /// Rollouts, newest first, as the API shows them; empty until
-    /// mesh-control runs rollouts.
-    pub rollouts: Vec<serde_json::Value>,
+    /// At most [`MAX_ROLLOUTS`] rollouts as the API shows them, the one
+    /// started last first (so one under way, if any, is the first).
+    pub rollouts: Vec<RolloutView>,
+    /// How many rollouts there are in all.
+    pub rollouts_total: u64,
     /// Why the newest read failed; empty when it did not. The rest is then
     /// the last state read in full.
     pub error: String,
@@ -70,7 +75,7 @@ pub struct NodeHistory {
 }
 
 /// One read of everything the dashboard shows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reading {
     /// Which replica answers and which one leads.
     pub status: Status,
@@ -80,16 +85,20 @@ pub struct Reading {
     pub services: Vec<ServiceInfo>,
     /// Each node's routes and versions (newest first), for nodes with routes.
     pub routes: BTreeMap<String, (NodeRoutes, Vec<VersionSummary>)>,
+    /// `GET /v1/rollouts`: every rollout, in any order.
+    pub rollouts: Vec<RolloutView>,
 }
 
 /// Puts a reading together for the pages: nodes and services by name,
-/// each node's agent health and instance count, the newest versions.
+/// each node's agent health and instance count, the newest versions, the
+/// newest rollouts.
 pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
     let Reading {
         status,
         mut nodes,
         mut services,
         routes,
+        rollouts,
     } = reading;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -117,15 +126,31 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
             (node, history)
         })
         .collect();
+    let rollouts_total = rollouts.len() as u64;
     Snapshot {
         status,
         nodes,
         services,
         routes,
-        rollouts: Vec::new(),
+        rollouts: newest_rollouts(rollouts),
+        rollouts_total,
         error: String::new(),
         updated_at,
     }
+}
+
+/// The [`MAX_ROLLOUTS`] rollouts started last, the last one first. Only
+/// one rollout runs at a time and a new one starts only once the last has
+/// ended, so the one under way is always kept, and first, even when its
+/// version is older than that of a rollout that ended before it (versions
+/// are numbered when staged, not when rolled out).
+fn newest_rollouts(mut rollouts: Vec<RolloutView>) -> Vec<RolloutView> {
+    // RFC 3339 times of one fixed width sort as text.
+    rollouts.sort_by(|a, b| {
+        (b.created_at.as_str(), b.version).cmp(&(a.created_at.as_str(), a.version))
+    });
+    rollouts.truncate(MAX_ROLLOUTS);
+    rollouts
 }
 
 /// The worst status of `node`'s agent check among the instances that
@@ -165,6 +190,7 @@ impl Snapshot {
             && self.services == other.services
             && self.routes == other.routes
             && self.rollouts == other.rollouts
+            && self.rollouts_total == other.rollouts_total
             && self.error == other.error
     }
 
@@ -179,8 +205,8 @@ impl Snapshot {
 
     /// The state as one line of JSON (an SSE `data:` field).
     pub fn to_json(&self) -> String {
-        // A derived Serialize of strings, numbers, maps with string keys
-        // and JSON values cannot fail.
+        // A derived Serialize of strings, numbers and maps with string keys
+        // cannot fail.
         serde_json::to_string(self).unwrap_or_else(|e| {
             serde_json::json!({ "error": format!("the state does not serialize: {e}") }).to_string()
         })

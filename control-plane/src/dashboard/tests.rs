@@ -9,11 +9,14 @@ use tokio::{
 };
 
 use super::{
-    state::{MAX_VERSIONS, Reading, assemble},
+    state::{MAX_ROLLOUTS, MAX_VERSIONS, Reading, assemble},
     *,
 };
 use crate::{
-    control::{CheckInfo, InstanceInfo, NodeInfo, NodeRoutes, ServiceInfo, Status, VersionSummary},
+    control::{
+        CheckInfo, InstanceInfo, NodeInfo, NodeRoutes, RolloutEventView, RolloutNodeView,
+        RolloutView, ServiceInfo, Status, VersionSummary,
+    },
     error::ControlError,
     model::RouteSpec,
 };
@@ -109,6 +112,48 @@ fn reading(node_names: &[&str]) -> Reading {
             },
         ],
         routes: [("n1".to_owned(), (routes, versions(2)))].into(),
+        rollouts: Vec::new(),
+    }
+}
+
+/// A rollout of `version` over n1 (canary) and n2, started at second
+/// `started` of the day, in `state`, with `done` nodes done.
+fn rollout(version: u64, started: u32, state: &str, done: u32) -> RolloutView {
+    let node = |name: &str, step: u32| RolloutNodeView {
+        node: name.into(),
+        step,
+        from: version - 1,
+        state: if step <= done { "done" } else { "pending" }.into(),
+        detail: if step <= done { "healthy" } else { "" }.into(),
+        pushed_at: String::new(),
+        acked_at: String::new(),
+    };
+    let at = format!(
+        "2026-01-01T{:02}:{:02}:{:02}.000Z",
+        started / 3600,
+        started / 60 % 60,
+        started % 60
+    );
+    RolloutView {
+        version,
+        author: "alice".into(),
+        created_at: at.clone(),
+        updated_at: at.clone(),
+        state: state.into(),
+        reason: String::new(),
+        step: done + 1,
+        steps: 2,
+        done,
+        canary: 1,
+        batch: 1,
+        soak_ms: 30_000,
+        ack_timeout_ms: 30_000,
+        nodes: vec![node("n1", 1), node("n2", 2)],
+        events: vec![RolloutEventView {
+            at,
+            text: format!("rollout of version {version} started by alice"),
+        }],
+        driver: "c1".into(),
     }
 }
 
@@ -164,6 +209,74 @@ fn the_state_is_one_json_line_that_carries_markup_and_newlines_as_they_are() {
     assert_eq!(back["nodes"][0]["agent"], "passing");
     assert_eq!(back["nodes"][0]["proxy"]["state"], "unknown");
     assert_eq!(back["routes"]["n1"]["versions"][0]["number"], 2);
+}
+
+#[test]
+fn assemble_keeps_the_newest_rollouts_the_one_under_way_first() {
+    let mut r = reading(&["n1", "n2"]);
+    // Ended rollouts of versions 10.., started one after the other, in
+    // the store's order (version, newest first)...
+    let ended = MAX_ROLLOUTS as u64 + 5;
+    r.rollouts = (0..ended)
+        .rev()
+        .map(|k| rollout(10 + k, 60 * k as u32, "succeeded", 2))
+        .collect();
+    // ...and, started last, one of a version staged before them all.
+    r.rollouts.push(rollout(5, 86_000, "running", 1));
+    let snapshot = assemble(r, "now".into());
+    assert_eq!(snapshot.rollouts_total, ended + 1);
+    assert_eq!(snapshot.rollouts.len(), MAX_ROLLOUTS);
+    let shown: Vec<u64> = snapshot.rollouts.iter().map(|r| r.version).collect();
+    let newest_ended = 10 + ended - 1;
+    assert_eq!(shown[0], 5, "the rollout under way comes first: {shown:?}");
+    assert_eq!(shown[1], newest_ended, "{shown:?}");
+    assert_eq!(
+        shown[MAX_ROLLOUTS - 1],
+        newest_ended - MAX_ROLLOUTS as u64 + 2,
+        "the oldest go: {shown:?}"
+    );
+}
+
+#[test]
+fn the_state_carries_each_rollout_as_the_api_shows_it() {
+    let mut r = reading(&["n1", "n2"]);
+    let mut running = rollout(7, 3600, "paused", 1);
+    running.reason = MARKUP.into();
+    running.nodes[1].detail = "line one\nline two".into();
+    r.rollouts = vec![running.clone()];
+    let snapshot = assemble(r, "now".into());
+    let back: serde_json::Value =
+        serde_json::from_str(&snapshot.to_json()).expect("the state is JSON");
+    let api = serde_json::to_value(&running).expect("a rollout is JSON");
+    assert_eq!(back["rollouts"][0], api);
+    assert_eq!(back["rollouts_total"], 1);
+    assert_eq!(back["rollouts"][0]["state"], "paused");
+    assert_eq!(back["rollouts"][0]["reason"], MARKUP);
+    assert_eq!(back["rollouts"][0]["nodes"][0]["state"], "done");
+    assert_eq!(
+        back["rollouts"][0]["nodes"][1]["detail"],
+        "line one\nline two"
+    );
+    assert_eq!(
+        back["rollouts"][0]["events"][0]["at"],
+        "2026-01-01T01:00:00.000Z"
+    );
+}
+
+#[test]
+fn a_rollouts_progress_is_a_change() {
+    let mut r = reading(&["n1", "n2"]);
+    r.rollouts = vec![rollout(7, 0, "running", 0)];
+    let a = assemble(r.clone(), "t1".into());
+    assert!(a.same_as(&assemble(r.clone(), "t2".into())));
+    r.rollouts[0].nodes[0].state = "gating".into();
+    let b = assemble(r.clone(), "t2".into());
+    assert!(!a.same_as(&b), "a node moved on");
+    r.rollouts[0].state = "aborting".into();
+    assert!(
+        !b.same_as(&assemble(r, "t3".into())),
+        "the rollout moved on"
+    );
 }
 
 #[test]
@@ -354,6 +467,32 @@ async fn the_publisher_sends_changes_only_and_keeps_the_last_good_state_on_error
 }
 
 #[tokio::test]
+async fn the_publisher_sends_each_step_of_a_rollout() {
+    let mut run = start();
+    let mut rx = run.subscriptions.subscribe();
+    let with = |rollout: RolloutView| Reading {
+        rollouts: vec![rollout],
+        ..reading(&["n1", "n2"])
+    };
+    run.script.read(Ok(reading(&["n1", "n2"]))).await;
+    assert!(next(&mut rx).await.rollouts.is_empty());
+    run.script.change(Ok(with(rollout(7, 0, "running", 0))));
+    let started = next(&mut rx).await;
+    assert_eq!(
+        (started.rollouts[0].version, started.rollouts[0].done),
+        (7, 0)
+    );
+    run.script.change(Ok(with(rollout(7, 0, "running", 1))));
+    let canary = next(&mut rx).await;
+    assert_eq!(canary.rollouts[0].done, 1);
+    assert_eq!(canary.rollouts[0].nodes[0].state, "done");
+    run.script.change(Ok(with(rollout(7, 0, "succeeded", 2))));
+    assert_eq!(next(&mut rx).await.rollouts[0].state, "succeeded");
+    run.trigger.trigger();
+    run.task.await.expect("the publisher stops on shutdown");
+}
+
+#[tokio::test]
 async fn a_page_that_opens_while_nobody_watched_wakes_the_publisher() {
     let mut run = start();
     let first = run.subscriptions.subscribe();
@@ -535,5 +674,25 @@ fn the_script_shows_every_key_a_route_has() {
             APP_JS.contains(&format!("r.{key}")),
             "app.js does not show {key}"
         );
+    }
+}
+
+#[test]
+fn the_script_shows_every_field_a_rollout_has() {
+    // The page names a rollout `ro`, one of its nodes `rn`, an event `ev`.
+    let view = rollout(7, 0, "running", 0);
+    for (var, json) in [
+        ("ro", serde_json::to_value(&view)),
+        ("rn", serde_json::to_value(&view.nodes[0])),
+        ("ev", serde_json::to_value(&view.events[0])),
+    ] {
+        let json = json.expect("a rollout is JSON");
+        let keys = json.as_object().expect("a JSON object");
+        for key in keys.keys() {
+            assert!(
+                APP_JS.contains(&format!("{var}.{key}")),
+                "app.js does not show {var}.{key}"
+            );
+        }
     }
 }

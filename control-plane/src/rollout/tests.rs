@@ -1,0 +1,255 @@
+use super::*;
+
+fn names(n: usize) -> Vec<String> {
+    (1..=n).map(|k| format!("n{k}")).collect()
+}
+
+fn stats(requests: u64, errors: u64, counts: [u64; 4]) -> Stats {
+    Stats {
+        ready: true,
+        requests,
+        errors,
+        latency_bounds: vec![0.001, 0.01, 0.1],
+        latency_counts: counts.to_vec(),
+    }
+}
+
+fn gating(pushed_at_ms: u64, baseline: Stats) -> NodeProgress {
+    NodeProgress {
+        node: "n1".into(),
+        from: 3,
+        state: NodeState::Gating,
+        baseline: Some(baseline),
+        pushed_at_ms,
+        acked_at_ms: 0,
+        reverted_at_ms: 0,
+        detail: String::new(),
+    }
+}
+
+fn report(in_effect: u64, refused: u64, reason: &str) -> ProxyReport {
+    ProxyReport {
+        version_in_effect: in_effect,
+        refused_version: refused,
+        reason: reason.into(),
+        at_ms: 0,
+    }
+}
+
+fn options(soak_ms: u64) -> RolloutOptions {
+    RolloutOptions {
+        soak_ms,
+        ack_timeout_ms: 10_000,
+        ..RolloutOptions::default()
+    }
+}
+
+#[test]
+fn plans_the_canary_then_batches() {
+    let steps = plan(&names(6), 1, 2);
+    assert_eq!(
+        steps,
+        vec![
+            vec!["n1".to_owned()],
+            vec!["n2".into(), "n3".into()],
+            vec!["n4".into(), "n5".into()],
+            vec!["n6".into()],
+        ]
+    );
+    assert_eq!(plan(&names(3), 0, 5), vec![names(3)]);
+    assert_eq!(
+        plan(&names(2), 5, 1),
+        vec![names(2)],
+        "a canary of more nodes than there are takes them all"
+    );
+    assert!(plan(&[], 1, 1).is_empty());
+}
+
+#[test]
+fn options_name_the_bad_field() {
+    let bad = |o: RolloutOptions| o.check().unwrap_err().0;
+    assert_eq!(
+        bad(RolloutOptions {
+            batch: 0,
+            ..Default::default()
+        }),
+        "batch"
+    );
+    assert_eq!(
+        bad(RolloutOptions {
+            ack_timeout_ms: 0,
+            ..Default::default()
+        }),
+        "ack_timeout"
+    );
+    assert_eq!(
+        bad(RolloutOptions {
+            soak_ms: 100 * 86_400_000,
+            ..Default::default()
+        }),
+        "soak"
+    );
+    assert_eq!(
+        bad(RolloutOptions {
+            max_error_rate_increase: 1.5,
+            ..Default::default()
+        }),
+        "max_error_rate_increase"
+    );
+    assert_eq!(
+        bad(RolloutOptions {
+            max_latency_ratio: 0.5,
+            ..Default::default()
+        }),
+        "max_latency_ratio"
+    );
+    assert!(RolloutOptions::default().check().is_ok());
+}
+
+#[test]
+fn a_refusal_fails_the_gate_with_the_proxys_reason() {
+    let mut p = gating(1_000, stats(0, 0, [0; 4]));
+    let r = report(3, 7, "routes.web.retries: 11 is over the limit of 10");
+    let verdict = gate(
+        &mut p,
+        7,
+        Some(&r),
+        Ok(&stats(0, 0, [0; 4])),
+        &options(0),
+        2_000,
+    );
+    assert_eq!(
+        verdict,
+        Verdict::Fail(
+            "node n1 refused version 7: routes.web.retries: 11 is over the limit of 10".into()
+        )
+    );
+}
+
+#[test]
+fn no_acknowledgement_before_the_deadline_fails_the_gate() {
+    let mut p = gating(1_000, stats(0, 0, [0; 4]));
+    let r = report(3, 0, "");
+    let ok = stats(0, 0, [0; 4]);
+    assert!(matches!(
+        gate(&mut p, 7, Some(&r), Ok(&ok), &options(0), 5_000),
+        Verdict::Wait(_)
+    ));
+    match gate(&mut p, 7, Some(&r), Ok(&ok), &options(0), 11_001) {
+        Verdict::Fail(why) => assert!(
+            why.contains("did not acknowledge version 7 within 10 s (in effect: version 3)"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_acknowledged_healthy_node_passes_after_the_soak() {
+    let base = stats(100, 1, [90, 9, 1, 0]);
+    let mut p = gating(1_000, base.clone());
+    let r = report(7, 0, "");
+    let later = stats(200, 2, [180, 18, 2, 0]);
+    assert!(matches!(
+        gate(&mut p, 7, Some(&r), Ok(&later), &options(3_000), 2_000),
+        Verdict::Wait(_)
+    ));
+    assert_eq!(p.acked_at_ms, 2_000);
+    assert!(matches!(
+        gate(&mut p, 7, Some(&r), Ok(&later), &options(3_000), 4_000),
+        Verdict::Wait(_)
+    ));
+    assert_eq!(
+        gate(&mut p, 7, Some(&r), Ok(&later), &options(3_000), 5_000),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn more_5xx_than_before_fails_the_gate() {
+    let base = stats(1_000, 10, [900, 90, 10, 0]);
+    let mut p = gating(1_000, base);
+    let r = report(7, 0, "");
+    // 50 more answers, 20 of them 5xx: 40 % against 1 %.
+    let now = stats(1_050, 30, [945, 95, 10, 0]);
+    match gate(&mut p, 7, Some(&r), Ok(&now), &options(30_000), 2_000) {
+        Verdict::Fail(why) => assert!(
+            why.contains("error rate 40.0% (20 of 50 answers were 5xx) against 1.0% before"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_few_errors_or_the_same_rate_pass() {
+    let base = stats(1_000, 100, [900, 90, 10, 0]);
+    let opts = options(0);
+    // 10 % before, 10 % after.
+    assert!(health(&base, &stats(2_000, 200, [1800, 180, 20, 0]), &opts).is_ok());
+    // Fewer than MIN_ERRORS errors are not judged.
+    let quiet = stats(0, 0, [0; 4]);
+    assert!(health(&quiet, &stats(4, 4, [4, 0, 0, 0]), &opts).is_ok());
+}
+
+#[test]
+fn slower_answers_fail_the_gate() {
+    let base = stats(1_000, 0, [1_000, 0, 0, 0]);
+    let opts = options(0);
+    let slow = stats(1_100, 0, [1_000, 0, 0, 100]);
+    let why = health(&base, &slow, &opts).unwrap_err();
+    assert!(
+        why.contains("p99 latency over the largest bucket against ≤ 1 ms before"),
+        "{why}"
+    );
+    // Within the floor: from 1 ms to 10 ms is not harm.
+    let bit_slower = stats(1_100, 0, [1_000, 100, 0, 0]);
+    assert!(health(&base, &bit_slower, &opts).is_ok());
+}
+
+#[test]
+fn a_proxy_restart_counts_everything_since() {
+    let base = stats(1_000, 10, [900, 90, 10, 0]);
+    let restarted = stats(50, 40, [50, 0, 0, 0]);
+    let after = restarted.since(&base);
+    assert_eq!((after.requests, after.errors), (50, 40));
+}
+
+#[test]
+fn a_not_ready_proxy_waits_then_fails() {
+    let mut p = gating(1_000, stats(0, 0, [0; 4]));
+    let r = report(7, 0, "");
+    let mut down = stats(0, 0, [0; 4]);
+    down.ready = false;
+    assert!(matches!(
+        gate(&mut p, 7, Some(&r), Ok(&down), &options(0), 2_000),
+        Verdict::Wait(_)
+    ));
+    match gate(&mut p, 7, Some(&r), Ok(&down), &options(0), 12_001) {
+        Verdict::Fail(why) => assert!(why.contains("the proxy is not ready"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_record_keeps_its_history_bounded() {
+    let from: Vec<(String, u64)> = names(3).into_iter().map(|n| (n, 1)).collect();
+    let mut r = Rollout::new(2, "alice".into(), RolloutOptions::default(), &from, 10);
+    assert_eq!(
+        r.events[0].text,
+        "started by alice to version 2: step 1 [n1], step 2 [n2], step 3 [n3]"
+    );
+    for k in 0..(MAX_EVENTS + 10) {
+        r.event(20 + k as u64, format!("e{k}"));
+    }
+    assert_eq!(r.events.len(), MAX_EVENTS);
+    assert!(r.abort(5_000, "aborted by bob"));
+    assert!(
+        !r.abort(6_000, "again"),
+        "an abort under way is not started twice"
+    );
+    assert_eq!(r.state, RolloutState::Aborting);
+    let json = serde_json::to_string(&r).unwrap();
+    let back: Rollout = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, r);
+}
