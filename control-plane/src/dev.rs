@@ -167,7 +167,9 @@ async fn start(
     let mut table = vec![
         format!("Consul HTTP API       {consul_addr}  (UI: {consul_addr}/ui/)"),
         format!("mesh-proxy outbound   http://{PROXY}  (call services: http://{PROXY}/<service>/)"),
-        format!("mesh-proxy admin      http://{PROXY_ADMIN}  (/routes /metrics /ready /live)"),
+        format!(
+            "mesh-proxy admin      http://{PROXY_ADMIN}  (/routes /stats /metrics /ready /live)"
+        ),
         format!("mesh-bridge gRPC      http://{BRIDGE_GRPC}"),
         format!("mesh-bridge admin     http://{BRIDGE_ADMIN}  (/metrics /ready /live)"),
         format!(

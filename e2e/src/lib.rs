@@ -28,6 +28,7 @@
 //!
 //! Modules:
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
+//! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
 //! - [`echo`]: the gRPC echo test service (`grpc-echo` binary) and a client through a proxy.
 //! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
@@ -39,6 +40,8 @@
 //! - [`wait`]: `eventually`, assertions polled until a deadline.
 
 pub mod bins;
+pub mod browser;
+pub mod control;
 pub mod echo;
 pub mod fault;
 pub mod http;

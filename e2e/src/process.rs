@@ -31,6 +31,7 @@ pub struct Process {
     program: PathBuf,
     args: Vec<OsString>,
     log: PathBuf,
+    env: Vec<(OsString, OsString)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -50,6 +51,7 @@ impl Process {
             program: program.into(),
             args: args.into_iter().map(Into::into).collect(),
             log: log.into(),
+            env: Vec::new(),
             child: None,
             starts: 0,
         }
@@ -60,6 +62,11 @@ impl Process {
     /// taking over from a running one.
     pub fn sibling(&self, name: impl Into<String>, log: impl Into<PathBuf>) -> Self {
         Self::new(name, &self.ns, self.program.clone(), self.args.clone(), log)
+    }
+
+    /// Sets `key` in the environment of every later start.
+    pub fn set_env(&mut self, key: impl Into<OsString>, value: impl Into<OsString>) {
+        self.env.push((key.into(), value.into()));
     }
 
     /// The process's name in reports (e.g. `n1/proxy`).
@@ -114,6 +121,7 @@ impl Process {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {} ({})", self.name, self.program.display()))?;

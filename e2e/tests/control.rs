@@ -11,170 +11,22 @@
 //! restarted proxy applies its saved config before the bridge answers.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{anyhow, bail};
 use mesh_e2e::{
-    HttpClient, Mesh, MeshOptions, Node, bins, eventually,
-    node::{BRIDGE_ADMIN_PORT, Instance, PROXY_ADMIN_PORT, PROXY_PORT},
+    bins,
+    control::{
+        CONVERGE, call, control_mesh, meshctl, node_status, one_leader, rest, serve_demo,
+        start_proxy, wait_in_catalog,
+    },
+    eventually,
+    node::{PROXY_ADMIN_PORT, PROXY_PORT},
     process::Process,
 };
 use serde_json::{Value, json};
-
-/// mesh-control's ports (inside each node's namespace).
-const CONTROL_GRPC: u16 = 8892;
-const CONTROL_HTTP: u16 = 8893;
-
-/// How long a change in Consul may take to show where nothing is measured.
-const CONVERGE: Duration = Duration::from_secs(20);
-
-/// A Consul cluster with two nodes, each with a bridge other nodes can
-/// reach (`0.0.0.0:8890`) and a mesh-control replica (`c1` on n1, `c2` on n2).
-async fn control_mesh() -> Result<Mesh> {
-    let mut mesh = Mesh::start(MeshOptions::consul_only(2)).await?;
-    let bridge = bins::workspace_bin("mesh-bridge")?;
-    let control = bins::workspace_bin("mesh-control")?;
-    let dir = mesh.dir().to_path_buf();
-    for (k, node) in mesh.nodes.iter_mut().enumerate() {
-        let data = node.proxy_data_dir().with_file_name("bridge");
-        node.bridge = Process::new(
-            format!("{}/bridge", node.name),
-            &node.ns,
-            &bridge,
-            [
-                "--node",
-                &node.name,
-                "--consul-addr",
-                "http://127.0.0.1:8500",
-                "--grpc-listen",
-                "0.0.0.0:8890",
-                "--admin-listen",
-                &format!("127.0.0.1:{BRIDGE_ADMIN_PORT}"),
-                "--data-dir",
-                &data.display().to_string(),
-            ],
-            dir.join(format!("{}-bridge.log", node.name)),
-        );
-        node.bridge.start()?;
-        node.wait_bridge_live(CONVERGE).await?;
-        let replica = format!("c{}", k + 1);
-        let mut process = Process::new(
-            format!("{}/mesh-control", node.name),
-            &node.ns,
-            &control,
-            [
-                "--replica",
-                &replica,
-                "--consul-addr",
-                "http://127.0.0.1:8500",
-                "--grpc-listen",
-                &format!("127.0.0.1:{CONTROL_GRPC}"),
-                "--http-listen",
-                &format!("127.0.0.1:{CONTROL_HTTP}"),
-            ],
-            dir.join(format!("{}-mesh-control.log", node.name)),
-        );
-        process.start()?;
-        // Kept with the node's processes: its log is printed when a test
-        // fails, and it is stopped with the mesh.
-        node.instances.insert(
-            "mesh-control".into(),
-            Instance {
-                service: "mesh-control".into(),
-                id: replica,
-                addr: SocketAddr::from((node.ip(), CONTROL_GRPC)),
-                process,
-            },
-        );
-    }
-    for node in &mesh.nodes {
-        eventually(
-            &format!("{}'s mesh-control is ready", node.name),
-            CONVERGE,
-            || async {
-                let resp = rest(node).get("/ready").await?;
-                if resp.status != 200 {
-                    bail!("{} {}", resp.status, resp.text());
-                }
-                Ok(())
-            },
-        )
-        .await?;
-    }
-    Ok(mesh)
-}
-
-/// A client of the mesh-control replica on `node`.
-fn rest(node: &Node) -> HttpClient {
-    node.local_client(CONTROL_HTTP)
-}
-
-/// `method path` with a JSON body on `node`'s replica: status and JSON answer.
-async fn call(
-    node: &Node,
-    method: hyper::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value)> {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let resp = rest(node)
-        .request(
-            method,
-            path,
-            &[("content-type", "application/json")],
-            body.into(),
-        )
-        .await?;
-    let json = resp
-        .json()
-        .with_context(|| format!("{path} answered {} {}", resp.status, resp.text()))?;
-    Ok((resp.status.as_u16(), json))
-}
-
-/// Runs `meshctl args…` inside `node` (gRPC to its replica): exit code,
-/// stdout, stderr.
-async fn meshctl(node: &Node, args: &[&str]) -> Result<(i32, String, String)> {
-    let meshctl = bins::workspace_bin("meshctl")?;
-    let mut cmd = tokio::process::Command::new("ip");
-    cmd.args(["netns", "exec", node.ns.name()])
-        .arg(&meshctl)
-        .args(args);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("MESH_") {
-            cmd.env_remove(key);
-        }
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .context("meshctl took over 60 s")??;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-/// Waits until both replicas name the same leader and exactly one says it
-/// is that leader; returns the leader's name.
-async fn one_leader(mesh: &Mesh) -> Result<String> {
-    eventually("the replicas agree on one leader", CONVERGE, || async {
-        let mut leaders = Vec::new();
-        let mut leading = 0;
-        for node in &mesh.nodes {
-            let (_, status) = call(node, hyper::Method::GET, "/v1/status", None).await?;
-            leaders.push(status["leader"].as_str().unwrap_or_default().to_owned());
-            leading += usize::from(status["is_leader"] == true);
-        }
-        if leaders[0].is_empty() || leaders.iter().any(|l| *l != leaders[0]) || leading != 1 {
-            bail!("leaders {leaders:?}, {leading} say they lead");
-        }
-        Ok(leaders[0].clone())
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader_and_concurrent_route_changes_never_overwrite_each_other() {
@@ -680,104 +532,6 @@ async fn a_node_config_takes_effect_on_its_proxy_and_a_bad_one_is_refused_with_t
     );
     n1.wait_answers("web", &["web-2"], CONVERGE).await.unwrap();
     mesh.finish();
-}
-
-/// Starts `meshctl demo serve` for `service` on node `k`'s address at
-/// `port`, without registering; waits until it answers.
-async fn serve_demo(mesh: &mut Mesh, k: usize, service: &str, id: &str, port: u16) -> Result<()> {
-    let meshctl = bins::workspace_bin("meshctl")?;
-    let log = mesh.dir().join(format!("n{}-{id}.log", k + 1));
-    let node = &mut mesh.nodes[k];
-    let addr = SocketAddr::from((node.ip(), port));
-    let listen = addr.to_string();
-    let mut process = Process::new(
-        format!("{}/{id}", node.name),
-        &node.ns,
-        &meshctl,
-        [
-            "demo",
-            "serve",
-            "--name",
-            service,
-            "--id",
-            id,
-            "--listen",
-            &listen,
-            "--no-register",
-        ],
-        log,
-    );
-    process.start()?;
-    node.instances.insert(
-        id.to_owned(),
-        Instance {
-            service: service.to_owned(),
-            id: id.to_owned(),
-            addr,
-            process,
-        },
-    );
-    node.wait_instance_up(id, CONVERGE).await
-}
-
-/// Starts mesh-proxy on node `k` with the mesh's usual flags (all
-/// services, the node's bridge); waits until it is live.
-async fn start_proxy(mesh: &mut Mesh, k: usize) -> Result<()> {
-    let proxy = bins::workspace_bin("mesh-proxy")?;
-    let log = mesh.dir().join(format!("n{}-proxy.log", k + 1));
-    let node = &mut mesh.nodes[k];
-    let data = node.proxy_data_dir();
-    node.proxy = Process::new(
-        format!("{}/proxy", node.name),
-        &node.ns,
-        &proxy,
-        [
-            "--node".to_owned(),
-            node.name.clone(),
-            "--listen".into(),
-            format!("127.0.0.1:{PROXY_PORT}"),
-            "--admin-listen".into(),
-            format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
-            "--bridge-addr".into(),
-            "http://127.0.0.1:8890".into(),
-            "--data-dir".into(),
-            data.display().to_string(),
-        ],
-        log,
-    );
-    node.proxy.start()?;
-    node.wait_proxy_live(CONVERGE).await
-}
-
-/// `node`'s entry of `GET /v1/nodes` on `via`'s replica.
-async fn node_status(via: &Node, node: &str) -> Result<Value> {
-    let (status, nodes) = call(via, hyper::Method::GET, "/v1/nodes", None).await?;
-    if status != 200 {
-        bail!("{status} {nodes}");
-    }
-    nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["name"] == node)
-        .cloned()
-        .ok_or_else(|| anyhow!("no {node} in {nodes}"))
-}
-
-/// Waits until Consul's catalog has instance `id` of `service`.
-async fn wait_in_catalog(mesh: &Mesh, service: &str, id: &str) -> Result<()> {
-    eventually(
-        &format!("{id} is in Consul's catalog"),
-        CONVERGE,
-        || async {
-            let ids = mesh.catalog_instances(service).await?;
-            if !ids.iter().any(|i| i == id) {
-                bail!("{service}: {ids:?}");
-            }
-            Ok(())
-        },
-    )
-    .await
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
