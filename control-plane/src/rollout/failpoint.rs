@@ -1,7 +1,9 @@
-//! Named points in the rollout driver where a test can make mesh-control
-//! die as if killed, to prove that the next leader carries on from the
-//! record: `MESH_CONTROL_FAILPOINTS=rollout.after-push` (a comma-separated
-//! list) makes the process exit the first time it gets there. Points:
+//! Named points in the rollout driver where a test can have mesh-control
+//! killed, to prove that the next leader carries on from the record:
+//! `MESH_CONTROL_FAILPOINTS=rollout.after-push` (a comma-separated list)
+//! makes the process send itself SIGKILL the first time it gets there: no
+//! cleanup runs, no lock is released, as when an operator or the kernel
+//! kills it. Points:
 //! `rollout.after-plan` (the rollout is stored, nothing pushed),
 //! `rollout.after-push` (a node's routes changed, the record not yet
 //! updated), `rollout.during-gate` (a node acknowledged, its gate under
@@ -15,12 +17,9 @@ use std::sync::OnceLock;
 /// The environment variable naming the points.
 pub const ENV: &str = "MESH_CONTROL_FAILPOINTS";
 
-/// The exit code of a process stopped at a point.
-pub const EXIT_CODE: i32 = 86;
-
 static POINTS: OnceLock<Vec<String>> = OnceLock::new();
 
-/// Exits the process when `name` is one of the configured points.
+/// Kills the process when `name` is one of the configured points.
 pub fn hit(name: &str) {
     let points = POINTS.get_or_init(|| {
         std::env::var(ENV)
@@ -33,7 +32,9 @@ pub fn hit(name: &str) {
             .unwrap_or_default()
     });
     if points.iter().any(|p| p == name) {
-        tracing::error!(failpoint = name, "failpoint reached: exiting as if killed");
-        std::process::exit(EXIT_CODE);
+        tracing::error!(failpoint = name, "failpoint reached: killing this process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught; should raise fail, go no further.
+        std::process::abort();
     }
 }
