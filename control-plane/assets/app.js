@@ -188,6 +188,7 @@
   function versionsSection(name, history, selected) {
     const rows = history.versions.map((v) => el('tr', { class: v.number === selected ? 'selected' : null },
       el('td', { class: 'num' }, el('a', { href: versionHref(name, v.number) }, 'version ' + v.number)),
+      el('td', {}, v.current ? badge('current') : v.number > history.version ? badge('staged', 'pending') : ''),
       el('td', {}, v.author),
       el('td', {}, when(v.created_at, '')),
       el('td', { class: 'num' }, v.routes)));
@@ -196,7 +197,7 @@
       : String(history.versions_total);
     return [
       el('h2', {}, 'Versions ', el('span', { class: 'count' }, '(' + shown + ')')),
-      table(['Version', 'Author', 'Created', 'Routes'], rows),
+      table(['Version', 'State', 'Author', 'Created', 'Routes'], rows),
       el('h2', {}, 'Diff of version ' + selected,
         el('span', { class: 'count' }, selected > 1 ? ' against version ' + (selected - 1) : '')),
       diffView(name, selected),

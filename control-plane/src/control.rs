@@ -242,11 +242,20 @@ impl Control {
     /// `node`'s versions, newest first.
     pub async fn versions(&self, node: &str) -> Result<Vec<VersionSummary>, ControlError> {
         check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
-        let versions = self.store.versions(node).await?;
+        let (versions, current) =
+            tokio::try_join!(self.store.versions(node), self.store.current(node))?;
         if versions.is_empty() {
             self.require_node(node).await?;
         }
-        Ok(versions.iter().rev().map(VersionSummary::from).collect())
+        let current = current.version.map_or(0, |v| v.number);
+        Ok(versions
+            .iter()
+            .rev()
+            .map(|v| VersionSummary {
+                current: v.number == current,
+                ..VersionSummary::from(v)
+            })
+            .collect())
     }
 
     /// `node`'s version `number`.

@@ -258,6 +258,7 @@ impl Ctl {
                 author: v.author,
                 created_at: v.created_at,
                 routes: v.routes,
+                current: v.current,
             })
             .collect();
         Ok(self.print(&versions, |v| versions_table(v)))
@@ -587,19 +588,29 @@ fn routes_table(r: &NodeRoutes) -> String {
     text
 }
 
+/// Versions, with the current one marked and the newer ones named staged.
 fn versions_table(versions: &[VersionSummary]) -> String {
+    let current = versions.iter().find(|v| v.current).map_or(0, |v| v.number);
     let rows: Vec<Vec<String>> = versions
         .iter()
         .map(|v| {
+            let state = if v.current {
+                "current"
+            } else if v.number > current {
+                "staged"
+            } else {
+                ""
+            };
             vec![
                 v.number.to_string(),
+                state.to_owned(),
                 v.author.clone(),
                 v.created_at.clone(),
                 v.routes.to_string(),
             ]
         })
         .collect();
-    table(&["VERSION", "AUTHOR", "CREATED", "ROUTES"], &rows)
+    table(&["VERSION", "STATE", "AUTHOR", "CREATED", "ROUTES"], &rows)
 }
 
 fn version_text(v: &VersionView) -> String {

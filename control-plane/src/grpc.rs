@@ -136,6 +136,7 @@ impl control_server::Control for ControlApi {
                         author: v.author,
                         created_at: v.created_at,
                         routes: v.routes,
+                        current: v.current,
                     })
                     .collect(),
             }

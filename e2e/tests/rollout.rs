@@ -675,6 +675,18 @@ async fn good_refused_and_harmful_versions_roll_out_halt_and_revert() {
             .is_some_and(|a| a.iter().all(|r| r["version"] != other)),
         "nothing started: {all}"
     );
+    // A version staged but never rolled out shows as staged; the one in
+    // effect as current.
+    let (code, out, err) = meshctl(n1, &["versions", "n1"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let line = |v: u64| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{v} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line(other).contains("staged"), "{out}");
+    assert!(line(paused).contains("current"), "{out}");
     let dir = mesh.dir().to_path_buf();
     let bad_file = dir.join("bad-routes.toml");
     std::fs::write(&bad_file, "[routes.web\ntimeout = \"2s\"\n").unwrap();

@@ -151,6 +151,10 @@ pub struct VersionSummary {
     pub created_at: String,
     /// How many routes it has.
     pub routes: u32,
+    /// Whether it is the node's current version; the others are older
+    /// ones, or newer ones staged for a rollout (or put back by one).
+    #[serde(default)]
+    pub current: bool,
 }
 
 /// A config version in full.
@@ -326,6 +330,7 @@ impl From<&Version> for VersionSummary {
             author: v.author.clone(),
             created_at: rfc3339(v.created_at_ms),
             routes: v.routes.len() as u32,
+            current: false,
         }
     }
 }

@@ -66,6 +66,7 @@ fn versions(n: u64) -> Vec<VersionSummary> {
             author: "alice".into(),
             created_at: "2026-01-01T00:00:00.000Z".into(),
             routes: 1,
+            current: number == n,
         })
         .collect()
 }
