@@ -527,6 +527,24 @@ impl Store {
         format!("{PREFIX}status/{node}")
     }
 
+    /// What the proxies of `nodes` last reported, by node (a node whose
+    /// proxy never reported, or whose report does not decode, is left out).
+    pub async fn reports_of(
+        &self,
+        nodes: &[String],
+    ) -> Result<BTreeMap<String, ProxyReport>, StoreError> {
+        let reads = nodes.iter().map(|node| async move {
+            let key = Self::status_key(node);
+            let read = self.consul.kv_get(&key, QueryOptions::default()).await?;
+            let report = read
+                .value
+                .and_then(|pair| serde_json::from_slice::<ProxyReport>(&pair.value).ok());
+            Ok::<_, StoreError>(report.map(|r| (node.clone(), r)))
+        });
+        let all = futures::future::try_join_all(reads).await?;
+        Ok(all.into_iter().flatten().collect())
+    }
+
     /// What every node's proxy last reported, by node. A report that does
     /// not decode is left out (and logged): it says nothing trustworthy.
     pub async fn reports(&self) -> Result<BTreeMap<String, ProxyReport>, StoreError> {

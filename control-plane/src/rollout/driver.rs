@@ -174,7 +174,7 @@ impl Run<'_> {
             }
         }
         // The gates of the pushed nodes.
-        let reports = self.control.store().reports().await?;
+        let reports = self.control.store().reports_of(&step).await?;
         for node in &step {
             if self.state_of(node) != NodeState::Gating {
                 continue;
@@ -389,7 +389,8 @@ impl Run<'_> {
         }
         // Done once each proxy runs its old version again (or did not
         // say so before its deadline: then the record says that).
-        let reports = store.reports().await?;
+        let names: Vec<String> = reverting.iter().map(|(n, _)| n.clone()).collect();
+        let reports = store.reports_of(&names).await?;
         let now = now_ms();
         let ack_timeout = self.rollout.options.ack_timeout_ms;
         let mut changed = false;
