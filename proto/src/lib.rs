@@ -7,6 +7,8 @@
 //!   versioned snapshots and deltas a proxy routes from.
 //! - [`v1::control_server`] / [`v1::control_client`]: mesh-control's model
 //!   (nodes, services, per-node routes, config versions, registrations).
+//! - [`v1::deployer_server`] / [`v1::deployer_client`]: a node's
+//!   mesh-deployer: upload artifacts (resumable) and list the stored ones.
 
 /// `mesh.v1`: every message and service of version 1.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -1,0 +1,173 @@
+//! The running deployer: opens the store from a [`Config`], binds the
+//! gRPC and admin listeners, owns their tasks, and drains them on
+//! shutdown.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use mesh_proto::v1::deployer_server::DeployerServer;
+use mesh_runtime::{
+    admin::{self, Admin},
+    metrics::Registry,
+    shutdown::{self, Shutdown, Trigger},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tonic::transport::{Server, server::TcpIncoming};
+use tracing::Instrument;
+
+use crate::{
+    config::Config,
+    grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
+    store::{Limits, Store, StoreError},
+};
+
+/// Keepalive pings on gRPC connections, so that an uploader that vanished
+/// without a FIN releases its upload (and the version it holds).
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started deployer.
+#[derive(Debug)]
+pub struct Deployer {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    store: Store,
+    trigger: Trigger,
+    tasks: JoinSet<()>,
+}
+
+/// Why the deployer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The artifact store could not be opened.
+    #[error("artifact store: {0}")]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+// === impl Deployer ===
+
+impl Deployer {
+    /// Opens the store, binds the gRPC and admin listeners and starts
+    /// serving; metrics go to `registry`.
+    pub async fn start(config: &Config, registry: Registry) -> Result<Self, StartError> {
+        let limits = Limits {
+            max_size: config.max_artifact_size,
+            keep: config.keep_versions,
+        };
+        let data_dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, limits))
+            .await
+            .map_err(|e| {
+                StartError::Store(StoreError::Io {
+                    path: config.data_dir.clone(),
+                    source: io::Error::other(e),
+                })
+            })??;
+        let grpc = bind(config.grpc_listen, "gRPC").await?;
+        let admin_listener = bind(config.admin_listen, "admin").await?;
+        let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
+
+        let (trigger, shutdown) = shutdown::channel();
+        let api = DeployerApi::new(store.clone(), DeployerMetrics::new(&registry));
+        let service = api.into_service(BearerAuth::new(config.token.as_ref()));
+        let admin = Admin::new(registry);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            serve_grpc(grpc, service, shutdown.clone()).instrument(tracing::info_span!("grpc")),
+        );
+        tasks.spawn(
+            admin::serve(admin_listener, admin.router(Default::default()), shutdown)
+                .instrument(tracing::info_span!("admin")),
+        );
+        // Ready once the store is open and the listeners are bound.
+        admin.set_ready(true);
+        tracing::info!(
+            node = %config.node, grpc = %grpc_addr, admin = %admin_addr,
+            data_dir = %config.data_dir.display(), token = config.token.is_some(),
+            "mesh-deployer started"
+        );
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            store,
+            trigger,
+            tasks,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The artifact store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stops accepting, lets calls in flight finish, and waits for the
+    /// tasks up to `grace`; `false` when they did not finish in time (an
+    /// upload cut then keeps its bytes for a resume).
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
+        self.trigger.trigger();
+        let drained = async move { while self.tasks.join_next().await.is_some() {} };
+        tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+/// Pending connections the listeners queue.
+const LISTEN_BACKLOG: u32 = 128;
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: "local address",
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// Serves Deployer and grpc.health.v1 until `shutdown`.
+async fn serve_grpc(listener: TcpListener, deployer: DeployerService, mut shutdown: Shutdown) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<DeployerServer<DeployerApi>>().await;
+    let result = Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+        .add_service(health)
+        .add_service(deployer)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move { shutdown.requested().await },
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}

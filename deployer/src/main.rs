@@ -1,0 +1,32 @@
+//! `mesh-deployer`: parses its config (exit 64 on a bad one), starts the
+//! deployer, and stops it on SIGTERM/SIGINT.
+
+use std::{process::ExitCode, time::Duration};
+
+use mesh_deployer::{Args, Deployer};
+use mesh_runtime::{config, logging, metrics::Registry, shutdown};
+
+/// How long in-flight calls (an upload) get to finish on shutdown.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    mesh_runtime::install_crypto_provider();
+    let config = config::load::<Args>()
+        .validate()
+        .unwrap_or_else(|e| config::exit_with(&e));
+    logging::init(config.log_format);
+    let deployer = match Deployer::start(&config, Registry::new()).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "mesh-deployer cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    shutdown::signal().await;
+    if !deployer.shutdown(GRACE).await {
+        tracing::warn!(grace = ?GRACE, "shutdown grace period ran out");
+    }
+    tracing::info!("mesh-deployer stopped");
+    ExitCode::SUCCESS
+}
