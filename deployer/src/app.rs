@@ -1,8 +1,9 @@
-//! The running deployer: opens the store from a [`Config`], binds the
-//! gRPC and admin listeners, owns their tasks, and drains them on
-//! shutdown.
+//! The running deployer: opens the store from a [`Config`], takes over
+//! the processes an earlier deployer started ([`Supervisor::adopt`]),
+//! binds the gRPC and admin listeners, owns their tasks, and drains them
+//! on shutdown. The processes it runs outlive it.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_proto::v1::deployer_server::DeployerServer;
 use mesh_runtime::{
@@ -16,9 +17,14 @@ use tracing::Instrument;
 
 use crate::{
     config::Config,
+    deploy::Deployments,
     grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
     store::{Limits, Store, StoreError},
+    supervisor::{AdoptReport, Supervisor, SupervisorConfig, SupervisorError},
 };
+
+/// Where the process records live, under the data folder.
+const PROCESSES_DIR: &str = "processes";
 
 /// Keepalive pings on gRPC connections, so that an uploader that vanished
 /// without a FIN releases its upload (and the version it holds).
@@ -31,6 +37,7 @@ pub struct Deployer {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     store: Store,
+    deployments: Deployments,
     trigger: Trigger,
     tasks: JoinSet<()>,
 }
@@ -41,6 +48,9 @@ pub enum StartError {
     /// The artifact store could not be opened.
     #[error("artifact store: {0}")]
     Store(#[from] StoreError),
+    /// The supervisor could not start or read its records.
+    #[error("supervisor: {0}")]
+    Supervisor(#[from] SupervisorError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -72,12 +82,27 @@ impl Deployer {
                     source: io::Error::other(e),
                 })
             })??;
+        let mut supervision = SupervisorConfig::new(config.data_dir.join(PROCESSES_DIR));
+        supervision.base_env = config.inherited_env.clone();
+        let supervisor = Supervisor::new(supervision)?;
+        log_adoption(&supervisor.adopt().await?);
+        let deployments = Deployments::new(
+            store.clone(),
+            supervisor,
+            config.proxy_addr,
+            config.proxy_admin,
+            &config.data_dir,
+        );
+        deployments.refresh_in_use().await;
         let grpc = bind(config.grpc_listen, "gRPC").await?;
         let admin_listener = bind(config.admin_listen, "admin").await?;
         let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
 
         let (trigger, shutdown) = shutdown::channel();
-        let api = DeployerApi::new(store.clone(), DeployerMetrics::new(&registry));
+        let in_use = deployments.clone();
+        let api = DeployerApi::new(store.clone(), DeployerMetrics::new(&registry))
+            .with_in_use(Arc::new(move |service: &str| in_use.in_use(service)))
+            .with_deployments(deployments.clone());
         let service = api.into_service(BearerAuth::new(config.token.as_ref()));
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
@@ -93,12 +118,14 @@ impl Deployer {
         tracing::info!(
             node = %config.node, grpc = %grpc_addr, admin = %admin_addr,
             data_dir = %config.data_dir.display(), token = config.token.is_some(),
+            proxy = %config.proxy_addr, proxy_admin = %config.proxy_admin,
             "mesh-deployer started"
         );
         Ok(Self {
             grpc_addr,
             admin_addr,
             store,
+            deployments,
             trigger,
             tasks,
         })
@@ -119,6 +146,11 @@ impl Deployer {
         &self.store
     }
 
+    /// The deploys (and the processes they run).
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
+    }
+
     /// Stops accepting, lets calls in flight finish, and waits for the
     /// tasks up to `grace`; `false` when they did not finish in time (an
     /// upload cut then keeps its bytes for a resume).
@@ -126,6 +158,17 @@ impl Deployer {
         self.trigger.trigger();
         let drained = async move { while self.tasks.join_next().await.is_some() {} };
         tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+/// Logs what [`Supervisor::adopt`] found.
+fn log_adoption(report: &AdoptReport) {
+    tracing::info!(
+        adopted = ?report.adopted, restarted = ?report.restarted,
+        invalid = report.invalid.len(), "took over the processes of the last run"
+    );
+    for (path, reason) in &report.invalid {
+        tracing::warn!(path = %path.display(), %reason, "process record left untouched");
     }
 }
 

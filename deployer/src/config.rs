@@ -7,6 +7,7 @@
 //! `--allow-remote` and a token every call must carry.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     num::NonZeroUsize,
@@ -17,13 +18,15 @@ use clap::Parser;
 use mesh_runtime::{config::ConfigFile, logging::LogFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::supervisor::INHERITED_ENV;
+
 /// The deployer's flags; each also `MESH_<NAME>` (the token:
 /// `MESH_DEPLOYER_TOKEN`) and a TOML key `<name>`.
 #[derive(Parser, Serialize, Deserialize, Default)]
 #[command(
     name = "mesh-deployer",
     version,
-    about = "Stores a node's service artifacts (jars) in versions and serves uploads over gRPC."
+    about = "Stores a node's service artifacts (jars) in versions and runs them, replacing a running version blue-green."
 )]
 #[serde(deny_unknown_fields)]
 pub struct Args {
@@ -43,7 +46,9 @@ pub struct Args {
     /// Admin listener (/live, /ready, /metrics) [default: 127.0.0.1:8895].
     #[arg(long, env = "MESH_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// State folder: the artifact store and uploads in progress
+    /// State folder: the artifact store, uploads in progress, process
+    /// records (`processes/`), logs (`logs/`), deploy records (`deploys/`)
+    /// and working folders (`work/<service>`)
     /// [default: /var/lib/meshwork/deployer].
     #[arg(long, env = "MESH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -62,6 +67,15 @@ pub struct Args {
     /// at least 16 characters.
     #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The local mesh-proxy, whose Consul agent API registers the instances
+    /// deployed [default: 127.0.0.1:8888].
+    #[arg(long, env = "MESH_PROXY_ADDR")]
+    pub proxy_addr: Option<SocketAddr>,
+    /// The local mesh-proxy's admin listener, whose `/routes` tells when a
+    /// new instance is routable and an old one no longer is
+    /// [default: 127.0.0.1:8889].
+    #[arg(long, env = "MESH_PROXY_ADMIN")]
+    pub proxy_admin: Option<SocketAddr>,
 }
 
 /// The checked configuration.
@@ -85,6 +99,13 @@ pub struct Config {
     pub allow_remote: bool,
     /// The token every gRPC call must carry, if any.
     pub token: Option<Token>,
+    /// The local mesh-proxy's agent API.
+    pub proxy_addr: SocketAddr,
+    /// The local mesh-proxy's admin listener (`/routes`).
+    pub proxy_admin: SocketAddr,
+    /// The deployer's own environment passed on to the processes it runs
+    /// (only the variables in [`INHERITED_ENV`]).
+    pub inherited_env: BTreeMap<String, String>,
 }
 
 /// A bearer token; its `Debug` never shows it.
@@ -95,6 +116,10 @@ pub struct Token(String);
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8894";
 /// Default admin listener (the port table).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8895";
+/// Default local proxy (its outbound listener, which serves the agent API).
+pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:8888";
+/// Default local proxy admin listener (the port table).
+pub const DEFAULT_PROXY_ADMIN: &str = "127.0.0.1:8889";
 /// Default state folder.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/meshwork/deployer";
 /// Default largest artifact: 512 MiB.
@@ -144,6 +169,18 @@ impl Args {
         let keep = self.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
         let keep_versions = NonZeroUsize::new(keep)
             .ok_or_else(|| "keep_versions: must be at least 1 (got 0)".to_owned())?;
+        let proxy_addr = self
+            .proxy_addr
+            .unwrap_or_else(|| parse_default(DEFAULT_PROXY_ADDR));
+        if proxy_addr.port() == 0 {
+            return Err(format!("proxy_addr: {proxy_addr} has no port"));
+        }
+        let proxy_admin = self
+            .proxy_admin
+            .unwrap_or_else(|| parse_default(DEFAULT_PROXY_ADMIN));
+        if proxy_admin.port() == 0 {
+            return Err(format!("proxy_admin: {proxy_admin} has no port"));
+        }
         Ok(Config {
             log_format: self.log_format.unwrap_or_default(),
             node: node_name(self.node)?,
@@ -154,6 +191,9 @@ impl Args {
             keep_versions,
             allow_remote,
             token,
+            proxy_addr,
+            proxy_admin,
+            inherited_env: inherited_env(),
         })
     }
 }
@@ -174,6 +214,14 @@ fn check_remote(listen: SocketAddr, allow_remote: bool, token: bool) -> Result<(
         }
     };
     Err(format!("grpc_listen: {listen} {why}"))
+}
+
+/// The variables of [`INHERITED_ENV`] this process has.
+fn inherited_env() -> BTreeMap<String, String> {
+    INHERITED_ENV
+        .iter()
+        .filter_map(|&name| Some((name.to_owned(), std::env::var(name).ok()?)))
+        .collect()
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
@@ -245,6 +293,8 @@ mod tests {
         assert!(!c.allow_remote);
         assert_eq!(c.token, None);
         assert_eq!(c.node, "n1");
+        assert_eq!(c.proxy_addr.to_string(), "127.0.0.1:8888");
+        assert_eq!(c.proxy_admin.to_string(), "127.0.0.1:8889");
         assert!(!parse(&[]).unwrap().node.is_empty(), "hostname default");
     }
 
@@ -257,17 +307,20 @@ mod tests {
             "1",
             "--data-dir",
             "/srv/deployer",
+            "--proxy-admin",
+            "127.0.0.1:9889",
         ])
         .unwrap();
         assert_eq!(c.max_artifact_size, 1 << 20);
         assert_eq!(c.keep_versions.get(), 1);
         assert_eq!(c.data_dir, PathBuf::from("/srv/deployer"));
+        assert_eq!(c.proxy_admin.to_string(), "127.0.0.1:9889");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("deployer.toml");
         let text = format!(
             "node = \"n1\"\ngrpc_listen = \"0.0.0.0:8894\"\nallow_remote = true\n\
-             token = \"{TOKEN}\"\nkeep_versions = 3\n"
+             token = \"{TOKEN}\"\nkeep_versions = 3\nproxy_admin = \"127.0.0.1:7889\"\n"
         );
         std::fs::write(&file, text).unwrap();
         let args = Args {
@@ -282,6 +335,7 @@ mod tests {
         assert!(c.allow_remote);
         assert_eq!(c.token.as_ref().map(Token::expose), Some(TOKEN));
         assert_eq!(c.keep_versions.get(), 3);
+        assert_eq!(c.proxy_admin.to_string(), "127.0.0.1:7889");
     }
 
     #[test]
@@ -342,6 +396,10 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("grpc_listen"), "{e}");
         assert!(Args::try_parse_from(["mesh-deployer", "--max-artifact-size", "1x"]).is_err());
+        let e = parse(&["--proxy-addr", "127.0.0.1:0"]).unwrap_err();
+        assert!(e.starts_with("proxy_addr:"), "{e}");
+        let e = parse(&["--proxy-admin", "127.0.0.1:0"]).unwrap_err();
+        assert!(e.starts_with("proxy_admin:"), "{e}");
     }
 
     #[test]

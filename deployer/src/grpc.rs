@@ -1,10 +1,17 @@
 //! `mesh.v1.Deployer` over the [`Store`]: Upload (a client stream, its
 //! bytes written on the blocking pool as they come), UploadOffset and
-//! ListArtifacts; [`BearerAuth`], the token check in front of it; and the
-//! upload metrics. Store errors become status codes in one place
-//! ([`status`]).
+//! ListArtifacts; over [`Deployments`]: Deploy, Rollback, Status, Stop and
+//! LogTail; [`BearerAuth`], the token check in front of it; and the upload
+//! metrics. Store errors become status codes in one place ([`status`]),
+//! deploy errors in another ([`deploy_status`]).
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh_proto::v1::{
     self as pb,
@@ -19,8 +26,18 @@ use tonic::{
 
 use crate::{
     config::Token,
+    deploy::{
+        DEFAULT_DRAIN, DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_GRACE,
+        DeployError, DeployOutcome, DeploySpec, Deployments, InstanceInfo,
+    },
     store::{ArtifactMeta, Begin, Store, StoreError, Upload, UploadStart},
+    supervisor::{InstanceState, LogStream, SupervisorError},
 };
+
+/// Lines LogTail gives when asked for 0.
+const DEFAULT_TAIL_LINES: usize = 100;
+/// The most lines LogTail gives.
+const MAX_TAIL_LINES: usize = 10_000;
 
 /// How long an upload may send nothing before it ends (its bytes kept):
 /// a stalled uploader must not hold its version forever.
@@ -39,6 +56,7 @@ pub struct DeployerApi {
     store: Store,
     metrics: DeployerMetrics,
     in_use: InUse,
+    deployments: Option<Deployments>,
 }
 
 /// Handles of the deployer's metrics.
@@ -93,7 +111,21 @@ impl DeployerApi {
             store,
             metrics,
             in_use: Arc::new(|_| Vec::new()),
+            deployments: None,
         }
+    }
+
+    /// Serves Deploy, Rollback, Status, Stop and LogTail with
+    /// `deployments`; without, they fail with UNIMPLEMENTED.
+    pub fn with_deployments(mut self, deployments: Deployments) -> Self {
+        self.deployments = Some(deployments);
+        self
+    }
+
+    fn deployments(&self) -> Result<&Deployments, Status> {
+        self.deployments
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this deployer runs no processes"))
     }
 
     /// Keeps the versions `in_use` names for a service when pruning.
@@ -249,6 +281,172 @@ impl Deployer for DeployerApi {
         Ok(Response::new(pb::ListArtifactsResponse {
             artifacts: found.iter().map(artifact).collect(),
         }))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let spec = deploy_spec(request.into_inner())?;
+        let outcome = self.deployments()?.deploy(spec).await;
+        deploy_response(outcome)
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let service = request.into_inner().service;
+        let outcome = self.deployments()?.rollback(&service).await;
+        deploy_response(outcome)
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let service = request.into_inner().service;
+        let found = self
+            .deployments()?
+            .status(Some(service.as_str()).filter(|s| !s.is_empty()))
+            .await;
+        Ok(Response::new(pb::StatusResponse {
+            instances: found.iter().map(instance).collect(),
+        }))
+    }
+
+    async fn stop(
+        &self,
+        request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopResponse>, Status> {
+        let r = request.into_inner();
+        let grace = or_default(r.stop_grace_ms, DEFAULT_STOP_GRACE);
+        let stopped = self
+            .deployments()?
+            .stop(&r.service, Duration::from_millis(grace))
+            .await
+            .map_err(deploy_status)?;
+        Ok(Response::new(pb::StopResponse { stopped }))
+    }
+
+    async fn log_tail(
+        &self,
+        request: Request<pb::LogTailRequest>,
+    ) -> Result<Response<pb::LogTailResponse>, Status> {
+        let r = request.into_inner();
+        let stream = match r.stream() {
+            pb::LogStream::Stderr => LogStream::Err,
+            pb::LogStream::Stdout => LogStream::Out,
+        };
+        let lines = match usize::try_from(r.lines).unwrap_or(MAX_TAIL_LINES) {
+            0 => DEFAULT_TAIL_LINES,
+            n => n.min(MAX_TAIL_LINES),
+        };
+        let lines = self
+            .deployments()?
+            .log_tail(&r.instance_id, stream, lines)
+            .await
+            .map_err(deploy_status)?;
+        Ok(Response::new(pb::LogTailResponse { lines }))
+    }
+}
+
+/// A DeployRequest with its defaults applied (checked by the deploy).
+fn deploy_spec(r: pb::DeployRequest) -> Result<DeploySpec, Status> {
+    let address = if r.address.is_empty() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        r.address.parse().map_err(|_| {
+            Status::invalid_argument(format!("address: {:?} is not an IP address", r.address))
+        })?
+    };
+    let health_path = if r.health_path.is_empty() {
+        DEFAULT_HEALTH_PATH.to_owned()
+    } else {
+        r.health_path
+    };
+    Ok(DeploySpec {
+        service: r.service,
+        version: r.version,
+        command: r.command,
+        env: r.env.into_iter().collect(),
+        work_dir: Some(PathBuf::from(r.work_dir)).filter(|p| !p.as_os_str().is_empty()),
+        health_path,
+        health_timeout_ms: or_default(r.health_timeout_ms, DEFAULT_HEALTH_TIMEOUT),
+        drain_ms: or_default(r.drain_ms, DEFAULT_DRAIN),
+        stop_grace_ms: or_default(r.stop_grace_ms, DEFAULT_STOP_GRACE),
+        tags: r.tags,
+        address,
+    })
+}
+
+/// `ms`, or `default` in ms when 0.
+fn or_default(ms: u64, default: Duration) -> u64 {
+    if ms == 0 {
+        u64::try_from(default.as_millis()).unwrap_or(u64::MAX)
+    } else {
+        ms
+    }
+}
+
+fn deploy_response(
+    outcome: Result<DeployOutcome, DeployError>,
+) -> Result<Response<pb::DeployResponse>, Status> {
+    match outcome {
+        Ok(o) => Ok(Response::new(pb::DeployResponse {
+            instance: Some(instance(&o.instance)),
+            replaced: o.replaced,
+        })),
+        Err(e) => {
+            tracing::info!(error = %e, "deploy refused or failed");
+            Err(deploy_status(e))
+        }
+    }
+}
+
+fn instance(i: &InstanceInfo) -> pb::Instance {
+    let state = match i.state {
+        InstanceState::Running => "running",
+        InstanceState::Restarting => "restarting",
+        InstanceState::Crashed => "crashed",
+        InstanceState::Stopped => "stopped",
+    };
+    pb::Instance {
+        service: i.service.clone(),
+        version: i.version.clone(),
+        instance_id: i.instance_id.clone(),
+        port: u32::from(i.port),
+        pid: i.pid.unwrap_or(0),
+        state: state.to_owned(),
+        restarts: i.restarts,
+    }
+}
+
+/// The one place a deploy error becomes a status.
+pub fn deploy_status(e: DeployError) -> Status {
+    let message = e.to_string();
+    match e {
+        DeployError::Busy(_) => Status::aborted(message),
+        DeployError::Invalid { .. } => Status::invalid_argument(message),
+        DeployError::NotStored { .. } => Status::not_found(message),
+        DeployError::Unhealthy { .. }
+        | DeployError::NotRoutable { .. }
+        | DeployError::NoRollback { .. } => Status::failed_precondition(message),
+        DeployError::Register { .. } => Status::unavailable(message),
+        DeployError::Store(e) => status(e),
+        DeployError::Supervisor(e) => match e {
+            SupervisorError::InvalidInstanceId(_)
+            | SupervisorError::EmptyCommand(_)
+            | SupervisorError::Spawn { .. } => Status::invalid_argument(message),
+            SupervisorError::UnknownInstance(_) => Status::not_found(message),
+            SupervisorError::AlreadyRunning(_) | SupervisorError::RunningUnadopted { .. } => {
+                Status::aborted(message)
+            }
+            SupervisorError::InvalidConfig(_) | SupervisorError::Io { .. } => {
+                Status::internal(message)
+            }
+        },
+        DeployError::Internal(_) => Status::internal(message),
     }
 }
 

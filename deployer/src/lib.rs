@@ -1,6 +1,7 @@
 //! mesh-deployer: the agent on each node that receives a service's
-//! artifacts (jars) into a versioned store ([`store`]), served over gRPC
-//! (`mesh.v1.Deployer`, [`grpc`]).
+//! artifacts (jars) into a versioned store ([`store`]), runs them under
+//! supervision ([`supervisor`]) and replaces a running version blue-green
+//! ([`deploy`]), served over gRPC (`mesh.v1.Deployer`, [`grpc`]).
 //!
 //! Until mTLS between nodes exists, it listens on 127.0.0.1 only, unless
 //! started with `--allow-remote` and a token that every call must carry
@@ -8,11 +9,17 @@
 //!
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`store`]: the versioned artifact store and resumable uploads.
-//! - [`grpc`]: `mesh.v1.Deployer` over the store, the token check, metrics.
+//! - [`supervisor`]: the processes of the node: start, stop, restart, logs,
+//!   adoption after a restart.
+//! - [`deploy`]: blue-green deploys, rollback and stop of a service, through
+//!   the local proxy's agent API.
+//! - [`grpc`]: `mesh.v1.Deployer` over the store and the deploys, the token
+//!   check, metrics.
 //! - [`app`]: the running [`Deployer`]: listeners, tasks, shutdown.
 
 pub mod app;
 pub mod config;
+pub mod deploy;
 pub mod grpc;
 pub mod store;
 pub mod supervisor;
