@@ -16,6 +16,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tracing::Instrument;
 
 use crate::{
+    apply::ConfigApplier,
     config::Config,
     deploy::Deployments,
     grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
@@ -102,7 +103,8 @@ impl Deployer {
         let in_use = deployments.clone();
         let api = DeployerApi::new(store.clone(), DeployerMetrics::new(&registry))
             .with_in_use(Arc::new(move |service: &str| in_use.in_use(service)))
-            .with_deployments(deployments.clone());
+            .with_deployments(deployments.clone())
+            .with_applier(ConfigApplier::new(config.config_roots.clone()));
         let service = api.into_service(BearerAuth::new(config.token.as_ref()));
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();

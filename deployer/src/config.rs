@@ -11,7 +11,7 @@ use std::{
     fmt,
     net::SocketAddr,
     num::NonZeroUsize,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 use clap::Parser;
@@ -76,6 +76,10 @@ pub struct Args {
     /// [default: 127.0.0.1:8889].
     #[arg(long, env = "MESH_PROXY_ADMIN")]
     pub proxy_admin: Option<SocketAddr>,
+    /// A folder ApplyConfig may write config files under; repeated or a
+    /// comma list; absolute [default: /etc/nginx].
+    #[arg(long, env = "MESH_CONFIG_ROOT", value_delimiter = ',')]
+    pub config_root: Option<Vec<PathBuf>>,
 }
 
 /// The checked configuration.
@@ -103,6 +107,8 @@ pub struct Config {
     pub proxy_addr: SocketAddr,
     /// The local mesh-proxy's admin listener (`/routes`).
     pub proxy_admin: SocketAddr,
+    /// The folders ApplyConfig may write config files under.
+    pub config_roots: Vec<PathBuf>,
     /// The deployer's own environment passed on to the processes it runs
     /// (only the variables in [`INHERITED_ENV`]).
     pub inherited_env: BTreeMap<String, String>,
@@ -181,6 +187,7 @@ impl Args {
         if proxy_admin.port() == 0 {
             return Err(format!("proxy_admin: {proxy_admin} has no port"));
         }
+        let config_roots = config_roots(self.config_root)?;
         Ok(Config {
             log_format: self.log_format.unwrap_or_default(),
             node: node_name(self.node)?,
@@ -193,6 +200,7 @@ impl Args {
             token,
             proxy_addr,
             proxy_admin,
+            config_roots,
             inherited_env: inherited_env(),
         })
     }
@@ -217,6 +225,24 @@ fn check_remote(listen: SocketAddr, allow_remote: bool, token: bool) -> Result<(
 }
 
 /// The variables of [`INHERITED_ENV`] this process has.
+fn config_roots(given: Option<Vec<PathBuf>>) -> Result<Vec<PathBuf>, String> {
+    let roots = given
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| vec![PathBuf::from(crate::apply::DEFAULT_CONFIG_ROOT)]);
+    for root in &roots {
+        let plain = root
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !root.is_absolute() || !plain || root.parent().is_none() {
+            return Err(format!(
+                "config_root: {} must be an absolute folder without `.` or `..` parts (and not /)",
+                root.display()
+            ));
+        }
+    }
+    Ok(roots)
+}
+
 fn inherited_env() -> BTreeMap<String, String> {
     INHERITED_ENV
         .iter()

@@ -23,7 +23,7 @@
 //! `<service>-<version>-<port>`, which is how the port is known again
 //! after a restart.
 
-mod http;
+pub(crate) mod http;
 mod record;
 mod routes;
 

@@ -25,6 +25,10 @@ use tonic::{
 };
 
 use crate::{
+    apply::{
+        ApplyError, ApplySpec, ConfigApplier, DEFAULT_RELOAD, DEFAULT_VALIDATE,
+        DEFAULT_VERIFY_TIMEOUT,
+    },
     config::Token,
     deploy::{
         DEFAULT_DRAIN, DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_GRACE,
@@ -57,6 +61,7 @@ pub struct DeployerApi {
     metrics: DeployerMetrics,
     in_use: InUse,
     deployments: Option<Deployments>,
+    applier: Option<ConfigApplier>,
 }
 
 /// Handles of the deployer's metrics.
@@ -112,7 +117,15 @@ impl DeployerApi {
             metrics,
             in_use: Arc::new(|_| Vec::new()),
             deployments: None,
+            applier: None,
         }
+    }
+
+    /// Serves ApplyConfig with `applier`; without, it fails with
+    /// UNIMPLEMENTED.
+    pub fn with_applier(mut self, applier: ConfigApplier) -> Self {
+        self.applier = Some(applier);
+        self
     }
 
     /// Serves Deploy, Rollback, Status, Stop and LogTail with
@@ -348,6 +361,52 @@ impl Deployer for DeployerApi {
             .await
             .map_err(deploy_status)?;
         Ok(Response::new(pb::LogTailResponse { lines }))
+    }
+
+    async fn apply_config(
+        &self,
+        request: Request<pb::ApplyConfigRequest>,
+    ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+        let applier = self
+            .applier
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this deployer applies no config files"))?;
+        let applied = applier
+            .apply(apply_spec(request.into_inner()))
+            .await
+            .map_err(apply_status)?;
+        Ok(Response::new(pb::ApplyConfigResponse {
+            sha256: applied.sha256,
+            changed: applied.changed,
+        }))
+    }
+}
+
+fn apply_spec(r: pb::ApplyConfigRequest) -> ApplySpec {
+    let argv = |given: Option<pb::Argv>, default: &[&str]| match given {
+        Some(a) => a.args,
+        None => default.iter().map(|&a| a.to_owned()).collect(),
+    };
+    ApplySpec {
+        path: r.path,
+        content: r.content,
+        validate: argv(r.validate, &DEFAULT_VALIDATE),
+        reload: argv(r.reload, &DEFAULT_RELOAD),
+        verify_url: Some(r.verify_url).filter(|u| !u.is_empty()),
+        verify_timeout: Duration::from_millis(or_default(
+            r.verify_timeout_ms,
+            DEFAULT_VERIFY_TIMEOUT,
+        )),
+    }
+}
+
+/// The status of a failed ApplyConfig.
+pub fn apply_status(e: ApplyError) -> Status {
+    let message = e.to_string();
+    match e {
+        ApplyError::Invalid { .. } => Status::invalid_argument(message),
+        ApplyError::Failed { .. } => Status::failed_precondition(message),
+        ApplyError::Io { .. } => Status::internal(message),
     }
 }
 

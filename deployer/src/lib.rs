@@ -13,11 +13,14 @@
 //!   adoption after a restart.
 //! - [`deploy`]: blue-green deploys, rollback and stop of a service, through
 //!   the local proxy's agent API.
+//! - [`apply`]: config files of a web server the node still runs (nginx):
+//!   write, validate, reload, verify, or put the previous file back.
 //! - [`grpc`]: `mesh.v1.Deployer` over the store and the deploys, the token
 //!   check, metrics.
 //! - [`app`]: the running [`Deployer`]: listeners, tasks, shutdown.
 
 pub mod app;
+pub mod apply;
 pub mod config;
 pub mod deploy;
 pub mod grpc;

@@ -37,7 +37,7 @@ pub enum HttpError {
 }
 
 /// Sends one request to `addr` and reads the answer, within `timeout`.
-pub(super) async fn send(
+pub(crate) async fn send(
     addr: SocketAddr,
     method: Method,
     path: &str,
@@ -49,7 +49,7 @@ pub(super) async fn send(
 
 /// `GET path` from `addr` within `timeout`, reading an answer of up to
 /// `max_body` bytes (the proxy's `/routes` grows with the mesh).
-pub(super) async fn get(
+pub(crate) async fn get(
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
