@@ -166,11 +166,16 @@ fn open_registry(
 const LISTEN_BACKLOG: u32 = 1024;
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
-    mesh_runtime::net::listen(addr, LISTEN_BACKLOG).map_err(|source| StartError::Bind {
-        what,
-        addr,
-        source,
-    })
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {

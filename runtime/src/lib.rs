@@ -18,7 +18,6 @@ pub mod duration;
 pub mod fs;
 pub mod logging;
 pub mod metrics;
-pub mod net;
 pub mod queue;
 pub mod shutdown;
 
