@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     config::Config,
-    control::{Control, ControlParts},
+    control::{Control, ControlParts, DeployerSettings},
     dashboard::{ConsulSource, Dashboard, Publisher},
     grpc::ControlApi,
     leader::{Elector, LeaderInfo, LeaderState},
@@ -84,6 +84,10 @@ impl ControlPlane {
             consul: consul.clone(),
             nginx: config.nginx.clone(),
             bridge_port: config.bridge_port,
+            deployers: DeployerSettings {
+                port: config.deployer_port,
+                token: config.deployer_token.clone(),
+            },
             replica: config.replica.clone(),
             leader: leader.clone(),
             metrics,

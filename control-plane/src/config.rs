@@ -22,6 +22,8 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8892";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8893";
 /// The port every node's bridge serves `mesh.v1.Registry` on.
 pub const DEFAULT_BRIDGE_PORT: u16 = 8890;
+/// The port every node's mesh-deployer serves `mesh.v1.Deployer` on.
+pub const DEFAULT_DEPLOYER_PORT: u16 = 8894;
 /// Default leader session TTL (Consul's minimum).
 pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(10);
 
@@ -73,6 +75,14 @@ pub struct Args {
     /// node's address in Consul's catalog [default: 8890].
     #[arg(long, env = "MESH_BRIDGE_PORT")]
     pub bridge_port: Option<u16>,
+    /// Port of every node's mesh-deployer (mesh.v1.Deployer), reached at
+    /// the node's address in Consul's catalog [default: 8894].
+    #[arg(long, env = "MESH_DEPLOYER_PORT")]
+    pub deployer_port: Option<u16>,
+    /// Bearer token sent to the nodes' deployers (those that listen beyond
+    /// loopback require one).
+    #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
+    pub deployer_token: Option<String>,
     /// Leader lock session TTL, 10s to 5m [default: 10s].
     #[arg(long, env = "MESH_LEADER_TTL")]
     pub leader_ttl: Option<HumanDuration>,
@@ -110,6 +120,10 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Port of every node's bridge.
     pub bridge_port: u16,
+    /// Port of every node's deployer.
+    pub deployer_port: u16,
+    /// Token for the nodes' deployers.
+    pub deployer_token: Option<Secret>,
     /// Leader lock session TTL.
     pub leader_ttl: Duration,
     /// How nginx.conf is rendered.
@@ -151,6 +165,20 @@ impl Args {
         if bridge_port == 0 {
             return Err("bridge_port: 0 is not a port".into());
         }
+        let deployer_port = self.deployer_port.unwrap_or(DEFAULT_DEPLOYER_PORT);
+        if deployer_port == 0 {
+            return Err("deployer_port: 0 is not a port".into());
+        }
+        let deployer_token = match self.deployer_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(
+                    "deployer_token: must be at least 16 printable characters without spaces"
+                        .into(),
+                );
+            }
+            Some(t) => Some(Secret(t.to_owned())),
+        };
         let leader_ttl = self
             .leader_ttl
             .map_or(DEFAULT_LEADER_TTL, HumanDuration::get);
@@ -169,6 +197,8 @@ impl Args {
             grpc_listen,
             http_listen,
             bridge_port,
+            deployer_port,
+            deployer_token,
             leader_ttl,
             nginx: nginx(
                 self.nginx_template,
@@ -221,6 +251,16 @@ fn nginx(
         .check()
         .map_err(|e| format!("nginx_template: {e}"))?;
     Ok(settings)
+}
+
+/// A value kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 fn parse_default(addr: &str) -> SocketAddr {

@@ -10,11 +10,12 @@ use std::{collections::BTreeMap, time::Duration};
 
 use consul_client::{Client, QueryOptions, ServiceEntry};
 use futures::{StreamExt as _, TryStreamExt as _};
-use mesh_proto::v1::{self as pb, registry_client::RegistryClient};
+use mesh_proto::v1::{self as pb, deployer_client, registry_client::RegistryClient};
 use tokio::sync::watch;
 use tonic::transport::Endpoint;
 
 use crate::{
+    config::Secret,
     diff,
     error::ControlError,
     leader::LeaderState,
@@ -35,6 +36,13 @@ pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a call to a node's bridge may take.
 pub const BRIDGE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Keepalive pings to a node's deployer, so that a vanished one fails a
+/// long call instead of hanging it.
+const DEPLOYER_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// The largest message to or from a deployer (an upload chunk, a config).
+const DEPLOYER_MAX_MESSAGE: usize = 8 << 20;
+
 /// The longest author name.
 pub const MAX_AUTHOR_LEN: usize = 128;
 
@@ -48,9 +56,42 @@ pub struct Control {
     store: Store,
     nginx: NginxSettings,
     bridge_port: u16,
+    deployers: DeployerSettings,
     replica: String,
     leader: watch::Receiver<LeaderState>,
     metrics: ControlMetrics,
+}
+
+/// How mesh-control reaches each node's mesh-deployer.
+#[derive(Clone, Debug, Default)]
+pub struct DeployerSettings {
+    /// The port it serves `mesh.v1.Deployer` on, at the node's address.
+    pub port: u16,
+    /// The bearer token it wants, if any.
+    pub token: Option<Secret>,
+}
+
+/// A client of one node's deployer, sending the token when there is one.
+pub type DeployerClient = deployer_client::DeployerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// Adds `authorization: Bearer <token>` to every call, when set.
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// What a [`Control`] is built from.
@@ -62,6 +103,8 @@ pub struct ControlParts {
     pub nginx: NginxSettings,
     /// The port of each node's bridge (`mesh.v1.Registry`).
     pub bridge_port: u16,
+    /// How each node's deployer is reached.
+    pub deployers: DeployerSettings,
     /// This replica's name.
     pub replica: String,
     /// Who leads, as the leader lock says.
@@ -80,6 +123,7 @@ impl Control {
             consul: parts.consul,
             nginx: parts.nginx,
             bridge_port: parts.bridge_port,
+            deployers: parts.deployers,
             replica: parts.replica,
             leader: parts.leader,
             metrics: parts.metrics,
@@ -414,6 +458,40 @@ impl Control {
             ))
         })?;
         Ok((RegistryClient::new(channel), url))
+    }
+
+    /// A client of `node`'s mesh-deployer, and its URL. The channel has no
+    /// call timeout: uploads and deploys take as long as they take, so
+    /// callers bound each call themselves.
+    pub async fn deployer(&self, node: &str) -> Result<(DeployerClient, String), ControlError> {
+        let address = self.require_node(node).await?;
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address
+        };
+        let url = format!("http://{host}:{}", self.deployers.port);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| ControlError::Internal(format!("deployer address {url}: {e}")))?
+            .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(DEPLOYER_KEEPALIVE)
+            .keep_alive_timeout(DEPLOYER_KEEPALIVE);
+        let channel = endpoint.connect().await.map_err(|e| {
+            ControlError::Unavailable(format!(
+                "node {node}'s deployer at {url} is unreachable: {}",
+                error_chain(&e)
+            ))
+        })?;
+        let token = match &self.deployers.token {
+            None => None,
+            Some(Secret(t)) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                ControlError::Internal("deployer_token is not a valid header value".into())
+            })?),
+        };
+        let client = deployer_client::DeployerClient::with_interceptor(channel, BearerToken(token))
+            .max_decoding_message_size(DEPLOYER_MAX_MESSAGE)
+            .max_encoding_message_size(DEPLOYER_MAX_MESSAGE);
+        Ok((client, url))
     }
 
     /// nginx.conf for `version` and for `previous`, and their diff.

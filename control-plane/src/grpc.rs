@@ -282,6 +282,41 @@ impl control_server::Control for ControlApi {
         })
     }
 
+    async fn deploy(
+        &self,
+        _request: Request<tonic::Streaming<pb::DeployChunk>>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        Err(Status::unimplemented("Deploy: not yet"))
+    }
+
+    async fn get_deployment(
+        &self,
+        _request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        Err(Status::unimplemented("GetDeployment: not yet"))
+    }
+
+    async fn list_deployments(
+        &self,
+        _request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        Err(Status::unimplemented("ListDeployments: not yet"))
+    }
+
+    async fn abort_deployment(
+        &self,
+        _request: Request<pb::AbortDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        Err(Status::unimplemented("AbortDeployment: not yet"))
+    }
+
+    async fn list_node_deployments(
+        &self,
+        _request: Request<pb::ListNodeDeploymentsRequest>,
+    ) -> Result<Response<pb::ListNodeDeploymentsResponse>, Status> {
+        Err(Status::unimplemented("ListNodeDeployments: not yet"))
+    }
+
     async fn change_rollout(
         &self,
         request: Request<pb::ChangeRolloutRequest>,
