@@ -1,17 +1,21 @@
 //! `meshctl dev up`: a whole mesh on one machine for a first look. Starts a
 //! Consul agent in dev mode (installing Consul when it is missing), or joins
-//! the one at `--consul-addr`; then mesh-bridge, mesh-proxy and
-//! mesh-control on their standard ports; with `--demo` two demo services
-//! that register themselves through the proxy. Prints every address and
-//! stops all it started, newest first, on Ctrl-C.
+//! the one at `--consul-addr`; then mesh-bridge, mesh-proxy, mesh-deployer
+//! (registering through that proxy, its store and processes under the data
+//! folder) and mesh-control on their standard ports; with `--demo` two demo
+//! services that register themselves through the proxy. Prints every
+//! address and stops all it started, newest first, on Ctrl-C — the
+//! services deployed through mesh-deployer too.
 
 use std::{
+    collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use mesh_proto::v1::{StatusRequest, StopRequest, deployer_client::DeployerClient};
 
 use crate::procs::Group;
 
@@ -31,8 +35,8 @@ pub struct DevConfig {
     pub consul_addr: Option<String>,
     /// Where logs, the proxy's dump and the queues go.
     pub data_dir: PathBuf,
-    /// Where mesh-bridge, mesh-proxy and mesh-control are; defaults to
-    /// meshctl's own folder.
+    /// Where mesh-bridge, mesh-proxy, mesh-deployer and mesh-control are;
+    /// defaults to meshctl's own folder.
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -44,6 +48,11 @@ const BRIDGE_GRPC: &str = "127.0.0.1:8890";
 const BRIDGE_ADMIN: &str = "127.0.0.1:8891";
 const CONTROL_GRPC: &str = "127.0.0.1:8892";
 const CONTROL_HTTP: &str = "127.0.0.1:8893";
+const DEPLOYER_GRPC: &str = "127.0.0.1:8894";
+const DEPLOYER_ADMIN: &str = "127.0.0.1:8895";
+
+/// The binaries `dev up` runs, next to meshctl.
+const BINARIES: [&str; 4] = ["mesh-bridge", "mesh-proxy", "mesh-deployer", "mesh-control"];
 
 /// Brings the mesh up, waits for Ctrl-C, stops it.
 pub async fn up(config: DevConfig) -> anyhow::Result<()> {
@@ -64,6 +73,7 @@ pub async fn up(config: DevConfig) -> anyhow::Result<()> {
         }
     }
     println!("stopping…");
+    stop_deployed().await;
     group.stop_all(Duration::from_secs(10)).await;
     println!("stopped.");
     Ok(())
@@ -126,6 +136,8 @@ async fn start(
     ensure_free(PROXY, "mesh-proxy")?;
     ensure_free(CONTROL_GRPC, "mesh-control")?;
     ensure_free(CONTROL_HTTP, "mesh-control")?;
+    ensure_free(DEPLOYER_GRPC, "mesh-deployer")?;
+    ensure_free(DEPLOYER_ADMIN, "mesh-deployer")?;
     let data = |name: &str| config.data_dir.join(name).display().to_string();
     let bridge_args = vec![
         "--consul-addr".into(),
@@ -144,6 +156,7 @@ async fn start(
         is_ok(&http, format!("http://{PROXY_ADMIN}/ready"))
     })
     .await?;
+    start_deployer(bins, logs, &data("deployer"), group, &http).await?;
     let control_args = vec![
         "--consul-addr".into(),
         consul_addr.clone(),
@@ -179,12 +192,76 @@ async fn start(
             "mesh-control HTTP     http://{CONTROL_HTTP}  (REST /v1/nodes ..., /metrics /ready /live)"
         ),
         format!("dashboard             http://{CONTROL_HTTP}/"),
+        format!(
+            "mesh-deployer gRPC    http://{DEPLOYER_GRPC}  (mesh.v1.Deployer: uploads, deploys)"
+        ),
+        format!("mesh-deployer admin   http://{DEPLOYER_ADMIN}  (/metrics /ready /live)"),
     ];
     if config.demo {
         table.extend(start_demo(bins, logs, group, &http).await?);
     }
     table.push(format!("logs                  {}", logs.display()));
     Ok(table.join("\n"))
+}
+
+/// Starts mesh-deployer with its data in `data`, registering through the
+/// dev proxy, and waits until it is ready. The services it runs outlive
+/// it, as on a node, so Ctrl-C stops them through it first
+/// ([`stop_deployed`]).
+async fn start_deployer(
+    bins: &Path,
+    logs: &Path,
+    data: &str,
+    group: &mut Group,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
+    let args = [
+        "--grpc-listen",
+        DEPLOYER_GRPC,
+        "--admin-listen",
+        DEPLOYER_ADMIN,
+        "--data-dir",
+        data,
+        "--proxy-addr",
+        PROXY,
+        "--proxy-admin",
+        PROXY_ADMIN,
+    ]
+    .map(String::from);
+    group.spawn("mesh-deployer", &bins.join("mesh-deployer"), &args, logs)?;
+    wait_until("mesh-deployer is ready", Duration::from_secs(20), || {
+        is_ok(http, format!("http://{DEPLOYER_ADMIN}/ready"))
+    })
+    .await
+}
+
+/// Stops the services mesh-deployer runs (they would outlive it), while
+/// the proxy still takes their deregistrations; says what may be left.
+async fn stop_deployed() {
+    let stop = async {
+        let url = format!("http://{DEPLOYER_GRPC}");
+        let mut client = DeployerClient::connect(url).await?;
+        let status = client.status(StatusRequest::default()).await?.into_inner();
+        let services: BTreeSet<String> = status.instances.into_iter().map(|i| i.service).collect();
+        for service in services {
+            let request = StopRequest {
+                service: service.clone(),
+                stop_grace_ms: 5000,
+            };
+            client
+                .stop(request)
+                .await
+                .with_context(|| format!("stopping {service}"))?;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(30), stop).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("the services mesh-deployer runs may still run: {e:#}"),
+        Err(_) => {
+            eprintln!("the services mesh-deployer runs may still run: stopping them timed out")
+        }
+    }
 }
 
 /// Starts the demo services and waits until each answers through the proxy.
@@ -229,7 +306,7 @@ fn bin_dir(config: &DevConfig) -> anyhow::Result<PathBuf> {
             .context("meshctl has no folder")?
             .to_path_buf(),
     };
-    for bin in ["mesh-bridge", "mesh-proxy", "mesh-control"] {
+    for bin in BINARIES {
         if !dir.join(bin).is_file() {
             bail!(
                 "{bin} not found in {}: build the workspace first (cargo build --bins) or pass --bin-dir",

@@ -1,7 +1,8 @@
 //! The running deployer: opens the store from a [`Config`], takes over
 //! the processes an earlier deployer started ([`Supervisor::adopt`]),
-//! binds the gRPC and admin listeners, owns their tasks, and drains them
-//! on shutdown. The processes it runs outlive it.
+//! settles the deploys it died in ([`Deployments::reconcile`]), binds the
+//! gRPC and admin listeners, owns their tasks, and drains them on
+//! shutdown. The processes it runs outlive it.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -18,7 +19,7 @@ use tracing::Instrument;
 use crate::{
     apply::ConfigApplier,
     config::Config,
-    deploy::Deployments,
+    deploy::{Deployments, Reconciled},
     grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
     store::{Limits, Store, StoreError},
     supervisor::{AdoptReport, Supervisor, SupervisorConfig, SupervisorError},
@@ -94,7 +95,8 @@ impl Deployer {
             config.proxy_admin,
             &config.data_dir,
         );
-        deployments.refresh_in_use().await;
+        let reconciled = deployments.reconcile().await;
+        log_reconciled(&reconciled);
         let grpc = bind(config.grpc_listen, "gRPC").await?;
         let admin_listener = bind(config.admin_listen, "admin").await?;
         let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
@@ -108,6 +110,14 @@ impl Deployer {
         let service = api.into_service(BearerAuth::new(config.token.as_ref()));
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
+        if !reconciled.pending.is_empty() {
+            tasks.spawn(
+                deployments
+                    .clone()
+                    .deregister_later(reconciled.pending, shutdown.clone())
+                    .instrument(tracing::info_span!("deregister_later")),
+            );
+        }
         tasks.spawn(
             serve_grpc(grpc, service, shutdown.clone()).instrument(tracing::info_span!("grpc")),
         );
@@ -171,6 +181,17 @@ fn log_adoption(report: &AdoptReport) {
     );
     for (path, reason) in &report.invalid {
         tracing::warn!(path = %path.display(), %reason, "process record left untouched");
+    }
+}
+
+/// Logs what [`Deployments::reconcile`] did, when it did anything.
+fn log_reconciled(r: &Reconciled) {
+    if r != &Reconciled::default() {
+        tracing::info!(
+            finished = ?r.finished, rolled_back = ?r.rolled_back, stopped = ?r.stopped,
+            deregistration_pending = ?r.pending,
+            "settled the deploys the last run was in"
+        );
     }
 }
 

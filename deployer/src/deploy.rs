@@ -22,8 +22,21 @@
 //! The instances of a service are the supervisor's; their ids are
 //! `<service>-<version>-<port>`, which is how the port is known again
 //! after a restart.
+//!
+//! A deploy survives the deployer dying in it. Before it starts the new
+//! instance it writes an in-flight mark (the new instance, the ones it
+//! replaces), and removes it once it ended, either way; the deploy record
+//! is written once the new instance is routable, before the old ones are
+//! retired. A deployer that starts and finds a mark settles the deploy
+//! before it serves: finished (old instances deregistered and stopped)
+//! when the record names the new instance, undone (new instance
+//! deregistered and stopped, old ones left serving) otherwise; and any
+//! service still running two instances keeps the one its record names
+//! ([`reconcile`](Deployments::reconcile)).
 
 pub(crate) mod http;
+mod inflight;
+mod reconcile;
 mod record;
 mod routes;
 
@@ -40,9 +53,11 @@ use ::http::Method;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use self::inflight::InFlight;
 use self::routes::Waited;
 pub use self::{
     http::HttpError,
+    reconcile::Reconciled,
     record::{DeployRecord, now_ms},
 };
 use crate::{
@@ -222,6 +237,7 @@ struct Inner {
     proxy: SocketAddr,
     proxy_admin: SocketAddr,
     records_dir: PathBuf,
+    in_flight_dir: PathBuf,
     work_dir: PathBuf,
     log_dir: PathBuf,
     /// Services with a deploy or stop under way, with the version being
@@ -348,6 +364,7 @@ impl Deployments {
                 proxy,
                 proxy_admin,
                 records_dir: data_dir.join("deploys"),
+                in_flight_dir: data_dir.join("deploys").join("in-flight"),
                 work_dir: data_dir.join("work"),
                 log_dir: data_dir.join("logs"),
                 busy: Mutex::default(),
@@ -490,14 +507,55 @@ impl Deployments {
         })
     }
 
-    /// Start, gate, register, wait until routable, swap: the deploy
-    /// itself, under the claim.
+    /// The deploy itself, under the claim: marks it in flight (so that a
+    /// deployer that dies in it can finish or undo it when it starts
+    /// again, see [`Deployments::reconcile`]), swaps, and removes the mark
+    /// however the swap ended.
     async fn run_deploy(&self, spec: &DeploySpec) -> Result<DeployOutcome, DeployError> {
         let meta = self.artifact(spec).await?;
         let port = free_port(spec.address)?;
         let process = self.process_spec(spec, &meta, port)?;
-        let id = process.instance_id.clone();
+        // Before the new instance exists: every instance of the service.
+        let old = self.instances_of(&spec.service).await;
+        let marker = InFlight {
+            service: spec.service.clone(),
+            instance_id: process.instance_id.clone(),
+            replaces: old.iter().map(|s| s.instance_id.clone()).collect(),
+            started_at_ms: now_ms(),
+            drain_ms: spec.drain_ms,
+            stop_grace_ms: spec.stop_grace_ms,
+        };
+        let dir = self.inner.in_flight_dir.clone();
+        blocking(move || inflight::write(&dir, &marker))
+            .await?
+            .map_err(|e| {
+                DeployError::Internal(format!("cannot mark the deploy of {}: {e}", spec.service))
+            })?;
         let addr = SocketAddr::new(spec.address, port);
+        let result = self.swap(spec, process, addr, &old).await;
+        let (dir, service) = (self.inner.in_flight_dir.clone(), spec.service.clone());
+        match blocking(move || inflight::remove(&dir, &service)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(service = %spec.service, error = %e, "cannot remove the in-flight mark")
+            }
+            Err(e) => {
+                tracing::warn!(service = %spec.service, error = %e, "cannot remove the in-flight mark")
+            }
+        }
+        result
+    }
+
+    /// Start `process` (listening on `addr`), gate, register, wait until
+    /// routable, swap with `old`.
+    async fn swap(
+        &self,
+        spec: &DeploySpec,
+        process: ProcessSpec,
+        addr: SocketAddr,
+        old: &[InstanceStatus],
+    ) -> Result<DeployOutcome, DeployError> {
+        let id = process.instance_id.clone();
         tracing::info!(service = %spec.service, version = %spec.version, instance = %id, "deploying");
         self.inner.supervisor.start(process).await?;
         if let Err(reason) = self.health_gate(spec, &id, addr).await {
@@ -515,17 +573,11 @@ impl Deployments {
                 stderr,
             });
         }
-        let old: Vec<InstanceStatus> = self
-            .instances_of(&spec.service)
-            .await
-            .into_iter()
-            .filter(|s| s.instance_id != id)
-            .collect();
         self.bring_in(spec, &id, addr).await?;
         self.write_record(spec, &id).await;
         let drain = Duration::from_millis(spec.drain_ms);
         let replaced = self
-            .retire(&spec.service, &old, drain, spec.stop_grace())
+            .retire(&spec.service, old, drain, spec.stop_grace())
             .await;
         let status = self.inner.supervisor.status(&id).await.ok_or_else(|| {
             DeployError::Internal(format!("instance {id} vanished after its deploy"))
@@ -689,18 +741,35 @@ impl Deployments {
             },
         });
         let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-        self.agent_call("/v1/agent/service/register", body).await
+        self.agent_call("/v1/agent/service/register", body, PROXY_TIMEOUT, false)
+            .await
     }
 
     async fn deregister(&self, id: &str) -> Result<(), String> {
-        let path = format!("/v1/agent/service/deregister/{id}");
-        self.agent_call(&path, Vec::new()).await
+        self.deregister_within(id, PROXY_TIMEOUT).await
     }
 
-    async fn agent_call(&self, path: &str, body: Vec<u8>) -> Result<(), String> {
+    /// Deregisters `id` through the local proxy, asking for at most
+    /// `timeout`. An instance the proxy does not know (404) counts as
+    /// deregistered.
+    async fn deregister_within(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let path = format!("/v1/agent/service/deregister/{id}");
+        self.agent_call(&path, Vec::new(), timeout, true).await
+    }
+
+    /// `PUT path` to the local proxy's agent API; with `not_found_ok`, a
+    /// 404 counts as done.
+    async fn agent_call(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+        not_found_ok: bool,
+    ) -> Result<(), String> {
         let proxy = self.inner.proxy;
-        match http::send(proxy, Method::PUT, path, Some(body), PROXY_TIMEOUT).await {
+        match http::send(proxy, Method::PUT, path, Some(body), timeout).await {
             Ok((code, _)) if code.is_success() => Ok(()),
+            Ok((::http::StatusCode::NOT_FOUND, _)) if not_found_ok => Ok(()),
             Ok((code, body)) => Err(format!(
                 "PUT {path} answered {}: {}",
                 code.as_u16(),

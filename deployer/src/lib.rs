@@ -12,7 +12,8 @@
 //! - [`supervisor`]: the processes of the node: start, stop, restart, logs,
 //!   adoption after a restart.
 //! - [`deploy`]: blue-green deploys, rollback and stop of a service, through
-//!   the local proxy's agent API.
+//!   the local proxy's agent API; settling at start-up a deploy the last
+//!   deployer died in.
 //! - [`apply`]: config files of a web server the node still runs (nginx):
 //!   write, validate, reload, verify, or put the previous file back.
 //! - [`grpc`]: `mesh.v1.Deployer` over the store and the deploys, the token

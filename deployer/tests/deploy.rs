@@ -10,6 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -22,7 +23,10 @@ use axum::{
     extract::{Path as UrlPath, State},
     routing::{get, put},
 };
-use mesh_deployer::{Args, Config, Deployer};
+use mesh_deployer::{
+    Args, Config, Deployer,
+    supervisor::{ProcessSpec, Supervisor, SupervisorConfig},
+};
 use mesh_proto::v1::{
     DeployRequest, DeployResponse, LogStream, LogTailRequest, RollbackRequest, StatusRequest,
     StopRequest, UploadChunk, UploadStart, deployer_client::DeployerClient,
@@ -61,6 +65,20 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
     )
 }
 
+/// A service like [`service`] whose `/health` answers 503 for its first
+/// `secs` seconds.
+fn slow_service(secs: u32) -> String {
+    service(200)
+        .replace(
+            "code, body = (200, b\"ok\")",
+            &format!("code, body = (200 if time.time() > start + {secs} else 503, b\"ok\")"),
+        )
+        .replace(
+            "import http.server, sys",
+            "import http.server, sys, time\nstart = time.time()",
+        )
+}
+
 /// A service that exits at once with code 3.
 const CRASHING: &str = "import sys\nsys.stderr.write(\"missing config\\n\")\nsys.exit(3)\n";
 
@@ -79,6 +97,9 @@ struct Fake {
     failing: BTreeSet<String>,
     /// The instances `/routes` has listed.
     listed: BTreeSet<String>,
+    /// While set, a deregistration is recorded as `held deregister <id>`
+    /// and never answered (the instance stays registered).
+    hold_deregistrations: bool,
 }
 
 struct Registration {
@@ -105,17 +126,7 @@ impl Harness {
 
     async fn start_keeping(keep_versions: usize) -> Result<Self> {
         mesh_runtime::install_crypto_provider();
-        let fake = Proxy::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let proxy_addr = listener.local_addr()?;
-        let router = Router::new()
-            .route("/v1/agent/service/register", put(register))
-            .route("/v1/agent/service/deregister/{id}", put(deregister))
-            .route("/routes", get(routes))
-            .with_state(fake.clone());
-        let proxy = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
+        let (fake, proxy, proxy_addr) = start_proxy().await?;
         let data = tempfile::tempdir()?;
         let config = Args {
             node: Some("test-node".into()),
@@ -144,36 +155,92 @@ impl Harness {
     /// Stops the deployer (its processes keep running) and starts another
     /// on the same data folder.
     async fn restart(&mut self) -> Result<()> {
+        self.stop_deployer().await?;
+        self.start_again().await
+    }
+
+    /// Stops the deployer; its processes keep running.
+    async fn stop_deployer(&mut self) -> Result<()> {
         if let Some(deployer) = self.deployer.take() {
             ensure!(deployer.shutdown(DEADLINE).await, "shutdown timed out");
         }
+        Ok(())
+    }
+
+    /// Starts a deployer on the data folder.
+    async fn start_again(&mut self) -> Result<()> {
         let deployer = Deployer::start(&self.config, Registry::new()).await?;
         self.client = DeployerClient::connect(format!("http://{}", deployer.grpc_addr())).await?;
         self.deployer = Some(deployer);
         Ok(())
     }
 
+    /// Stops the deployer and starts one on a runtime of its own, asks it
+    /// to deploy `version`, and drops that runtime once `at` holds for the
+    /// fake proxy's calls: every task of that deployer, its deploy's too,
+    /// ends where it is and its processes keep running, as when a deployer
+    /// is killed. Then the proxy answers deregistrations again and a
+    /// deployer starts on the same data folder.
+    async fn crash_during(&mut self, version: &str, at: fn(&[String]) -> bool) -> Result<()> {
+        self.stop_deployer().await?;
+        let (config, fake) = (self.config.clone(), self.fake.clone());
+        let request = deploy_request(version, DEADLINE);
+        let (done, crashed) = tokio::sync::oneshot::channel();
+        // A thread of its own: a runtime cannot be driven from within one.
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return drop(done.send(Err(e.into()))),
+            };
+            let result = runtime.block_on(async move {
+                let deployer = Deployer::start(&config, Registry::new()).await?;
+                let url = format!("http://{}", deployer.grpc_addr());
+                let mut client = DeployerClient::connect(url).await?;
+                tokio::spawn(async move { client.deploy(request).await });
+                let deadline = Instant::now() + DEADLINE;
+                loop {
+                    let calls = fake.lock().expect("not poisoned").calls.clone();
+                    if at(&calls) {
+                        break;
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "the deploy never got there: {calls:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // Dropped with the runtime, mid-deploy.
+                std::mem::forget(deployer);
+                Ok(())
+            });
+            drop(runtime);
+            let _ = done.send(result);
+        });
+        crashed.await.context("the crashing deployer's thread")??;
+        self.fake.lock().expect("not poisoned").hold_deregistrations = false;
+        self.start_again().await
+    }
+
+    /// The in-flight marks left in the data folder.
+    fn in_flight(&self) -> Vec<String> {
+        let dir = self.data.path().join("deploys").join("in-flight");
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Uploads `script` as `version`; returns the versions pruned.
     async fn upload(&mut self, version: &str, script: &str) -> Result<Vec<String>> {
-        let data = script.as_bytes().to_vec();
-        let start = UploadStart {
-            service: "orders".into(),
-            version: version.into(),
-            file_name: "app.py".into(),
-            size: data.len() as u64,
-            sha256: hex::encode(Sha256::digest(&data)),
-            offset: 0,
-        };
-        let message = UploadChunk {
-            start: Some(start),
-            data,
-        };
-        let result = self
-            .client
-            .upload(tokio_stream::iter([message]))
-            .await
-            .with_context(|| format!("upload {version}"))?;
-        Ok(result.into_inner().pruned)
+        upload(&mut self.client, version, script).await
     }
 
     async fn rollback(&mut self) -> Result<DeployResponse, tonic::Status> {
@@ -233,6 +300,54 @@ impl Drop for Harness {
     }
 }
 
+/// Uploads `script` as `version` of orders; returns the versions pruned.
+async fn upload(
+    client: &mut DeployerClient<Channel>,
+    version: &str,
+    script: &str,
+) -> Result<Vec<String>> {
+    let data = script.as_bytes().to_vec();
+    let start = UploadStart {
+        service: "orders".into(),
+        version: version.into(),
+        file_name: "app.py".into(),
+        size: data.len() as u64,
+        sha256: hex::encode(Sha256::digest(&data)),
+        offset: 0,
+    };
+    let message = UploadChunk {
+        start: Some(start),
+        data,
+    };
+    let result = client
+        .upload(tokio_stream::iter([message]))
+        .await
+        .with_context(|| format!("upload {version}"))?;
+    Ok(result.into_inner().pruned)
+}
+
+/// Starts the fake proxy: its state, its task and its address (agent API
+/// and admin in one).
+async fn start_proxy() -> Result<(Proxy, tokio::task::JoinHandle<()>, SocketAddr)> {
+    let fake = Proxy::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_addr = listener.local_addr()?;
+    let proxy = serve_proxy(fake.clone(), listener);
+    Ok((fake, proxy, proxy_addr))
+}
+
+/// Serves the fake proxy `fake` on `listener`.
+fn serve_proxy(fake: Proxy, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    let router = Router::new()
+        .route("/v1/agent/service/register", put(register))
+        .route("/v1/agent/service/deregister/{id}", put(deregister))
+        .route("/routes", get(routes))
+        .with_state(fake);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    })
+}
+
 /// Kills the process group of every process record in `dir`.
 fn kill_recorded(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -276,10 +391,16 @@ async fn register(State(proxy): State<Proxy>, body: Bytes) -> &'static str {
 }
 
 async fn deregister(State(proxy): State<Proxy>, UrlPath(id): UrlPath<String>) -> &'static str {
-    let mut fake = proxy.lock().expect("not poisoned");
-    fake.calls.push(format!("deregister {id}"));
-    fake.registered.remove(&id);
-    ""
+    {
+        let mut fake = proxy.lock().expect("not poisoned");
+        if !fake.hold_deregistrations {
+            fake.calls.push(format!("deregister {id}"));
+            fake.registered.remove(&id);
+            return "";
+        }
+        fake.calls.push(format!("held deregister {id}"));
+    }
+    std::future::pending().await
 }
 
 /// The registered instances whose check passed, as mesh-proxy's
@@ -291,6 +412,7 @@ async fn routes(State(proxy): State<Proxy>) -> Json<serde_json::Value> {
         registered,
         failing,
         listed,
+        ..
     } = &mut *fake;
     let mut services: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
     for (id, r) in registered.iter() {
@@ -585,5 +707,351 @@ async fn a_new_instance_the_proxy_never_routes_is_withdrawn_and_the_old_keeps_se
     assert_eq!(version_on(v1_port).await.as_deref(), Some("1"));
     let v2_port = v2_id.rsplit('-').next().unwrap_or_default().parse()?;
     gone(v2_port).await?;
+    Ok(())
+}
+
+/// The instance id of the first registration of `version` in `calls`.
+fn registered_id(calls: &[String], version: &str) -> Result<String> {
+    let prefix = format!("register orders-{version}-");
+    calls
+        .iter()
+        .find(|c| c.starts_with(&prefix))
+        .and_then(|c| c.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .with_context(|| format!("{version} was never registered: {calls:?}"))
+}
+
+/// The port an instance id ends in.
+fn port_of(id: &str) -> Result<u32> {
+    let port = id.rsplit('-').next().unwrap_or_default();
+    port.parse().with_context(|| format!("no port in {id}"))
+}
+
+#[tokio::test]
+async fn a_deploy_cut_short_before_its_swap_is_undone_when_the_deployer_starts_again() -> Result<()>
+{
+    let mut h = Harness::start().await?;
+    h.upload("1", &service(200)).await?;
+    h.upload("2", &service(200)).await?;
+    let v1 = h.deploy("1", DEADLINE).await?;
+    let (v1_id, v1_port) = instance(&v1)?;
+    let v1_pid = v1.instance.as_ref().map(|i| i.pid);
+
+    // v2 is healthy and registered, but not routable yet when the deployer
+    // dies: the swap was not decided.
+    h.fail_check("2");
+    h.crash_during("2", |calls| {
+        calls.iter().any(|c| c.starts_with("register orders-2-"))
+    })
+    .await?;
+
+    let calls = h.calls();
+    let v2_id = registered_id(&calls, "2")?;
+    let v2_port = port_of(&v2_id)?;
+    ensure!(
+        position(&calls, &format!("register {v2_id}"))?
+            < position(&calls, &format!("deregister {v2_id}"))?,
+        "v2 was not deregistered: {calls:?}"
+    );
+    assert_eq!(h.registered(), [v1_id.as_str()]);
+    gone(v2_port).await?;
+    let status = h
+        .client
+        .status(StatusRequest::default())
+        .await?
+        .into_inner()
+        .instances;
+    let left: Vec<_> = status
+        .iter()
+        .map(|i| (i.instance_id.as_str(), i.pid))
+        .collect();
+    assert_eq!(left, [(v1_id.as_str(), v1_pid.unwrap_or_default())]);
+    assert_eq!(version_on(v1_port).await.as_deref(), Some("1"));
+    assert!(h.in_flight().is_empty(), "{:?}", h.in_flight());
+    let record = h
+        .data
+        .path()
+        .join("processes")
+        .join(format!("{v2_id}.json"));
+    assert!(!record.exists(), "v2's process record is left");
+
+    // The service deploys as before.
+    let v2 = h.deploy("1", DEADLINE).await?;
+    assert_eq!(v2.replaced, [v1_id.as_str()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deploy_cut_short_after_its_swap_was_decided_is_finished_when_the_deployer_starts_again()
+-> Result<()> {
+    let mut h = Harness::start().await?;
+    h.upload("1", &service(200)).await?;
+    h.upload("2", &service(200)).await?;
+    let (v1_id, v1_port) = instance(&h.deploy("1", DEADLINE).await?)?;
+
+    // v2 is routable and recorded; the deployer dies while it asks the
+    // proxy to deregister v1 (which stays registered).
+    h.fake.lock().expect("not poisoned").hold_deregistrations = true;
+    h.crash_during("2", |calls| {
+        calls
+            .iter()
+            .any(|c| c.starts_with("held deregister orders-1-"))
+    })
+    .await?;
+
+    let calls = h.calls();
+    let v2_id = registered_id(&calls, "2")?;
+    let v2_port = port_of(&v2_id)?;
+    ensure!(
+        position(&calls, &format!("held deregister {v1_id}"))?
+            < position(&calls, &format!("deregister {v1_id}"))?,
+        "v1 was not deregistered after the restart: {calls:?}"
+    );
+    assert_eq!(h.registered(), [v2_id.as_str()]);
+    gone(v1_port).await?;
+    assert_eq!(h.running().await?, [("2".to_owned(), v2_id.clone())]);
+    assert_eq!(version_on(v2_port).await.as_deref(), Some("2"));
+    assert!(h.in_flight().is_empty(), "{:?}", h.in_flight());
+
+    // Rollback goes back to v1 from the record of v2's deploy.
+    let back = h.rollback().await?;
+    assert_eq!(back.replaced, [v2_id.as_str()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_instance_found_at_start_up_is_retired_even_with_the_proxy_down() -> Result<()> {
+    let mut h = Harness::start().await?;
+    h.upload("1", &service(200)).await?;
+    let (v1_id, v1_port) = instance(&h.deploy("1", DEADLINE).await?)?;
+    h.stop_deployer().await?;
+
+    // An instance of the service the deploy record does not name, started
+    // behind the last deployer's back (no in-flight mark).
+    let script = h.data.path().join("extra.py");
+    std::fs::write(&script, service(200))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let extra_id = format!("orders-2-{port}");
+    let supervisor = Supervisor::new(SupervisorConfig::new(h.data.path().join("processes")))?;
+    let extra = ProcessSpec {
+        service: "orders".into(),
+        instance_id: extra_id.clone(),
+        version: "2".into(),
+        command: [
+            "python3",
+            "-u",
+            &script.display().to_string(),
+            &port.to_string(),
+            "2",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        env: BTreeMap::new(),
+        work_dir: h.data.path().join("work"),
+        log_dir: h.data.path().join("logs"),
+    };
+    supervisor.start(extra).await?;
+    drop(supervisor);
+    let deadline = Instant::now() + DEADLINE;
+    while version_on(u32::from(port)).await.is_none() {
+        ensure!(Instant::now() < deadline, "the extra instance never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The proxy is down: start-up does not wait for it.
+    h.proxy.abort();
+    let started = Instant::now();
+    h.start_again().await?;
+    assert!(
+        started.elapsed() < DEADLINE / 2,
+        "start-up waited for the proxy"
+    );
+    gone(u32::from(port)).await?;
+    assert_eq!(h.running().await?, [("1".to_owned(), v1_id.clone())]);
+    assert_eq!(version_on(v1_port).await.as_deref(), Some("1"));
+
+    // The proxy is back: the extra instance's deregistration is retried.
+    let deadline = Instant::now() + DEADLINE;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(h.config.proxy_addr).await {
+            Ok(listener) => break listener,
+            Err(e) => ensure!(
+                Instant::now() < deadline,
+                "cannot serve the proxy again: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    h.proxy = serve_proxy(h.fake.clone(), listener);
+    let wanted = format!("deregister {extra_id}");
+    while !h.calls().contains(&wanted) {
+        ensure!(
+            Instant::now() < deadline,
+            "never deregistered: {:?}",
+            h.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!h.calls().contains(&format!("deregister {v1_id}")));
+    Ok(())
+}
+
+/// A `mesh-deployer` process; killed (SIGKILL) when dropped.
+struct Binary {
+    child: std::process::Child,
+    grpc: SocketAddr,
+}
+
+impl Binary {
+    /// Starts `mesh-deployer` on `data`, talking to the proxy at `proxy`.
+    fn spawn(data: &Path, proxy: SocketAddr) -> Result<Self> {
+        let grpc = free_addr()?;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-deployer"))
+            .arg("--node=test-node")
+            .arg(format!("--grpc-listen={grpc}"))
+            .arg(format!("--admin-listen={}", free_addr()?))
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--proxy-addr={proxy}"))
+            .arg(format!("--proxy-admin={proxy}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start mesh-deployer")?;
+        Ok(Self { child, grpc })
+    }
+
+    /// A client, once it answers.
+    async fn client(&mut self) -> Result<DeployerClient<Channel>> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match DeployerClient::connect(format!("http://{}", self.grpc)).await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    if let Some(status) = self.child.try_wait()? {
+                        bail!("mesh-deployer {status}");
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "mesh-deployer never answered: {e}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// What a test leaves on the node: killed when it ends.
+struct Leftovers {
+    proxy: tokio::task::JoinHandle<()>,
+    data: tempfile::TempDir,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        self.proxy.abort();
+        kill_recorded(&self.data.path().join("processes"));
+    }
+}
+
+/// An address on 127.0.0.1 nothing listens on now.
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Whether process `pid` is gone (or a zombie: ended, not reaped).
+fn pid_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| matches!(state, "Z" | "X")),
+    }
+}
+
+#[tokio::test]
+async fn a_deployer_killed_in_a_health_gate_leaves_the_old_instance_alone_after_its_restart()
+-> Result<()> {
+    mesh_runtime::install_crypto_provider();
+    let (fake, proxy, proxy_addr) = start_proxy().await?;
+    let node = Leftovers {
+        proxy,
+        data: tempfile::tempdir()?,
+    };
+    let mut deployer = Binary::spawn(node.data.path(), proxy_addr)?;
+    let mut client = deployer.client().await?;
+    upload(&mut client, "1", &service(200)).await?;
+    upload(&mut client, "2", &slow_service(30)).await?;
+    let v1 = client
+        .deploy(deploy_request("1", DEADLINE))
+        .await?
+        .into_inner();
+    let (v1_id, v1_port) = instance(&v1)?;
+    let v1_pid = v1.instance.as_ref().map_or(0, |i| i.pid);
+
+    // v2 is in its health gate (healthy only after 30 s) when the
+    // deployer is killed.
+    let mut other = client.clone();
+    let deploy = tokio::spawn(async move {
+        other
+            .deploy(deploy_request("2", Duration::from_secs(60)))
+            .await
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let (v2_id, v2_pid) = loop {
+        let status = client.status(StatusRequest::default()).await?.into_inner();
+        if let Some(i) = status
+            .instances
+            .iter()
+            .find(|i| i.version == "2" && i.pid != 0)
+        {
+            break (i.instance_id.clone(), i.pid);
+        }
+        ensure!(Instant::now() < deadline, "v2 never started: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    deployer.kill()?;
+    deploy.abort();
+    ensure!(!pid_gone(v2_pid), "v2 ended with the deployer");
+
+    let mut deployer = Binary::spawn(node.data.path(), proxy_addr)?;
+    let mut client = deployer.client().await?;
+    let status = client.status(StatusRequest::default()).await?.into_inner();
+    let left: Vec<_> = status
+        .instances
+        .iter()
+        .map(|i| (i.instance_id.as_str(), i.pid))
+        .collect();
+    assert_eq!(left, [(v1_id.as_str(), v1_pid)]);
+    let deadline = Instant::now() + DEADLINE;
+    while !pid_gone(v2_pid) {
+        ensure!(Instant::now() < deadline, "v2 (pid {v2_pid}) still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gone(port_of(&v2_id)?).await?;
+    assert_eq!(version_on(v1_port).await.as_deref(), Some("1"));
+    let calls = fake.lock().expect("not poisoned").calls.clone();
+    ensure!(
+        calls.contains(&format!("deregister {v2_id}")),
+        "v2 was not deregistered: {calls:?}"
+    );
+    assert!(!calls.contains(&format!("deregister {v1_id}")), "{calls:?}");
     Ok(())
 }

@@ -94,6 +94,8 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         "127.0.0.1:8891",
         "127.0.0.1:8892",
         "127.0.0.1:8893",
+        "127.0.0.1:8894",
+        "127.0.0.1:8895",
     ] {
         assert!(
             printed.contains(address),
@@ -114,6 +116,13 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         status["is_leader"], true,
         "the only replica leads: {status}"
     );
+    // mesh-deployer is up and ready.
+    let deployer = "127.0.0.1:8895".parse().unwrap();
+    let ready = HttpClient::new(&host, deployer)
+        .get("/ready")
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 200, "mesh-deployer /ready: {}", ready.text());
     // The dashboard it printed answers.
     assert!(
         printed.contains("dashboard") && printed.contains("http://127.0.0.1:8893/"),
