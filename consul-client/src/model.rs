@@ -142,6 +142,10 @@ pub struct Node {
     /// Datacenter.
     #[serde(default)]
     pub datacenter: String,
+    /// Node metadata, as the node's agent was started with
+    /// (`-node-meta key:value`).
+    #[serde(default, deserialize_with = "null_default")]
+    pub meta: BTreeMap<String, String>,
 }
 
 /// One check's state.
@@ -347,5 +351,17 @@ mod tests {
         assert!(entry.service.tags.is_empty() && entry.service.meta.is_empty());
         assert_eq!(entry.service.port, 70000);
         assert_eq!(entry.checks[0].status, "passing");
+    }
+
+    #[test]
+    fn catalog_nodes_carry_their_meta() {
+        let nodes: Vec<Node> = serde_json::from_str(
+            r#"[{"Node":"n1","Address":"10.0.0.1","Meta":{"mesh-frontend":"nginx"}},
+                {"Node":"n2","Address":"10.0.0.2","Meta":null},
+                {"Node":"n3","Address":"10.0.0.3"}]"#,
+        )
+        .unwrap();
+        assert_eq!(nodes[0].meta["mesh-frontend"], "nginx");
+        assert!(nodes[1].meta.is_empty() && nodes[2].meta.is_empty());
     }
 }

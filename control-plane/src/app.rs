@@ -1,6 +1,6 @@
 //! The running mesh-control: builds everything from a [`Config`], binds the
 //! gRPC and HTTP listeners, owns the tasks (leader lock, readiness, the
-//! dashboard's state, both servers), and drains them on shutdown,
+//! rollout and deployment drivers, the dashboard's state, both servers), and drains them on shutdown,
 //! releasing the leader lock so another replica takes it at once.
 
 use std::{io, net::SocketAddr, time::Duration};
@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     control::{Control, ControlParts, DeployerSettings},
     dashboard::{ConsulSource, Dashboard, Publisher},
+    deploy,
     grpc::ControlApi,
     leader::{Elector, LeaderInfo, LeaderState},
     metrics::ControlMetrics,
@@ -109,6 +110,11 @@ impl ControlPlane {
         tasks.spawn(
             Driver::new(control.clone(), leader.clone(), config.replica.clone())
                 .run(shutdown.clone()),
+        );
+        tasks.spawn(
+            deploy::driver::Driver::new(control.clone(), leader.clone(), config.replica.clone())
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("deployments")),
         );
         let (publisher, subscriptions) = Publisher::new();
         tasks.spawn(

@@ -10,7 +10,7 @@ use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogForm
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    render::{NginxSettings, Upstreams},
+    render::{NginxApply, NginxSettings, Upstreams, nginx::verify_url_for},
     template::Template,
 };
 
@@ -103,6 +103,26 @@ pub struct Args {
     /// [default: /usr/local/openresty/nginx/conf/servers].
     #[arg(long, env = "MESH_NGINX_DUMP_DIR")]
     pub nginx_dump_dir: Option<String>,
+    /// Where a rollout has an nginx node's mesh-deployer write the
+    /// rendered nginx.conf; absolute [default: /etc/nginx/nginx.conf].
+    #[arg(long, env = "MESH_NGINX_CONF_PATH")]
+    pub nginx_conf_path: Option<String>,
+    /// The command that checks the written file, split on whitespace;
+    /// `{path}` is the file; empty: no check
+    /// [default: nginx -t -c {path}].
+    #[arg(long, env = "MESH_NGINX_VALIDATE")]
+    pub nginx_validate: Option<String>,
+    /// The command that makes nginx load the file, split on whitespace;
+    /// `{path}` is the file; empty: no reload
+    /// [default: nginx -s reload -c {path}].
+    #[arg(long, env = "MESH_NGINX_RELOAD")]
+    pub nginx_reload: Option<String>,
+    /// A loopback URL through nginx the deployer asks after the reload
+    /// until it answers 2xx; `{version}` is the version applied; empty: no
+    /// verify [default: http://<nginx_listen>/_mesh/config/{version}, the
+    /// listen address made loopback].
+    #[arg(long, env = "MESH_NGINX_VERIFY_URL")]
+    pub nginx_verify_url: Option<String>,
 }
 
 /// The checked configuration.
@@ -148,8 +168,9 @@ impl fmt::Debug for Args {
 impl Args {
     /// Applies defaults and checks every value; an error is one line
     /// naming the key.
-    pub fn validate(self) -> Result<Config, String> {
+    pub fn validate(mut self) -> Result<Config, String> {
         let consul = self.consul()?;
+        let nginx = self.nginx()?;
         let grpc_listen = self
             .grpc_listen
             .unwrap_or_else(|| parse_default(DEFAULT_GRPC_LISTEN));
@@ -200,14 +221,27 @@ impl Args {
             deployer_port,
             deployer_token,
             leader_ttl,
-            nginx: nginx(
-                self.nginx_template,
-                self.nginx_upstreams,
-                self.nginx_listen,
-                self.nginx_consul,
-                self.nginx_dump_dir,
-            )?,
+            nginx,
         })
+    }
+
+    /// The nginx settings: how nginx.conf is rendered and applied.
+    fn nginx(&mut self) -> Result<NginxSettings, String> {
+        let mut settings = nginx(
+            self.nginx_template.take(),
+            self.nginx_upstreams.take(),
+            self.nginx_listen.take(),
+            self.nginx_consul.take(),
+            self.nginx_dump_dir.take(),
+        )?;
+        settings.apply = nginx_apply(
+            &settings.listen,
+            self.nginx_conf_path.take(),
+            self.nginx_validate.take(),
+            self.nginx_reload.take(),
+            self.nginx_verify_url.take(),
+        )?;
+        Ok(settings)
     }
 
     fn consul(&self) -> Result<ClientConfig, String> {
@@ -251,6 +285,57 @@ fn nginx(
         .check()
         .map_err(|e| format!("nginx_template: {e}"))?;
     Ok(settings)
+}
+
+/// How rendered nginx.conf files are applied: the standard ones with the
+/// given values over them.
+fn nginx_apply(
+    listen: &str,
+    conf_path: Option<String>,
+    validate: Option<String>,
+    reload: Option<String>,
+    verify_url: Option<String>,
+) -> Result<NginxApply, String> {
+    let mut apply = NginxApply::standard();
+    if let Some(path) = conf_path {
+        let path = path.trim();
+        let plain = std::path::Path::new(path)
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !path.starts_with('/') || !plain || path.ends_with('/') {
+            return Err(format!(
+                "nginx_conf_path: {path:?} is not an absolute file path without `.` or `..` parts"
+            ));
+        }
+        apply.conf_path = path.to_owned();
+    }
+    let argv = |v: String| v.split_whitespace().map(str::to_owned).collect();
+    if let Some(v) = validate {
+        apply.validate = argv(v);
+    }
+    if let Some(v) = reload {
+        apply.reload = argv(v);
+    }
+    apply.verify_url = match verify_url.as_deref().map(str::trim) {
+        Some("") => None,
+        Some(url) if url.starts_with("http://") && !url.contains(char::is_whitespace) => {
+            Some(url.to_owned())
+        }
+        Some(url) => {
+            return Err(format!(
+                "nginx_verify_url: {url:?} is not an http:// URL on a loopback address"
+            ));
+        }
+        None => Some(verify_url_for(listen).ok_or_else(|| {
+            format!(
+                "nginx_verify_url: nginx_listen {listen:?} is no loopback address the nodes' \
+                 deployers may ask; set nginx_verify_url to a loopback URL nginx answers, \
+                 or to \"\" for no verify"
+            )
+        })?),
+    };
+    Ok(apply)
 }
 
 /// A value kept out of `Debug` output and logs.
@@ -372,6 +457,67 @@ mod tests {
             e.starts_with("nginx_template:") && e.contains("line 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nginx_apply_settings_default_and_take_values() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.nginx.apply.conf_path, "/etc/nginx/nginx.conf");
+        assert_eq!(c.nginx.apply.validate, ["nginx", "-t", "-c", "{path}"]);
+        assert_eq!(
+            c.nginx.apply.reload,
+            ["nginx", "-s", "reload", "-c", "{path}"]
+        );
+        assert_eq!(
+            c.nginx.apply.verify_url_of(7).as_deref(),
+            Some("http://127.0.0.1:8888/_mesh/config/7")
+        );
+        let c = parse(&[
+            "--nginx-listen",
+            "0.0.0.0:8080",
+            "--nginx-conf-path",
+            "/srv/nginx/nginx.conf",
+            "--nginx-validate",
+            "/usr/sbin/nginx -t -p /srv/nginx/ -c {path}",
+            "--nginx-reload",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(c.nginx.apply.conf_path, "/srv/nginx/nginx.conf");
+        assert_eq!(
+            c.nginx.apply.validate,
+            ["/usr/sbin/nginx", "-t", "-p", "/srv/nginx/", "-c", "{path}"]
+        );
+        assert!(c.nginx.apply.reload.is_empty(), "empty: no reload");
+        assert_eq!(
+            c.nginx.apply.verify_url.as_deref(),
+            Some("http://127.0.0.1:8080/_mesh/config/{version}"),
+            "0.0.0.0 is asked on loopback"
+        );
+        let c = parse(&["--nginx-listen", "10.0.0.5:80", "--nginx-verify-url", ""]).unwrap();
+        assert_eq!(c.nginx.apply.verify_url, None);
+    }
+
+    #[test]
+    fn bad_nginx_apply_settings_name_their_key() {
+        for (argv, key) in [
+            (&["--nginx-conf-path", "nginx.conf"][..], "nginx_conf_path"),
+            (
+                &["--nginx-conf-path", "/etc/../nginx.conf"][..],
+                "nginx_conf_path",
+            ),
+            (
+                &["--nginx-verify-url", "https://x/"][..],
+                "nginx_verify_url",
+            ),
+            // The deployer asks on loopback only: a node address needs a
+            // verify URL given.
+            (&["--nginx-listen", "10.0.0.5:80"][..], "nginx_verify_url"),
+        ] {
+            let e = parse(argv).unwrap_err();
+            assert!(e.starts_with(key), "{argv:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

@@ -25,10 +25,11 @@ use crate::{
     store::{Conflict, Store},
 };
 
+pub mod deployments;
 pub mod rollouts;
 pub mod types;
 
-pub use self::{rollouts::*, types::*};
+pub use self::{deployments::*, rollouts::*, types::*};
 
 /// How long a connect to a node's bridge may take.
 pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -492,6 +493,41 @@ impl Control {
             .max_decoding_message_size(DEPLOYER_MAX_MESSAGE)
             .max_encoding_message_size(DEPLOYER_MAX_MESSAGE);
         Ok((client, url))
+    }
+
+    /// What serves `node`'s routes, from its Consul node metadata; `Err`
+    /// (inner) names a metadata value that is neither nginx nor proxy.
+    pub async fn frontend(
+        &self,
+        node: &str,
+    ) -> Result<Result<crate::rollout::Frontend, String>, ControlError> {
+        let nodes = self.consul.catalog_nodes(QueryOptions::default()).await?;
+        let found = nodes
+            .value
+            .into_iter()
+            .find(|n| n.node == node)
+            .ok_or_else(|| unknown_node(node))?;
+        Ok(crate::rollout::Frontend::of_meta(&found.meta))
+    }
+
+    /// How nginx.conf is rendered and applied on this mesh.
+    pub fn nginx_settings(&self) -> &NginxSettings {
+        &self.nginx
+    }
+
+    /// nginx.conf of `node` at version `number` (0: no routes), rendered
+    /// with this mesh's settings, for its deployer to apply.
+    pub async fn nginx_conf(&self, node: &str, number: u64) -> Result<String, ControlError> {
+        let version = match number {
+            0 => empty_version(node),
+            n => self.store.version(node, n).await?.ok_or_else(|| {
+                ControlError::NotFound(format!("node {node:?} has no config version {n}"))
+            })?,
+        };
+        let (text, _) = self
+            .render_nginx(&version, None, self.nginx.upstreams)
+            .await?;
+        Ok(text)
     }
 
     /// nginx.conf for `version` and for `previous`, and their diff.

@@ -1,14 +1,19 @@
 //! `meshctl`'s commands that talk to mesh-control over gRPC: `status`,
 //! `nodes`, `services`, `routes get|set`, `versions`, `render`,
-//! `register`, `deregister`. Each prints a table (or JSON with
+//! `register`, `deregister`, and `rollout …` and `deploy …` (in their
+//! own modules). Each prints a table (or JSON with
 //! `--output json`); a failure is one line and an exit code that says what
 //! to do about it ([`CtlError::exit_code`]).
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
+pub mod deploy;
 pub mod rollout;
 
-pub use self::rollout::{StageArgs, StartArgs};
+pub use self::{
+    deploy::DeployArgs,
+    rollout::{StageArgs, StartArgs},
+};
 
 use mesh_proto::v1::{self as pb, control_client::ControlClient};
 use serde::Serialize;
@@ -59,6 +64,7 @@ pub struct CtlError {
 pub struct Ctl {
     client: ControlClient<Channel>,
     output: Output,
+    addr: String,
 }
 
 /// `meshctl routes set` input.
@@ -99,7 +105,7 @@ impl CtlError {
         }
     }
 
-    fn from_status(status: &tonic::Status) -> Self {
+    pub(crate) fn from_status(status: &tonic::Status) -> Self {
         let code = match status.code() {
             tonic::Code::InvalidArgument
             | tonic::Code::NotFound
@@ -133,6 +139,7 @@ impl Ctl {
         Ok(Self {
             client: ControlClient::new(channel),
             output,
+            addr: addr.to_owned(),
         })
     }
 

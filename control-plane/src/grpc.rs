@@ -3,15 +3,21 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt as _;
 use mesh_proto::v1::{self as pb, control_server};
 use tonic::{Request, Response, Status};
 
 use crate::{
     control::{self, Control, RenderQuery},
+    deploy::DeploySpec,
     error::ControlError,
     model::RouteSpec,
     render::{Format, Upstreams},
 };
+
+/// The largest message taken: a deploy chunk's 4 MiB of data, with room
+/// for its framing.
+const MAX_MESSAGE: usize = 5 << 20;
 
 /// The gRPC face of [`Control`].
 #[derive(Clone, Debug)]
@@ -25,9 +31,10 @@ impl ControlApi {
         Self { control }
     }
 
-    /// The tonic service.
+    /// The tonic service; a message may be as large as a deploy chunk
+    /// (4 MiB of data) and its framing.
     pub fn into_server(self) -> control_server::ControlServer<Self> {
-        control_server::ControlServer::new(self)
+        control_server::ControlServer::new(self).max_decoding_message_size(MAX_MESSAGE)
     }
 
     fn done<T, U>(
@@ -284,37 +291,81 @@ impl control_server::Control for ControlApi {
 
     async fn deploy(
         &self,
-        _request: Request<tonic::Streaming<pb::DeployChunk>>,
+        request: Request<tonic::Streaming<pb::DeployChunk>>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        Err(Status::unimplemented("Deploy: not yet"))
+        let mut stream = request.into_inner();
+        let result = async {
+            let first = stream
+                .message()
+                .await
+                .map_err(|s| {
+                    ControlError::invalid("start", format!("the stream failed: {}", s.message()))
+                })?
+                .ok_or_else(|| ControlError::invalid("start", "the stream is empty"))?;
+            let start = first.start.ok_or_else(|| {
+                ControlError::invalid("start", "the first message must carry `start`")
+            })?;
+            let head = (!first.data.is_empty()).then_some(Ok(first.data));
+            let rest = stream.map(|chunk| match chunk {
+                Ok(c) if c.start.is_some() => Err(ControlError::invalid(
+                    "start",
+                    "only the first message carries `start`",
+                )),
+                Ok(c) => Ok(c.data),
+                Err(s) => Err(ControlError::Refused(format!(
+                    "the upload was cut short ({}); nothing was stored",
+                    s.message()
+                ))),
+            });
+            let data = futures::stream::iter(head).chain(rest).boxed();
+            self.control.deploy(deploy_spec_from_pb(start), data).await
+        }
+        .await;
+        self.done("Deploy", result, pb::Deployment::from)
     }
 
     async fn get_deployment(
         &self,
-        _request: Request<pb::GetDeploymentRequest>,
+        request: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        Err(Status::unimplemented("GetDeployment: not yet"))
+        let r = request.into_inner();
+        let result = self.control.deployment(r.id, &r.service).await;
+        self.done("GetDeployment", result, pb::Deployment::from)
     }
 
     async fn list_deployments(
         &self,
-        _request: Request<pb::ListDeploymentsRequest>,
+        request: Request<pb::ListDeploymentsRequest>,
     ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
-        Err(Status::unimplemented("ListDeployments: not yet"))
+        let service = request.into_inner().service;
+        let result = self.control.deployments(&service).await;
+        self.done("ListDeployments", result, |all| {
+            pb::ListDeploymentsResponse {
+                deployments: all.into_iter().map(pb::Deployment::from).collect(),
+            }
+        })
     }
 
     async fn abort_deployment(
         &self,
-        _request: Request<pb::AbortDeploymentRequest>,
+        request: Request<pb::AbortDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        Err(Status::unimplemented("AbortDeployment: not yet"))
+        let r = request.into_inner();
+        let result = self.control.abort_deployment(r.id, &r.author).await;
+        self.done("AbortDeployment", result, pb::Deployment::from)
     }
 
     async fn list_node_deployments(
         &self,
-        _request: Request<pb::ListNodeDeploymentsRequest>,
+        request: Request<pb::ListNodeDeploymentsRequest>,
     ) -> Result<Response<pb::ListNodeDeploymentsResponse>, Status> {
-        Err(Status::unimplemented("ListNodeDeployments: not yet"))
+        let service = request.into_inner().service;
+        let result = self.control.node_deployments(&service).await;
+        self.done("ListNodeDeployments", result, |nodes| {
+            pb::ListNodeDeploymentsResponse {
+                nodes: nodes.into_iter().map(pb::NodeDeployments::from).collect(),
+            }
+        })
     }
 
     async fn change_rollout(
@@ -554,6 +605,143 @@ impl From<pb::Rollout> for control::RolloutView {
                 })
                 .collect(),
             driver: r.driver,
+        }
+    }
+}
+
+/// A deploy's `start` as the model takes it.
+pub fn deploy_spec_from_pb(s: pb::DeployStart) -> DeploySpec {
+    DeploySpec {
+        service: s.service,
+        version: s.version,
+        file_name: s.file_name,
+        size: s.size,
+        sha256: s.sha256,
+        nodes: s.nodes,
+        strategy: s.strategy,
+        command: s.command,
+        env: s.env.into_iter().collect(),
+        health_path: s.health_path,
+        health_timeout_ms: s.health_timeout_ms,
+        drain_ms: s.drain_ms,
+        soak_ms: s.soak_ms,
+        tags: s.tags,
+        author: s.author,
+    }
+}
+
+impl From<control::DeploymentView> for pb::Deployment {
+    fn from(d: control::DeploymentView) -> Self {
+        Self {
+            id: d.id,
+            service: d.service,
+            version: d.version,
+            sha256: d.sha256,
+            size: d.size,
+            file_name: d.file_name,
+            strategy: d.strategy,
+            author: d.author,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            state: d.state,
+            reason: d.reason,
+            nodes: d
+                .nodes
+                .into_iter()
+                .map(|n| pb::DeploymentNode {
+                    node: n.node,
+                    state: n.state,
+                    detail: n.detail,
+                    from_version: n.from_version,
+                    instance_id: n.instance_id,
+                    started_at: n.started_at,
+                    finished_at: n.finished_at,
+                })
+                .collect(),
+            events: d
+                .events
+                .into_iter()
+                .map(|e| pb::RolloutEvent {
+                    at: e.at,
+                    text: e.text,
+                })
+                .collect(),
+            driver: d.driver,
+            command: d.command,
+            health_path: d.health_path,
+            health_timeout_ms: d.health_timeout_ms,
+            drain_ms: d.drain_ms,
+            soak_ms: d.soak_ms,
+        }
+    }
+}
+
+impl From<pb::Deployment> for control::DeploymentView {
+    fn from(d: pb::Deployment) -> Self {
+        Self {
+            id: d.id,
+            service: d.service,
+            version: d.version,
+            sha256: d.sha256,
+            size: d.size,
+            file_name: d.file_name,
+            strategy: d.strategy,
+            author: d.author,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            state: d.state,
+            reason: d.reason,
+            nodes: d
+                .nodes
+                .into_iter()
+                .map(|n| control::DeploymentNodeView {
+                    node: n.node,
+                    state: n.state,
+                    detail: n.detail,
+                    from_version: n.from_version,
+                    instance_id: n.instance_id,
+                    started_at: n.started_at,
+                    finished_at: n.finished_at,
+                })
+                .collect(),
+            events: d
+                .events
+                .into_iter()
+                .map(|e| control::RolloutEventView {
+                    at: e.at,
+                    text: e.text,
+                })
+                .collect(),
+            driver: d.driver,
+            command: d.command,
+            health_path: d.health_path,
+            health_timeout_ms: d.health_timeout_ms,
+            drain_ms: d.drain_ms,
+            soak_ms: d.soak_ms,
+        }
+    }
+}
+
+impl From<control::NodeDeploymentsView> for pb::NodeDeployments {
+    fn from(n: control::NodeDeploymentsView) -> Self {
+        Self {
+            node: n.node,
+            deployer: n.deployer,
+            error: n.error,
+            instances: n.instances.into_iter().map(Into::into).collect(),
+            artifacts: n.artifacts.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<pb::NodeDeployments> for control::NodeDeploymentsView {
+    fn from(n: pb::NodeDeployments) -> Self {
+        Self {
+            node: n.node,
+            deployer: n.deployer,
+            error: n.error,
+            instances: n.instances.into_iter().map(Into::into).collect(),
+            artifacts: n.artifacts.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`render`]: a node's config for mesh-proxy (TOML) and nginx (from a template).
 //! - [`template`]: the small template language of the nginx template.
 //! - [`diff`]: unified diffs between versions.
+//! - [`deploy`]: rolling deployments of jars to the nodes' mesh-deployers, and their driver.
 //! - [`control`]: the calls, whatever the transport; [`grpc`] and [`rest`] serve them.
 //! - [`dashboard`]: the web dashboard on the HTTP listener, live over Server-Sent Events.
 //! - [`error`]: what a call fails with, mapped to gRPC and HTTP in one place.
@@ -34,6 +35,7 @@ pub mod control;
 pub mod ctl;
 pub mod dashboard;
 pub mod demo;
+pub mod deploy;
 pub mod dev;
 pub mod diff;
 pub mod error;

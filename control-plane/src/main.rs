@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use mesh_control_plane::{
     control::{Check, Registration},
     ctl::{
-        self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, Output, RenderArgs, SetRoutesArgs, StageArgs,
-        StartArgs,
+        self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, DeployArgs, Output, RenderArgs, SetRoutesArgs,
+        StageArgs, StartArgs,
     },
     demo, dev,
     render::Format,
@@ -66,6 +66,10 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Rolling deployments of an artifact (a jar) to the nodes'
+    /// mesh-deployers, one node at a time: `meshctl deploy --service S
+    /// --artifact PATH --version V`, or a subcommand.
+    Deploy(DeployCli),
     /// Register an instance on a node, through the node's bridge.
     Register(RegisterCli),
     /// Deregister an instance from a node, through the node's bridge.
@@ -172,6 +176,99 @@ enum RolloutCommand {
     Resume(RolloutChangeCli),
     /// Put every node the rollout moved back on its previous version.
     Abort(RolloutChangeCli),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct DeployCli {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The service to deploy.
+    #[arg(long)]
+    service: Option<String>,
+    /// The artifact (jar) to deploy.
+    #[arg(long)]
+    artifact: Option<PathBuf>,
+    /// Its version (letters, digits, '.', '_', '-').
+    #[arg(long)]
+    version: Option<String>,
+    /// The nodes, in order, comma-separated [default: every node that
+    /// runs the service].
+    #[arg(long)]
+    nodes: Vec<String>,
+    /// The command each deployer runs [default: `java -jar {artifact}
+    /// --server.port={port}`].
+    #[arg(long)]
+    command: Option<String>,
+    /// An environment variable as KEY=VALUE (repeat for more).
+    #[arg(long)]
+    env: Vec<String>,
+    /// A tag of the registration (repeat for more).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// The path that answers 2xx once an instance serves [default: /health].
+    #[arg(long)]
+    health_path: Option<String>,
+    /// How long a new instance has to become healthy [default: 60s].
+    #[arg(long)]
+    health_timeout: Option<String>,
+    /// How long an old instance keeps serving once deregistered [default: 5s].
+    #[arg(long)]
+    drain: Option<String>,
+    /// How long each node must stay healthy before the next [default: 10s].
+    #[arg(long)]
+    soak: Option<String>,
+    /// Follow the deployment; exit 1 when it halts or is aborted.
+    #[arg(long)]
+    watch: bool,
+    /// Who deploys [default: $USER].
+    #[arg(long, env = "MESH_AUTHOR")]
+    author: Option<String>,
+    #[command(subcommand)]
+    command_: Option<DeployCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeployCommand {
+    /// A deployment's state, nodes and history [default: the newest].
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The deployment [default: the newest, of --service when given].
+        id: Option<u64>,
+        /// The newest deployment of this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Follow it until it ends; exit 1 when it halts or is aborted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every deployment, newest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this service's.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Abort a deployment: no further node is touched.
+    Abort {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The deployment.
+        id: u64,
+        /// Who asks [default: $USER].
+        #[arg(long, env = "MESH_AUTHOR")]
+        author: Option<String>,
+    },
+    /// What each node's deployer runs, and the versions it keeps.
+    Nodes {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -503,6 +600,7 @@ async fn control(command: Command) -> Result<String, CtlError> {
             RolloutCommand::Resume(c) => change(c, "resume").await,
             RolloutCommand::Abort(c) => change(c, "abort").await,
         },
+        Command::Deploy(d) => deploy(d).await,
         Command::Versions(v) => connect(&v.client).await?.versions(&v.node, v.number).await,
         Command::Render(r) => {
             let args = RenderArgs {
@@ -542,6 +640,72 @@ async fn control(command: Command) -> Result<String, CtlError> {
         }
         Command::Deregister(d) => connect(&d.client).await?.deregister(&d.node, &d.id).await,
         Command::Dev { .. } | Command::Demo { .. } => unreachable!("handled by main"),
+    }
+}
+
+/// Prints watch lines as they come.
+fn print_now(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// `meshctl deploy …`.
+async fn deploy(d: DeployCli) -> Result<String, CtlError> {
+    async fn connect(client: &ClientArgs) -> Result<Ctl, CtlError> {
+        Ctl::connect(&client.control_addr, client.output).await
+    }
+    match d.command_ {
+        Some(DeployCommand::Status {
+            client,
+            id,
+            service,
+            watch,
+        }) => {
+            let mut ctl = connect(&client).await?;
+            let id = id.unwrap_or(0);
+            if watch {
+                ctl.deploy_watch(id, &service, print_now).await
+            } else {
+                ctl.deploy_status(id, &service).await
+            }
+        }
+        Some(DeployCommand::List { client, service }) => {
+            connect(&client).await?.deploy_list(&service).await
+        }
+        Some(DeployCommand::Abort { client, id, author }) => {
+            connect(&client)
+                .await?
+                .deploy_abort(id, author_or_user(author))
+                .await
+        }
+        Some(DeployCommand::Nodes { client, service }) => {
+            connect(&client).await?.deploy_nodes(&service).await
+        }
+        None => {
+            // The flags and the file are checked first: bad ones need no
+            // mesh-control.
+            let args = DeployArgs {
+                service: d.service,
+                artifact: d.artifact,
+                version: d.version,
+                nodes: d.nodes,
+                command: d.command,
+                env: d.env,
+                tags: d.tags,
+                health_path: d.health_path,
+                health_timeout: d.health_timeout,
+                drain: d.drain,
+                soak: d.soak,
+                author: author_or_user(d.author),
+            };
+            let plan = args.check().await?;
+            connect(&d.client)
+                .await?
+                .deploy(plan, d.watch, print_now)
+                .await
+        }
     }
 }
 

@@ -16,7 +16,7 @@ pub mod nginx;
 pub mod proxy;
 
 pub use self::{
-    nginx::{Instance, NginxSettings, Upstreams},
+    nginx::{Instance, NginxApply, NginxSettings, Upstreams},
     proxy::proxy_config,
 };
 

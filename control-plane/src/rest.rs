@@ -17,6 +17,12 @@
 //! | `POST /v1/rollouts` | StartRollout (body: `version`, `author`, `canary`, `batch`, `soak_ms`, `ack_timeout_ms`) |
 //! | `GET /v1/rollouts/{version}` | GetRollout (0: the one under way, or else the newest) |
 //! | `PUT /v1/rollouts/{version}/{pause\|resume\|abort}` | ChangeRollout (body: `author`) |
+//! | `GET /v1/deployments[?service=S]` | ListDeployments |
+//! | `GET /v1/deployments/{id}[?service=S]` | GetDeployment (0: the newest, of `service` when given) |
+//! | `PUT /v1/deployments/{id}/abort` | AbortDeployment (body, optional: `author`) |
+//! | `GET /v1/deployers[?service=S]` | ListNodeDeployments |
+//!
+//! Deploying (uploading an artifact) is gRPC only.
 //!
 //! Errors are JSON `{"error", "kind", …}` with the status of
 //! [`ControlError::http_status`]: 400 naming the field, 404, 409 naming the
@@ -57,6 +63,10 @@ pub fn router(control: Control) -> Router {
         .route("/v1/rollouts", get(rollouts).post(start_rollout))
         .route("/v1/rollouts/{version}", get(rollout))
         .route("/v1/rollouts/{version}/{action}", put(change_rollout))
+        .route("/v1/deployments", get(deployments))
+        .route("/v1/deployments/{id}", get(deployment))
+        .route("/v1/deployments/{id}/abort", put(abort_deployment))
+        .route("/v1/deployers", get(node_deployments))
         .with_state(control)
 }
 
@@ -221,4 +231,72 @@ async fn change_rollout(
     }
     .await;
     answer(&control, "ChangeRollout", result)
+}
+
+/// An optional `?service=` filter.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ServiceFilter {
+    #[serde(default)]
+    service: String,
+}
+
+async fn deployments(
+    State(control): State<Control>,
+    query: Result<Query<ServiceFilter>, QueryRejection>,
+) -> Response {
+    let result = match query {
+        Ok(Query(q)) => control.deployments(&q.service).await,
+        Err(e) => Err(ControlError::invalid("query", e.body_text())),
+    };
+    answer(&control, "ListDeployments", result)
+}
+
+async fn deployment(
+    State(control): State<Control>,
+    path: Result<Path<u64>, PathRejection>,
+    query: Result<Query<ServiceFilter>, QueryRejection>,
+) -> Response {
+    let result = async {
+        let Path(id) = path.map_err(|e| ControlError::invalid("id", e.body_text()))?;
+        let Query(q) = query.map_err(|e| ControlError::invalid("query", e.body_text()))?;
+        control.deployment(id, &q.service).await
+    }
+    .await;
+    answer(&control, "GetDeployment", result)
+}
+
+/// Who asks for an abort; the body may be empty.
+#[derive(Debug, Default, serde::Deserialize)]
+struct OptionalAuthor {
+    #[serde(default)]
+    author: String,
+}
+
+async fn abort_deployment(
+    State(control): State<Control>,
+    path: Result<Path<u64>, PathRejection>,
+    who: Bytes,
+) -> Response {
+    let result = async {
+        let Path(id) = path.map_err(|e| ControlError::invalid("id", e.body_text()))?;
+        let who = if who.iter().all(u8::is_ascii_whitespace) {
+            OptionalAuthor::default()
+        } else {
+            body::<OptionalAuthor>("body", &who)?
+        };
+        control.abort_deployment(id, &who.author).await
+    }
+    .await;
+    answer(&control, "AbortDeployment", result)
+}
+
+async fn node_deployments(
+    State(control): State<Control>,
+    query: Result<Query<ServiceFilter>, QueryRejection>,
+) -> Response {
+    let result = match query {
+        Ok(Query(q)) => control.node_deployments(&q.service).await,
+        Err(e) => Err(ControlError::invalid("query", e.body_text())),
+    };
+    answer(&control, "ListNodeDeployments", result)
 }

@@ -15,6 +15,19 @@
 //! A failed gate, or `abort`, puts every node the rollout moved back on the
 //! version it had before, in reverse order, and ends the rollout
 //! `aborted` with the reason. Nodes not yet reached are not touched.
+//!
+//! Nodes that still serve their routes with nginx (Consul node metadata
+//! `mesh-frontend = "nginx"`, see [`Frontend`]) have no mesh-proxy to read
+//! the version from Consul KV: after the same KV move, the driver renders
+//! the version's nginx.conf and has the node's mesh-deployer apply it
+//! (`ApplyConfig`: write, `nginx -t`, reload, then a GET through nginx that
+//! answers only once the version is in effect; the deployer puts the old
+//! file back when a step fails). The node acknowledges when the apply
+//! succeeds; a refused apply (nginx -t, reload or verify failed) fails the
+//! gate with the deployer's words, nginx -t's output included. The proxy
+//! health gate does not apply to such a node: the verify is its health
+//! check, and the soak is only a wait. A revert moves KV back and applies
+//! the previous version's nginx.conf the same way.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +37,7 @@ use crate::store::ProxyReport;
 
 pub mod driver;
 pub mod failpoint;
+pub mod nginx;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +76,21 @@ pub enum NodeState {
     Reverting,
     /// Back on its previous version.
     Reverted,
+}
+
+/// The Consul node metadata key that names what serves a node's routes.
+pub const FRONTEND_META: &str = "mesh-frontend";
+
+/// What serves a node's routes, from its Consul agent's node metadata
+/// [`FRONTEND_META`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Frontend {
+    /// mesh-proxy, which reads its version from Consul KV (no metadata).
+    #[default]
+    Proxy,
+    /// nginx (or OpenResty), whose nginx.conf the node's deployer applies.
+    Nginx,
 }
 
 /// How a rollout proceeds and what its gates accept.
@@ -123,7 +152,11 @@ pub struct NodeProgress {
     pub from: u64,
     /// Where it is.
     pub state: NodeState,
-    /// Its proxy's counters just before the push; `None` before it.
+    /// What serves its routes, as read when its push was decided.
+    #[serde(default)]
+    pub frontend: Frontend,
+    /// Its proxy's counters just before the push; `None` before it (and
+    /// for an nginx node).
     #[serde(default)]
     pub baseline: Option<Stats>,
     /// When the push was decided (ms since the epoch); 0: not yet.
@@ -236,6 +269,29 @@ impl NodeState {
     }
 }
 
+// === impl Frontend ===
+
+impl Frontend {
+    /// What a node's metadata says; `Err` names a value that is neither.
+    pub fn of_meta(meta: &BTreeMap<String, String>) -> Result<Self, String> {
+        match meta.get(FRONTEND_META).map(|v| v.trim()) {
+            None | Some("" | "proxy") => Ok(Self::Proxy),
+            Some("nginx") => Ok(Self::Nginx),
+            Some(other) => Err(format!(
+                "node metadata {FRONTEND_META} = {other:?} is neither \"nginx\" nor \"proxy\""
+            )),
+        }
+    }
+
+    /// The name the API shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Nginx => "nginx",
+        }
+    }
+}
+
 // === impl RolloutOptions ===
 
 impl RolloutOptions {
@@ -319,6 +375,7 @@ impl Rollout {
                     node: node.clone(),
                     from: *from,
                     state: NodeState::Pending,
+                    frontend: Frontend::Proxy,
                     baseline: None,
                     pushed_at_ms: 0,
                     acked_at_ms: 0,

@@ -11,6 +11,10 @@
 //!   [`Release`]): their records exist, none is current yet.
 //! - `mesh/rollouts/<n>`: the rollout of version `n` (JSON
 //!   [`Rollout`]); `mesh/rollout-active`: the number of the one under way.
+//! - `mesh/artifacts/…`, `mesh/deployments/<id>`,
+//!   `mesh/deployment-active/<service>`, `mesh/seq/deployment`: rolling
+//!   deployments of artifacts and the artifacts' bytes (see
+//!   [`deployments`]).
 //! - `mesh/leader`: the leader lock (see [`crate::leader`]).
 //! - `mesh/status/<node>`: what the node's proxy last reported (JSON
 //!   [`ProxyReport`]), written by the node's bridge, read here.
@@ -27,6 +31,8 @@ use consul_client::{Client, KvPair, KvTxnOp, KvTxnOutcome, QueryOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::{model::Version, rollout::Rollout};
+
+pub mod deployments;
 
 /// The root of every key the control plane writes.
 pub const PREFIX: &str = "mesh/";

@@ -29,11 +29,14 @@
 //! Modules:
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
 //! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
+//! - [`deployer`]: mesh-deployer on a node (token, kill, restart), gRPC clients of it and of mesh-control.
+//! - [`java`]: real jars of a tiny Java HTTP service (javac, jar), one per variant.
 //! - [`echo`]: the gRPC echo test service (`grpc-echo` binary) and a client through a proxy.
 //! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
 //! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
 //! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
+//! - [`nginx`]: a node that serves with nginx (node metadata, Debian's nginx in a prefix folder).
 //! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
 //! - [`load`]: a load generator through a proxy, recording every outcome.
 //! - [`fault`]: a TCP fault proxy in a namespace: added latency, hang, reset.
@@ -42,12 +45,15 @@
 pub mod bins;
 pub mod browser;
 pub mod control;
+pub mod deployer;
 pub mod echo;
 pub mod fault;
 pub mod http;
+pub mod java;
 pub mod load;
 pub mod mesh;
 pub mod netns;
+pub mod nginx;
 pub mod node;
 pub mod process;
 pub mod wait;

@@ -137,6 +137,29 @@ impl Client {
         })
     }
 
+    /// The keys that start with `prefix` (`?keys`), without their values,
+    /// sorted; with `separator`, keys are cut after the first separator
+    /// past the prefix (`?separator=/`: one level, like a folder listing).
+    /// Empty when there is none.
+    pub async fn kv_keys(
+        &self,
+        prefix: &str,
+        separator: Option<&str>,
+    ) -> Result<Vec<String>, Error> {
+        let mut req = Request::new(Method::GET, &kv_path(prefix)).flag("keys");
+        if let Some(separator) = separator {
+            req = req.param("separator", separator);
+        }
+        let answer = self.send(&req).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        let keys: QueryResult<Vec<String>> = answer.success()?.decode()?;
+        let mut keys = keys.value;
+        keys.sort();
+        Ok(keys)
+    }
+
     /// Writes `key`; with `cas`, only if its modify index is still `cas`
     /// (0: only if it does not exist). Returns whether it was written.
     pub async fn kv_put(&self, key: &str, value: &[u8], cas: Option<u64>) -> Result<bool, Error> {

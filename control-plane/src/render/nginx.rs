@@ -44,6 +44,10 @@ pub enum Upstreams {
     Static,
 }
 
+/// The path of the answer that names a node's config version, which
+/// the shipped template serves (also at `<path>/<version>`).
+pub const CONFIG_PATH: &str = "/_mesh/config";
+
 /// How nginx.conf is rendered on this mesh.
 #[derive(Clone, Debug)]
 pub struct NginxSettings {
@@ -57,6 +61,25 @@ pub struct NginxSettings {
     pub consul: String,
     /// Where upsync keeps its server lists.
     pub dump_dir: String,
+    /// How a node's deployer puts a rendered file in place.
+    pub apply: NginxApply,
+}
+
+/// How a rollout has a node's mesh-deployer apply the nginx.conf rendered
+/// for it (`ApplyConfig`). `{path}` in a command is the file's path, put in
+/// by the deployer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NginxApply {
+    /// Where the file goes (`/etc/nginx/nginx.conf`).
+    pub conf_path: String,
+    /// Checks the written file (`nginx -t -c {path}`); empty: no check.
+    pub validate: Vec<String>,
+    /// Makes nginx load it (`nginx -s reload -c {path}`); empty: no reload.
+    pub reload: Vec<String>,
+    /// Asked through nginx after the reload until it answers 2xx, on a
+    /// loopback address of the node; `{version}` is the version applied
+    /// (`http://127.0.0.1:8888/_mesh/config/{version}`). `None`: no verify.
+    pub verify_url: Option<String>,
 }
 
 /// A passing instance, for static upstreams.
@@ -111,6 +134,7 @@ impl NginxSettings {
             listen: "127.0.0.1:8888".into(),
             consul: "127.0.0.1:8500".into(),
             dump_dir: "/usr/local/openresty/nginx/conf/servers".into(),
+            apply: NginxApply::standard(),
         }
     }
 
@@ -133,6 +157,7 @@ impl NginxSettings {
             .collect::<Result<Vec<Value>, RenderError>>()?;
         let context = json!({
             "node": node,
+            "node_label": label(node),
             "version": number,
             "listen": self.listen,
             "upsync": upstreams == Upstreams::Upsync,
@@ -164,6 +189,70 @@ impl NginxSettings {
         }
         Ok(())
     }
+}
+
+// === impl NginxApply ===
+
+impl NginxApply {
+    /// Debian's and OpenResty's usual layout: `/etc/nginx/nginx.conf`,
+    /// `nginx` on the deployer's `PATH`, nginx listening on the standard
+    /// address.
+    pub fn standard() -> Self {
+        let argv = |a: &[&str]| a.iter().map(|&s| s.to_owned()).collect();
+        Self {
+            conf_path: "/etc/nginx/nginx.conf".into(),
+            validate: argv(&["nginx", "-t", "-c", "{path}"]),
+            reload: argv(&["nginx", "-s", "reload", "-c", "{path}"]),
+            verify_url: Some(format!("http://127.0.0.1:8888{CONFIG_PATH}/{{version}}")),
+        }
+    }
+
+    /// The verify URL for `version`, if any.
+    pub fn verify_url_of(&self, version: u64) -> Option<String> {
+        self.verify_url
+            .as_ref()
+            .map(|u| u.replace("{version}", &version.to_string()))
+    }
+}
+
+/// The URL through nginx listening at `listen` (an nginx `listen` value)
+/// that answers 2xx once version `{version}` is in effect, on a loopback
+/// address the node's deployer may ask; `None` when `listen` names an
+/// address of the node that is not a loopback one.
+pub fn verify_url_for(listen: &str) -> Option<String> {
+    let addr = listen.split_whitespace().next().unwrap_or_default();
+    let host_port = if addr.bytes().all(|b| b.is_ascii_digit()) {
+        format!("127.0.0.1:{addr}")
+    } else if let Some(port) = addr
+        .strip_prefix("*:")
+        .or_else(|| addr.strip_prefix("localhost:"))
+    {
+        format!("127.0.0.1:{port}")
+    } else {
+        let parsed: std::net::SocketAddr = addr.parse().ok()?;
+        let ip = match parsed.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip if ip.is_loopback() => ip,
+            _ => return None,
+        };
+        std::net::SocketAddr::new(ip, parsed.port()).to_string()
+    };
+    Some(format!("http://{host_port}{CONFIG_PATH}/{{version}}"))
+}
+
+/// The node's name as it can go into an nginx string: characters nginx
+/// would read specially (quotes, `$`, `;`, braces, spaces) become `_`.
+fn label(node: &str) -> String {
+    node.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The template's names for one route.

@@ -11,7 +11,10 @@ use mesh_runtime::shutdown::Shutdown;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
-use super::{NodeState, Rollout, RolloutState, Stats, Verdict, failpoint, gate};
+use super::{
+    Frontend, NodeState, Rollout, RolloutState, Stats, Verdict, failpoint, gate,
+    nginx::{self, Apply},
+};
 use crate::{
     control::{Control, current_number},
     error::ControlError,
@@ -179,21 +182,28 @@ impl Run<'_> {
             if self.state_of(node) != NodeState::Gating {
                 continue;
             }
-            let stats = node_stats(self.control, node).await;
-            let now = now_ms();
             let options = self.rollout.options.clone();
+            let frontend = self.frontend_of(node);
+            let (stats, apply) = match frontend {
+                Frontend::Proxy => (Some(node_stats(self.control, node).await), None),
+                Frontend::Nginx => (None, self.apply_for_gate(node).await),
+            };
+            let now = now_ms();
             let Some(progress) = self.rollout.node_mut(node) else {
                 continue;
             };
             let acked = progress.acked_at_ms;
-            let verdict = gate(
-                progress,
-                version,
-                reports.get(node),
-                stats.as_ref().map_err(String::as_str),
-                &options,
-                now,
-            );
+            let verdict = match (frontend, &stats) {
+                (Frontend::Proxy, Some(stats)) => gate(
+                    progress,
+                    version,
+                    reports.get(node),
+                    stats.as_ref().map_err(String::as_str),
+                    &options,
+                    now,
+                ),
+                _ => nginx::gate(progress, version, apply.as_ref(), &options, now),
+            };
             if progress.acked_at_ms != 0 {
                 failpoint::hit("rollout.during-gate");
             }
@@ -213,8 +223,16 @@ impl Run<'_> {
                     if progress.detail != what || newly_acked {
                         progress.detail = what;
                         if newly_acked {
+                            let how = match &apply {
+                                Some(Apply::Done { sha256, changed }) => format!(
+                                    ": its deployer applied the nginx.conf (sha256 {}{})",
+                                    sha256.get(..12).unwrap_or(sha256),
+                                    if *changed { "" } else { ", unchanged" }
+                                ),
+                                _ => String::new(),
+                            };
                             self.rollout
-                                .event(now, format!("{node} acknowledged version {version}"));
+                                .event(now, format!("{node} acknowledged version {version}{how}"));
                         }
                         if let Flow::Stop = self.save().await? {
                             return Ok(());
@@ -242,18 +260,30 @@ impl Run<'_> {
             if self.state_of(node) != NodeState::Pending {
                 continue;
             }
-            let baseline = match baseline(self.control, node).await {
-                Ok(s) => s,
-                Err(why) => {
-                    let reason =
-                        format!("cannot read node {node}'s proxy health before the push: {why}");
-                    return self.fail(node, reason).await;
-                }
+            let frontend = match self.control.frontend(node).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(why)) => return self.fail(node, format!("node {node}: {why}")).await,
+                Err(ControlError::NotFound(why)) => return self.fail(node, why).await,
+                Err(e) => return Err(e),
+            };
+            // An nginx node has no proxy counters: its gate is the apply.
+            let baseline = match frontend {
+                Frontend::Nginx => None,
+                Frontend::Proxy => match baseline(self.control, node).await {
+                    Ok(s) => Some(s),
+                    Err(why) => {
+                        let reason = format!(
+                            "cannot read node {node}'s proxy health before the push: {why}"
+                        );
+                        return self.fail(node, reason).await;
+                    }
+                },
             };
             let now = now_ms();
             if let Some(p) = self.rollout.node_mut(node) {
                 p.state = NodeState::Pushing;
-                p.baseline = Some(baseline);
+                p.frontend = frontend;
+                p.baseline = baseline;
                 p.pushed_at_ms = now;
                 p.detail = format!("pushing version {version}");
             }
@@ -271,13 +301,40 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The ApplyConfig of an nginx node's gate: made until the node has
+    /// acknowledged, then `None`.
+    async fn apply_for_gate(&self, node: &str) -> Option<Apply> {
+        let p = self.rollout.node(node)?;
+        if p.acked_at_ms != 0 {
+            return None;
+        }
+        let timeout = nginx::call_timeout(&self.rollout.options, p.pushed_at_ms, now_ms());
+        let version = self.rollout.version;
+        let apply = nginx::apply(self.control, node, version, timeout).await;
+        match &apply {
+            Apply::Done { sha256, changed } => {
+                tracing::info!(node, version, sha256, changed, "nginx.conf applied");
+            }
+            Apply::Refused(why) => tracing::warn!(node, version, %why, "nginx.conf refused"),
+            Apply::Unreachable(why) => {
+                tracing::info!(node, version, %why, "nginx.conf not applied yet");
+            }
+        }
+        Some(apply)
+    }
+
     /// Records that `node` was pushed.
     async fn pushed(&mut self, node: &str) -> Result<Flow, ControlError> {
         let now = now_ms();
         let version = self.rollout.version;
         if let Some(p) = self.rollout.node_mut(node) {
             p.state = NodeState::Gating;
-            p.detail = format!("waiting for node {node} to acknowledge");
+            p.detail = match p.frontend {
+                Frontend::Proxy => format!("waiting for node {node} to acknowledge"),
+                Frontend::Nginx => {
+                    format!("applying the nginx.conf of version {version} to node {node}")
+                }
+            };
         }
         self.rollout
             .event(now, format!("pushed version {version} to {node}"));
@@ -387,6 +444,20 @@ impl Run<'_> {
             tracing::info!(node, from, version, "reverted");
             outcome.insert(node.clone(), None);
         }
+        // An nginx node gets its previous version's nginx.conf back.
+        let mut applied = BTreeMap::new();
+        for (node, from) in &reverting {
+            let Some(p) = self.rollout.node(node) else {
+                continue;
+            };
+            if p.frontend != Frontend::Nginx || outcome.get(node) != Some(&None) {
+                continue;
+            }
+            let timeout = nginx::call_timeout(&self.rollout.options, p.reverted_at_ms, now_ms());
+            let apply = nginx::apply(self.control, node, *from, timeout).await;
+            tracing::info!(node, from, ?apply, "nginx.conf of the previous version");
+            applied.insert(node.clone(), apply);
+        }
         // Done once each proxy runs its old version again (or did not
         // say so before its deadline: then the record says that).
         let names: Vec<String> = reverting.iter().map(|(n, _)| n.clone()).collect();
@@ -403,10 +474,33 @@ impl Run<'_> {
             };
             let report: Option<&ProxyReport> = reports.get(&p.node);
             let in_effect = report.map(|r| r.version_in_effect);
+            let late = now.saturating_sub(p.reverted_at_ms) > ack_timeout;
             let detail = match note {
                 Some(moved) => moved,
+                None if p.frontend == Frontend::Nginx => match applied.remove(&p.node) {
+                    Some(Apply::Done { .. }) => {
+                        format!("back on version {} (its nginx.conf applied)", p.from)
+                    }
+                    Some(Apply::Refused(why)) => format!(
+                        "put back on version {} in Consul; its nginx.conf was not applied: {why}",
+                        p.from
+                    ),
+                    Some(Apply::Unreachable(why)) if late => format!(
+                        "put back on version {} in Consul; its deployer did not apply its nginx.conf within {} s: {why}",
+                        p.from,
+                        ack_timeout / 1000
+                    ),
+                    _ => {
+                        let wait = format!("putting back version {}", p.from);
+                        if p.detail != wait {
+                            p.detail = wait;
+                            changed = true;
+                        }
+                        continue;
+                    }
+                },
                 None if in_effect == Some(p.from) => format!("back on version {}", p.from),
-                None if now.saturating_sub(p.reverted_at_ms) > ack_timeout => format!(
+                None if late => format!(
                     "put back on version {} in Consul; its proxy did not acknowledge it within {} s (in effect: {})",
                     p.from,
                     ack_timeout / 1000,
@@ -441,6 +535,12 @@ impl Run<'_> {
             tracing::warn!(version, %reason, "rollout aborted; every node moved is back");
         }
         Ok(())
+    }
+
+    fn frontend_of(&self, node: &str) -> Frontend {
+        self.rollout
+            .node(node)
+            .map_or(Frontend::Proxy, |p| p.frontend)
     }
 
     fn state_of(&self, node: &str) -> NodeState {

@@ -19,6 +19,7 @@ fn gating(pushed_at_ms: u64, baseline: Stats) -> NodeProgress {
         node: "n1".into(),
         from: 3,
         state: NodeState::Gating,
+        frontend: Frontend::Proxy,
         baseline: Some(baseline),
         pushed_at_ms,
         acked_at_ms: 0,
@@ -252,4 +253,25 @@ fn the_record_keeps_its_history_bounded() {
     let json = serde_json::to_string(&r).unwrap();
     let back: Rollout = serde_json::from_str(&json).unwrap();
     assert_eq!(back, r);
+}
+
+#[test]
+fn node_metadata_names_the_frontend() {
+    let meta = |v: Option<&str>| -> BTreeMap<String, String> {
+        v.map(|v| [(FRONTEND_META.to_owned(), v.to_owned())].into())
+            .unwrap_or_default()
+    };
+    assert_eq!(Frontend::of_meta(&meta(None)), Ok(Frontend::Proxy));
+    assert_eq!(Frontend::of_meta(&meta(Some("proxy"))), Ok(Frontend::Proxy));
+    assert_eq!(Frontend::of_meta(&meta(Some("nginx"))), Ok(Frontend::Nginx));
+    let e = Frontend::of_meta(&meta(Some("envoy"))).unwrap_err();
+    assert!(
+        e.contains("mesh-frontend") && e.contains("\"envoy\""),
+        "{e}"
+    );
+    // Records written before nodes had a frontend read as proxy nodes.
+    let mut old = serde_json::to_value(gating(0, Stats::default())).unwrap();
+    old.as_object_mut().unwrap().remove("frontend");
+    let back: NodeProgress = serde_json::from_value(old).unwrap();
+    assert_eq!(back.frontend, Frontend::Proxy);
 }

@@ -276,3 +276,54 @@ fn servers_of_bad_addresses() -> (Vec<Value>, Vec<Value>) {
         ],
     )
 }
+
+#[test]
+fn the_config_version_is_answered_through_nginx_and_the_node_name_is_made_safe() {
+    let settings = NginxSettings::standard();
+    let conf = settings
+        .render(Upstreams::Static, "n1", 4, &routes(), &instances())
+        .unwrap();
+    let exact = block(&conf, "location = /_mesh/config/4 {");
+    assert!(
+        exact.contains("return 200 \"node n1 version 4\\n\";"),
+        "{exact}"
+    );
+    assert!(conf.contains("location = /_mesh/config {"), "{conf}");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, output) = nginx_test(dir.path(), &conf);
+    assert!(ok, "{output}\n{conf}");
+
+    // A name with characters nginx reads specially stays one string.
+    let odd = settings
+        .render(
+            Upstreams::Static,
+            "n\"1 $x;",
+            4,
+            &Routes::new(),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    assert!(
+        odd.contains("return 200 \"node n_1__x_ version 4\\n\";"),
+        "{odd}"
+    );
+}
+
+#[test]
+fn the_verify_url_asks_nginx_on_a_loopback_address() {
+    let url = |listen: &str| verify_url_for(listen);
+    let want = |host: &str| Some(format!("http://{host}/_mesh/config/{{version}}"));
+    assert_eq!(url("127.0.0.1:8888"), want("127.0.0.1:8888"));
+    assert_eq!(url("8080"), want("127.0.0.1:8080"));
+    assert_eq!(url("*:80"), want("127.0.0.1:80"));
+    assert_eq!(url("0.0.0.0:80 reuseport"), want("127.0.0.1:80"));
+    assert_eq!(url("[::]:80"), want("[::1]:80"));
+    assert_eq!(url("localhost:81"), want("127.0.0.1:81"));
+    assert_eq!(url("10.0.0.5:80"), None, "not reachable on loopback");
+    assert_eq!(url("example.com:80"), None);
+    let apply = NginxApply::standard();
+    assert_eq!(
+        apply.verify_url_of(12).as_deref(),
+        Some("http://127.0.0.1:8888/_mesh/config/12")
+    );
+}
