@@ -84,7 +84,7 @@
       const version = parts[2] === 'versions' && /^\d+$/.test(parts[3] || '') ? Number(parts[3]) : null;
       return { page: 'node', node: parts[1], version };
     }
-    if (parts[0] === 'services' || parts[0] === 'rollouts') return { page: parts[0] };
+    if (['services', 'rollouts', 'deployments'].includes(parts[0])) return { page: parts[0] };
     return { page: 'nodes' };
   }
 
@@ -377,13 +377,145 @@
 
   /** What happened, oldest first, as the API keeps it. */
   function rolloutHistory(ro) {
-    if (!ro.events.length) return null;
+    return history(ro.events);
+  }
+
+  function history(events) {
+    if (!events.length) return null;
     return [
       el('h3', {}, 'History ', el('span', { class: 'count' }, '(oldest first)')),
-      el('table', { class: 'events' }, el('tbody', {}, ro.events.map((ev) => el('tr', {},
+      el('table', { class: 'events' }, el('tbody', {}, events.map((ev) => el('tr', {},
         el('td', { class: 'at' }, when(ev.at, '')),
         el('td', {}, ev.text))))),
     ];
+  }
+
+  // --- deployments -------------------------------------------------------------
+
+  function deploymentBadge(state) {
+    return badge(state, 'deployment-' + state);
+  }
+
+  /** 1536 as "1.5 KiB". */
+  function bytes(n) {
+    const units = ['bytes', 'KiB', 'MiB', 'GiB'];
+    let v = n;
+    let u = 0;
+    while (v >= 1024 && u < units.length - 1) { v /= 1024; u += 1; }
+    return (u === 0 ? String(v) : v.toFixed(1)) + ' ' + units[u];
+  }
+
+  /** The first 12 hex digits of a SHA-256, the whole one as its title. */
+  function shortSha(sha) {
+    return el('code', { title: 'SHA-256 ' + sha }, String(sha).slice(0, 12));
+  }
+
+  function deploymentsPage(s) {
+    const deployments = s.deployments || [];
+    if (!deployments.length) {
+      return [
+        el('h1', {}, 'Deployments'),
+        el('p', { class: 'empty' }, 'No deployments yet.'),
+        el('p', { class: 'empty' },
+          'A deployment brings an artifact (a jar) to the nodes\' deployers one node at a time ' +
+          '(blue-green on each, gated on health, then a soak); it shows here as it runs, with ' +
+          'the version each node runs.'),
+      ];
+    }
+    const total = s.deployments_total || deployments.length;
+    const shown = deployments.length < total ? 'newest ' + deployments.length + ' of ' + total : String(total);
+    return [
+      el('h1', {}, 'Deployments ', el('span', { class: 'count' }, '(' + shown + ')')),
+      deployersSection(s.deployers || [], deployments),
+      deployments.map(deploymentSection),
+    ];
+  }
+
+  /**
+   * What each node runs now, and the versions it keeps to roll back to. A
+   * node whose deployer did not answer gets a row when a deployment shown
+   * takes it; the others (a Consul server, a node that runs no deployer)
+   * are named in one line below.
+   */
+  function deployersSection(deployers, deployments) {
+    const taken = new Set(deployments.flatMap((d) => d.nodes.map((dn) => dn.node)));
+    const silent = deployers.filter((nd) => nd.error && !taken.has(nd.node));
+    const rows = [];
+    for (const nd of deployers.filter((x) => !silent.includes(x))) {
+      const node = el('a', { href: nodeHref(nd.node), title: 'deployer ' + nd.deployer }, nd.node);
+      if (nd.error) {
+        rows.push(el('tr', { class: 'unreachable' }, el('td', {}, node),
+          el('td', { colspan: 8 }, badge('unreachable', 'failed'), ' ', nd.error)));
+        continue;
+      }
+      const services = new Set(nd.instances.map((di) => di.service).concat(nd.artifacts.map((da) => da.service)));
+      if (!services.size) {
+        rows.push(el('tr', {}, el('td', {}, node), el('td', { colspan: 8, class: 'empty' }, 'runs and keeps nothing')));
+        continue;
+      }
+      for (const service of [...services].sort()) {
+        const kept = nd.artifacts.filter((da) => da.service === service).map((da) => el('span', {
+          class: 'kept',
+          title: da.file_name + ', ' + bytes(da.size) + ', SHA-256 ' + da.sha256 + ', stored ' + when(da.stored_at, 'unknown'),
+        }, da.version));
+        const running = nd.instances.filter((di) => di.service === service);
+        const first = running.length ? running : [null];
+        first.forEach((di, k) => rows.push(el('tr', {},
+          el('td', {}, k === 0 ? node : null),
+          el('td', {}, k === 0 ? service : null),
+          el('td', {}, di ? di.version : 'none'),
+          el('td', {}, di ? badge(di.state) : null),
+          el('td', {}, di ? di.instance_id : null),
+          el('td', { class: 'num' }, di ? di.port : null),
+          el('td', { class: 'num' }, di && di.pid ? di.pid : null),
+          el('td', { class: 'num' }, di ? di.restarts : null),
+          el('td', {}, k === 0 ? kept.map((x, i) => [i ? ' ' : null, x]) : null))));
+      }
+    }
+    if (!rows.length && !silent.length) return null;
+    return el('section', { class: 'deployers' },
+      el('h2', {}, 'Running now'),
+      rows.length ? table(['Node', 'Service', 'Version', 'State', 'Instance', 'Port', 'PID', 'Restarts', 'Versions kept'], rows) : null,
+      silent.length ? el('p', { class: 'summary', title: silent.map((nd) => nd.node + ': ' + nd.error).join('\n') },
+        'No deployer answers on ' + silent.map((nd) => nd.node).join(', ') + '.') : null);
+  }
+
+  function deploymentSection(d) {
+    const done = d.nodes.filter((dn) => dn.state === 'done').length;
+    const settings = 'health ' + (d.health_path || '/health') + ' within ' + duration(d.health_timeout_ms) +
+      ' \u00b7 drain ' + duration(d.drain_ms) + ' \u00b7 soak ' + duration(d.soak_ms) + ' \u00b7 ' + d.strategy;
+    return el('section', { class: 'rollout deployment' },
+      el('h2', {}, 'Deployment ' + d.id + ': ' + d.service + ' ' + d.version + ' ', deploymentBadge(d.state)),
+      el('p', { class: 'summary' },
+        'by ' + d.author + ' \u00b7 started ' + when(d.created_at, 'unknown') +
+        ' \u00b7 updated ' + when(d.updated_at, 'unknown') + (d.driver ? ' \u00b7 driven by ' + d.driver : '')),
+      el('p', { class: 'progress' },
+        el('progress', { max: d.nodes.length || 1, value: done }), ' ', done + '/' + d.nodes.length + ' nodes done'),
+      d.reason ? el('p', { class: 'reason ' + d.state.replace(/[^a-z]/g, '') }, d.reason) : null,
+      el('p', { class: 'summary' },
+        d.file_name + ' \u00b7 ' + bytes(d.size) + ' \u00b7 SHA-256 ', shortSha(d.sha256)),
+      el('p', { class: 'summary' }, 'runs ', el('code', {}, d.command), ' \u00b7 ' + settings),
+      deploymentNodes(d),
+      history(d.events));
+  }
+
+  /** "v1 → v2"; a node not reached yet shows only where it goes (what it runs was not asked). */
+  function versionChange(dn, version) {
+    if (dn.from_version) return dn.from_version + ' \u2192 ' + version;
+    if (['pending', 'skipped'].includes(dn.state)) return '\u2192 ' + version;
+    return 'none \u2192 ' + version;
+  }
+
+  function deploymentNodes(d) {
+    const rows = d.nodes.map((dn) => el('tr', { class: ['uploading', 'deploying', 'soaking', 'rolling-back'].includes(dn.state) ? 'current' : null },
+      el('td', {}, el('a', { href: nodeHref(dn.node) }, dn.node)),
+      el('td', {}, versionChange(dn, d.version)),
+      el('td', {}, badge(dn.state, 'node-' + dn.state)),
+      el('td', {}, dn.detail),
+      el('td', {}, dn.instance_id),
+      el('td', {}, when(dn.started_at, '')),
+      el('td', {}, when(dn.finished_at, ''))));
+    return table(['Node', 'Version', 'State', 'Detail', 'Instance', 'Started', 'Finished'], rows);
   }
 
   // --- rendering -------------------------------------------------------------
@@ -400,6 +532,7 @@
     if (r.page === 'node') content = nodePage(s, r.node, r.version);
     else if (r.page === 'services') content = servicesPage(s);
     else if (r.page === 'rollouts') content = rolloutsPage(s);
+    else if (r.page === 'deployments') content = deploymentsPage(s);
     else content = nodesPage(s);
     const main = document.getElementById('main');
     main.replaceChildren(...[content].flat(Infinity).filter((x) => x));

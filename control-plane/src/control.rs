@@ -425,6 +425,12 @@ impl Control {
         })
     }
 
+    /// The node's address in Consul's catalog, or NotFound when it is not
+    /// there.
+    pub async fn node_address(&self, node: &str) -> Result<String, ControlError> {
+        self.require_node(node).await
+    }
+
     /// The node's address, or NotFound when it is not in the catalog.
     async fn require_node(&self, node: &str) -> Result<String, ControlError> {
         let nodes = self.consul.catalog_nodes(QueryOptions::default()).await?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, where it is
 # missing: Consul (deploy/scripts/install-consul.sh), promtool (Debian's
-# `prometheus` package), Debian's nginx and Debian's Chromium. Prints
+# `prometheus` package), Debian's nginx, Debian's Chromium and a JDK. Prints
 # `export` lines for the environment the tests read (MESH_CONSUL_BIN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,11 +11,13 @@ echo "export MESH_CONSUL_BIN=$consul"
 
 # promtool (Debian's `prometheus` package) checks the /metrics pages;
 # nginx (Debian's) checks the nginx.conf mesh-control renders; headless
-# Chromium (Debian's) loads the dashboard as a person would.
+# Chromium (Debian's) loads the dashboard as a person would; the deployment
+# tests build their jars with the JDK's javac and jar, and run them with java.
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+{ command -v javac && command -v jar && command -v java; } >/dev/null 2>&1 || missing+=(default-jdk-headless)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-test-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2

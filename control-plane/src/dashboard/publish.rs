@@ -4,12 +4,17 @@
 //! reads the state, publishes it on a watch channel when it changed, and
 //! waits for the next change. [`ConsulSource`] wakes on Consul's blocking
 //! queries (catalog nodes, catalog services, and the KV prefixes in
-//! [`WATCHED_PREFIXES`]: routes, proxy reports and rollouts) and on a
-//! change of the leader lock at once; a health check that flips need not
-//! move any of those indexes, so the state is also read again every
-//! [`REFRESH`]. While no page is open nothing is read.
+//! [`WATCHED_PREFIXES`]: routes, proxy reports, rollouts and deployments)
+//! and on a change of the leader lock at once; a health check that flips
+//! need not move any of those indexes, so the state is also read again
+//! every [`REFRESH`]. What the nodes' deployers run is asked of each
+//! deployer, so it is asked again only when a deployment moved or
+//! [`REFRESH`] has passed, and not at all before a first deployment.
+//! While no page is open nothing is read.
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use consul_client::{Client, QueryOptions};
 use futures::future::BoxFuture;
@@ -18,7 +23,7 @@ use tokio::sync::{Notify, watch};
 
 use super::state::{Reading, Snapshot, assemble};
 use crate::{
-    control::{Control, NodeInfo, NodeRoutes, VersionSummary},
+    control::{Control, DeploymentView, NodeDeploymentsView, NodeInfo, NodeRoutes, VersionSummary},
     error::ControlError,
     leader::LeaderState,
     model::{now_ms, rfc3339},
@@ -35,10 +40,16 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// The KV prefixes whose changes wake the publisher at once: each node's
-/// routes, what each node's proxy reported, and the rollouts (the leader
-/// writes a rollout's record at each of its steps, so its progress shows
-/// as it happens).
-pub const WATCHED_PREFIXES: [&str; 3] = ["mesh/nodes/", "mesh/status/", "mesh/rollouts/"];
+/// routes, what each node's proxy reported, the rollouts and the
+/// deployments (the leader writes a rollout's or a deployment's record at
+/// each of its steps, so its progress shows as it happens). Not the
+/// artifacts' prefix: their bytes are large and never change.
+pub const WATCHED_PREFIXES: [&str; 4] = [
+    "mesh/nodes/",
+    "mesh/status/",
+    "mesh/rollouts/",
+    "mesh/deployments/",
+];
 
 /// Blocking queries held while a page is open: catalog nodes, catalog
 /// services, one per watched prefix.
@@ -78,7 +89,18 @@ pub struct ConsulSource {
     /// read at: versions are immutable, so they are read again only when
     /// the node's version moves.
     history: BTreeMap<String, (u64, NodeRoutes, Vec<VersionSummary>)>,
+    /// What the deployers said last, when, and at which deployments.
+    deployers: Option<DeployersRead>,
     indexes: [u64; WATCHES],
+}
+
+/// One asking of every node's deployer.
+#[derive(Debug)]
+struct DeployersRead {
+    at: Instant,
+    /// Each deployment's id and last change, when they were asked.
+    deployments: Vec<(u64, String)>,
+    nodes: Vec<NodeDeploymentsView>,
 }
 
 // === impl Publisher ===
@@ -179,6 +201,7 @@ impl ConsulSource {
             consul,
             leader,
             history: BTreeMap::new(),
+            deployers: None,
             indexes: [0; WATCHES],
         }
     }
@@ -211,23 +234,58 @@ impl ConsulSource {
             .map(|(name, (_, routes, versions))| (name.clone(), (routes.clone(), versions.clone())))
             .collect())
     }
+
+    /// What each node's deployer runs and keeps: asked again when a
+    /// deployment moved or [`REFRESH`] has passed (each asking is a call
+    /// to every node), never before a first deployment (a mesh that does
+    /// not deploy through mesh-control may run no deployer).
+    async fn deployers(
+        &mut self,
+        deployments: &[DeploymentView],
+    ) -> Result<Vec<NodeDeploymentsView>, ControlError> {
+        if deployments.is_empty() {
+            self.deployers = None;
+            return Ok(Vec::new());
+        }
+        let moved: Vec<(u64, String)> = deployments
+            .iter()
+            .map(|d| (d.id, d.updated_at.clone()))
+            .collect();
+        if let Some(last) = &self.deployers
+            && last.deployments == moved
+            && last.at.elapsed() < REFRESH
+        {
+            return Ok(last.nodes.clone());
+        }
+        let nodes = self.control.node_deployments("").await?;
+        self.deployers = Some(DeployersRead {
+            at: Instant::now(),
+            deployments: moved,
+            nodes: nodes.clone(),
+        });
+        Ok(nodes)
+    }
 }
 
 impl Source for ConsulSource {
     async fn read(&mut self) -> Result<Reading, ControlError> {
         let status = self.control.status();
-        let (nodes, services, rollouts) = tokio::try_join!(
+        let (nodes, services, rollouts, deployments) = tokio::try_join!(
             self.control.nodes(),
             self.control.services(),
             self.control.rollouts(),
+            self.control.deployments(""),
         )?;
         let routes = self.histories(&nodes).await?;
+        let deployers = self.deployers(&deployments).await?;
         Ok(Reading {
             status,
             nodes,
             services,
             routes,
             rollouts,
+            deployments,
+            deployers,
         })
     }
 

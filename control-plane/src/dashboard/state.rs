@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::{
-    control::{NodeInfo, NodeRoutes, RolloutView, ServiceInfo, Status, VersionSummary},
+    control::{
+        DeploymentView, NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutView, ServiceInfo,
+        Status, VersionSummary,
+    },
     model::RouteSpec,
 };
 
@@ -17,6 +20,10 @@ pub const MAX_VERSIONS: usize = 50;
 
 /// The newest rollouts the state carries; older ones stay in the REST API.
 pub const MAX_ROLLOUTS: usize = 20;
+
+/// The newest deployments the state carries; older ones stay in the REST
+/// API (`/v1/deployments`).
+pub const MAX_DEPLOYMENTS: usize = 20;
 
 /// Consul's check of a node's agent (Serf membership).
 pub const AGENT_CHECK: &str = "serfHealth";
@@ -38,6 +45,15 @@ pub struct Snapshot {
     pub rollouts: Vec<RolloutView>,
     /// How many rollouts there are in all.
     pub rollouts_total: u64,
+    /// At most [`MAX_DEPLOYMENTS`] deployments as the API shows them, the
+    /// one started last (the highest id) first.
+    pub deployments: Vec<DeploymentView>,
+    /// How many deployments there are in all.
+    pub deployments_total: u64,
+    /// What each node's deployer runs and keeps, by node name, as
+    /// `GET /v1/deployers` shows it (a node whose deployer did not answer
+    /// says why); empty until a first deployment.
+    pub deployers: Vec<NodeDeploymentsView>,
     /// Why the newest read failed; empty when it did not. The rest is then
     /// the last state read in full.
     pub error: String,
@@ -87,11 +103,15 @@ pub struct Reading {
     pub routes: BTreeMap<String, (NodeRoutes, Vec<VersionSummary>)>,
     /// `GET /v1/rollouts`: every rollout, in any order.
     pub rollouts: Vec<RolloutView>,
+    /// `GET /v1/deployments`: every deployment, in any order.
+    pub deployments: Vec<DeploymentView>,
+    /// `GET /v1/deployers`: what each node's deployer runs and keeps.
+    pub deployers: Vec<NodeDeploymentsView>,
 }
 
 /// Puts a reading together for the pages: nodes and services by name,
 /// each node's agent health and instance count, the newest versions, the
-/// newest rollouts.
+/// newest rollouts and deployments, the deployers by node.
 pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
     let Reading {
         status,
@@ -99,6 +119,8 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         mut services,
         routes,
         rollouts,
+        mut deployments,
+        mut deployers,
     } = reading;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -127,6 +149,11 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         })
         .collect();
     let rollouts_total = rollouts.len() as u64;
+    let deployments_total = deployments.len() as u64;
+    // Ids are handed out in the order deployments start.
+    deployments.sort_by_key(|d| std::cmp::Reverse(d.id));
+    deployments.truncate(MAX_DEPLOYMENTS);
+    deployers.sort_by(|a, b| a.node.cmp(&b.node));
     Snapshot {
         status,
         nodes,
@@ -134,6 +161,9 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         routes,
         rollouts: newest_rollouts(rollouts),
         rollouts_total,
+        deployments,
+        deployments_total,
+        deployers,
         error: String::new(),
         updated_at,
     }
@@ -191,6 +221,9 @@ impl Snapshot {
             && self.routes == other.routes
             && self.rollouts == other.rollouts
             && self.rollouts_total == other.rollouts_total
+            && self.deployments == other.deployments
+            && self.deployments_total == other.deployments_total
+            && self.deployers == other.deployers
             && self.error == other.error
     }
 

@@ -9,13 +9,14 @@ use tokio::{
 };
 
 use super::{
-    state::{MAX_ROLLOUTS, MAX_VERSIONS, Reading, assemble},
+    state::{MAX_DEPLOYMENTS, MAX_ROLLOUTS, MAX_VERSIONS, Reading, assemble},
     *,
 };
 use crate::{
     control::{
-        CheckInfo, InstanceInfo, NodeInfo, NodeRoutes, RolloutEventView, RolloutNodeView,
-        RolloutView, ServiceInfo, Status, VersionSummary,
+        CheckInfo, DeployedInstance, DeploymentNodeView, DeploymentView, InstanceInfo,
+        NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutEventView, RolloutNodeView, RolloutView,
+        ServiceInfo, Status, StoredArtifact, VersionSummary,
     },
     error::ControlError,
     model::RouteSpec,
@@ -114,6 +115,82 @@ fn reading(node_names: &[&str]) -> Reading {
         ],
         routes: [("n1".to_owned(), (routes, versions(2)))].into(),
         rollouts: Vec::new(),
+        deployments: Vec::new(),
+        deployers: Vec::new(),
+    }
+}
+
+/// Deployment `id` of `orders` `v<id>` over n1 and n2, in `state`, with
+/// `done` nodes done.
+fn deployment(id: u64, state: &str, done: usize) -> DeploymentView {
+    let node = |k: usize, name: &str| DeploymentNodeView {
+        node: name.into(),
+        state: if k < done { "done" } else { "pending" }.into(),
+        detail: if k < done {
+            "healthy through the soak"
+        } else {
+            ""
+        }
+        .into(),
+        from_version: format!("v{}", id - 1),
+        instance_id: if k < done {
+            format!("orders-v{id}-4100")
+        } else {
+            String::new()
+        },
+        started_at: String::new(),
+        finished_at: String::new(),
+    };
+    DeploymentView {
+        id,
+        service: "orders".into(),
+        version: format!("v{id}"),
+        sha256: "ab".repeat(32),
+        size: 1536,
+        file_name: "orders.jar".into(),
+        strategy: "rolling".into(),
+        author: "alice".into(),
+        created_at: format!("2026-01-01T00:00:{:02}.000Z", id % 60),
+        updated_at: format!("2026-01-01T00:00:{:02}.000Z", id % 60),
+        state: state.into(),
+        reason: String::new(),
+        nodes: vec![node(0, "n1"), node(1, "n2")],
+        events: vec![RolloutEventView {
+            at: "2026-01-01T00:00:00.000Z".into(),
+            text: "started".into(),
+        }],
+        driver: "c1".into(),
+        command: "java -jar {artifact} --server.port={port}".into(),
+        health_path: "/health".into(),
+        health_timeout_ms: 60_000,
+        drain_ms: 5_000,
+        soak_ms: 10_000,
+    }
+}
+
+/// What `node`'s deployer runs (`orders` at `version`) and keeps.
+fn deployer(node: &str, version: &str) -> NodeDeploymentsView {
+    NodeDeploymentsView {
+        node: node.into(),
+        deployer: format!("http://10.0.0.1:8894/{node}"),
+        error: String::new(),
+        instances: vec![DeployedInstance {
+            service: "orders".into(),
+            version: version.into(),
+            instance_id: format!("orders-{version}-4100"),
+            port: 4100,
+            pid: 321,
+            state: "running".into(),
+            restarts: 0,
+        }],
+        artifacts: vec![StoredArtifact {
+            service: "orders".into(),
+            version: version.into(),
+            file_name: "orders.jar".into(),
+            size: 1536,
+            sha256: "ab".repeat(32),
+            stored_at: "2026-01-01T00:00:00.000Z".into(),
+        }],
     }
 }
 
@@ -277,6 +354,78 @@ fn a_rollouts_progress_is_a_change() {
     assert!(
         !b.same_as(&assemble(r, "t3".into())),
         "the rollout moved on"
+    );
+}
+
+#[test]
+fn assemble_keeps_the_newest_deployments_first_and_the_deployers_by_node() {
+    let mut r = reading(&["n1", "n2"]);
+    let total = MAX_DEPLOYMENTS as u64 + 3;
+    // In no particular order, as the store lists them.
+    r.deployments = (1..=total)
+        .map(|id| (id * 7) % total + 1)
+        .map(|id| deployment(id, "succeeded", 2))
+        .collect();
+    r.deployers = vec![deployer("n2", "v2"), deployer("n1", "v1")];
+    let snapshot = assemble(r, "now".into());
+    assert_eq!(snapshot.deployments_total, total);
+    let shown: Vec<u64> = snapshot.deployments.iter().map(|d| d.id).collect();
+    let want: Vec<u64> = (total - MAX_DEPLOYMENTS as u64 + 1..=total).rev().collect();
+    assert_eq!(shown, want, "the newest, the one started last first");
+    let nodes: Vec<&str> = snapshot.deployers.iter().map(|d| d.node.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+}
+
+#[test]
+fn the_state_carries_each_deployment_and_deployer_as_the_api_shows_them() {
+    let mut r = reading(&["n1", "n2"]);
+    let mut halted = deployment(3, "halted", 0);
+    halted.reason = MARKUP.into();
+    halted.nodes[0].state = "rolled-back".into();
+    halted.nodes[0].detail =
+        "orders-v3-4100 failed its health gate: /health answered 500\nstderr: database unreachable"
+            .into();
+    halted.nodes[1].state = "skipped".into();
+    let mut unreachable = deployer("n2", "v2");
+    unreachable.error = "Status: connection refused".into();
+    unreachable.instances.clear();
+    unreachable.artifacts.clear();
+    r.deployments = vec![halted.clone()];
+    r.deployers = vec![deployer("n1", "v2"), unreachable.clone()];
+    let snapshot = assemble(r, "now".into());
+    let back: serde_json::Value =
+        serde_json::from_str(&snapshot.to_json()).expect("the state is JSON");
+    let api = serde_json::to_value(&halted).expect("a deployment is JSON");
+    assert_eq!(back["deployments"][0], api);
+    assert_eq!(back["deployments_total"], 1);
+    assert_eq!(back["deployments"][0]["reason"], MARKUP);
+    assert_eq!(back["deployments"][0]["nodes"][0]["state"], "rolled-back");
+    assert_eq!(back["deployments"][0]["nodes"][1]["state"], "skipped");
+    assert_eq!(
+        back["deployers"][0],
+        serde_json::to_value(deployer("n1", "v2")).expect("a deployer is JSON")
+    );
+    assert_eq!(back["deployers"][0]["instances"][0]["version"], "v2");
+    assert_eq!(back["deployers"][1]["error"], "Status: connection refused");
+}
+
+#[test]
+fn a_deployments_progress_and_a_nodes_new_version_are_changes() {
+    let mut r = reading(&["n1", "n2"]);
+    r.deployments = vec![deployment(4, "running", 0)];
+    r.deployers = vec![deployer("n1", "v3"), deployer("n2", "v3")];
+    let a = assemble(r.clone(), "t1".into());
+    assert!(a.same_as(&assemble(r.clone(), "t2".into())));
+    r.deployments[0].nodes[0].state = "deploying".into();
+    let b = assemble(r.clone(), "t2".into());
+    assert!(!a.same_as(&b), "a node moved on");
+    r.deployers[0] = deployer("n1", "v4");
+    let c = assemble(r.clone(), "t3".into());
+    assert!(!b.same_as(&c), "a node runs the new version");
+    r.deployments[0].state = "halted".into();
+    assert!(
+        !c.same_as(&assemble(r, "t4".into())),
+        "the deployment ended"
     );
 }
 
@@ -696,4 +845,30 @@ fn the_script_shows_every_field_a_rollout_has() {
             );
         }
     }
+}
+
+#[test]
+fn the_script_shows_every_field_a_deployment_and_a_deployer_have() {
+    // The page names a deployment `d`, one of its nodes `dn`, a node's
+    // deployer `nd`, an instance it runs `di`, an artifact it keeps `da`;
+    // events show as a rollout's do (`ev`).
+    let view = deployment(7, "running", 1);
+    let node = deployer("n1", "v7");
+    for (var, json) in [
+        ("d", serde_json::to_value(&view)),
+        ("dn", serde_json::to_value(&view.nodes[0])),
+        ("nd", serde_json::to_value(&node)),
+        ("di", serde_json::to_value(&node.instances[0])),
+        ("da", serde_json::to_value(&node.artifacts[0])),
+    ] {
+        let json = json.expect("a deployment is JSON");
+        let keys = json.as_object().expect("a JSON object");
+        for key in keys.keys() {
+            assert!(
+                APP_JS.contains(&format!("{var}.{key}")),
+                "app.js does not show {var}.{key}"
+            );
+        }
+    }
+    assert!(INDEX_HTML.contains(r##"href="#/deployments""##));
 }

@@ -528,19 +528,8 @@ impl Run<'_> {
                 return self.soaking(k, (*i).clone()).await;
             }
         }
-        let request = pb::DeployRequest {
-            service: spec.service.clone(),
-            version: spec.version.clone(),
-            command: spec.command.clone(),
-            env: spec.env.clone().into_iter().collect(),
-            work_dir: String::new(),
-            health_path: spec.health_path.clone(),
-            health_timeout_ms: spec.health_timeout_ms,
-            drain_ms: spec.drain_ms,
-            stop_grace_ms: 0,
-            tags: spec.tags.clone(),
-            address: String::new(),
-        };
+        let address = self.control.node_address(&self.d.nodes[k].node).await?;
+        let request = deploy_request(&spec, &spec.version, address);
         let limit = Duration::from_millis(spec.health_timeout_ms + spec.drain_ms) + DEPLOY_SLACK;
         tracing::info!(node = %self.d.nodes[k].node, version = %spec.version, "deploying");
         match call(limit, client.deploy(request)).await {
@@ -751,19 +740,8 @@ impl Run<'_> {
             let detail = format!("back on version {from}; {why}");
             return self.fail_node(k, NodeState::RolledBack, detail).await;
         }
-        let request = pb::DeployRequest {
-            service: spec.service.clone(),
-            version: from.clone(),
-            command: spec.command.clone(),
-            env: spec.env.clone().into_iter().collect(),
-            work_dir: String::new(),
-            health_path: spec.health_path.clone(),
-            health_timeout_ms: spec.health_timeout_ms,
-            drain_ms: spec.drain_ms,
-            stop_grace_ms: 0,
-            tags: spec.tags.clone(),
-            address: String::new(),
-        };
+        let address = self.control.node_address(&self.d.nodes[k].node).await?;
+        let request = deploy_request(&spec, &from, address);
         let limit = Duration::from_millis(spec.health_timeout_ms + spec.drain_ms) + DEPLOY_SLACK;
         match call(limit, client.deploy(request)).await {
             Answer::Ok(_) => {
@@ -967,6 +945,26 @@ async fn call<T>(
             s.message().to_owned()
         }),
         Ok(Err(s)) => Answer::Refused(s),
+    }
+}
+
+/// What a node's deployer is asked to deploy: `version` of the spec's
+/// service with its settings, listening on and registered with `address`
+/// (the node's address in Consul's catalog, so that other nodes' proxies
+/// reach the instance too).
+fn deploy_request(spec: &super::DeploySpec, version: &str, address: String) -> pb::DeployRequest {
+    pb::DeployRequest {
+        service: spec.service.clone(),
+        version: version.to_owned(),
+        command: spec.command.clone(),
+        env: spec.env.clone().into_iter().collect(),
+        work_dir: String::new(),
+        health_path: spec.health_path.clone(),
+        health_timeout_ms: spec.health_timeout_ms,
+        drain_ms: spec.drain_ms,
+        stop_grace_ms: 0,
+        tags: spec.tags.clone(),
+        address,
     }
 }
 
