@@ -2,10 +2,11 @@
 //! Consul agent in dev mode (installing Consul when it is missing), or joins
 //! the one at `--consul-addr`; then mesh-bridge, mesh-proxy, mesh-deployer
 //! (registering through that proxy, its store and processes under the data
-//! folder) and mesh-control on their standard ports; with `--demo` two demo
-//! services that register themselves through the proxy. Prints every
-//! address and stops all it started, newest first, on Ctrl-C — the
-//! services deployed through mesh-deployer too.
+//! folder), mesh-control and mesh-monitor (probing the instances and the
+//! components) on their standard ports; with `--demo` two demo services
+//! that register themselves through the proxy. Prints every address and
+//! stops all it started, newest first, on Ctrl-C — the services deployed
+//! through mesh-deployer too.
 
 use std::{
     collections::BTreeSet,
@@ -35,8 +36,8 @@ pub struct DevConfig {
     pub consul_addr: Option<String>,
     /// Where logs, the proxy's dump and the queues go.
     pub data_dir: PathBuf,
-    /// Where mesh-bridge, mesh-proxy, mesh-deployer and mesh-control are;
-    /// defaults to meshctl's own folder.
+    /// Where mesh-bridge, mesh-proxy, mesh-deployer, mesh-control and
+    /// mesh-monitor are; defaults to meshctl's own folder.
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -50,9 +51,17 @@ const CONTROL_GRPC: &str = "127.0.0.1:8892";
 const CONTROL_HTTP: &str = "127.0.0.1:8893";
 const DEPLOYER_GRPC: &str = "127.0.0.1:8894";
 const DEPLOYER_ADMIN: &str = "127.0.0.1:8895";
+const MONITOR_GRPC: &str = "127.0.0.1:8896";
+const MONITOR_ADMIN: &str = "127.0.0.1:8897";
 
 /// The binaries `dev up` runs, next to meshctl.
-const BINARIES: [&str; 4] = ["mesh-bridge", "mesh-proxy", "mesh-deployer", "mesh-control"];
+const BINARIES: [&str; 5] = [
+    "mesh-bridge",
+    "mesh-proxy",
+    "mesh-deployer",
+    "mesh-control",
+    "mesh-monitor",
+];
 
 /// Brings the mesh up, waits for Ctrl-C, stops it.
 pub async fn up(config: DevConfig) -> anyhow::Result<()> {
@@ -138,6 +147,8 @@ async fn start(
     ensure_free(CONTROL_HTTP, "mesh-control")?;
     ensure_free(DEPLOYER_GRPC, "mesh-deployer")?;
     ensure_free(DEPLOYER_ADMIN, "mesh-deployer")?;
+    ensure_free(MONITOR_GRPC, "mesh-monitor")?;
+    ensure_free(MONITOR_ADMIN, "mesh-monitor")?;
     let data = |name: &str| config.data_dir.join(name).display().to_string();
     let bridge_args = vec![
         "--consul-addr".into(),
@@ -177,6 +188,7 @@ async fn start(
         is_ok(&http, format!("http://{CONTROL_HTTP}/ready"))
     })
     .await?;
+    start_monitor(bins, logs, &consul_addr, group, &http).await?;
     let mut table = vec![
         format!("Consul HTTP API       {consul_addr}  (UI: {consul_addr}/ui/)"),
         format!("mesh-proxy outbound   http://{PROXY}  (call services: http://{PROXY}/<service>/)"),
@@ -196,6 +208,8 @@ async fn start(
             "mesh-deployer gRPC    http://{DEPLOYER_GRPC}  (mesh.v1.Deployer: uploads, deploys)"
         ),
         format!("mesh-deployer admin   http://{DEPLOYER_ADMIN}  (/metrics /ready /live)"),
+        format!("mesh-monitor gRPC     http://{MONITOR_GRPC}  (mesh.v1.Monitor: alerts, verdicts)"),
+        format!("mesh-monitor admin    http://{MONITOR_ADMIN}  (/metrics /ready /live)"),
     ];
     if config.demo {
         table.extend(start_demo(bins, logs, group, &http).await?);
@@ -231,6 +245,38 @@ async fn start_deployer(
     group.spawn("mesh-deployer", &bins.join("mesh-deployer"), &args, logs)?;
     wait_until("mesh-deployer is ready", Duration::from_secs(20), || {
         is_ok(http, format!("http://{DEPLOYER_ADMIN}/ready"))
+    })
+    .await
+}
+
+/// Starts mesh-monitor: it probes every instance in Consul and the mesh's
+/// own components, and puts its verdicts into Consul through the bridge.
+async fn start_monitor(
+    bins: &Path,
+    logs: &Path,
+    consul_addr: &str,
+    group: &mut Group,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
+    let components = [
+        format!("mesh-proxy=http://{PROXY_ADMIN}/ready"),
+        format!("mesh-bridge=grpc://{BRIDGE_GRPC}"),
+        format!("mesh-control=http://{CONTROL_HTTP}/ready"),
+        format!("mesh-deployer=http://{DEPLOYER_ADMIN}/ready"),
+    ];
+    let args = vec![
+        "--consul-addr".into(),
+        consul_addr.to_owned(),
+        "--grpc-listen".into(),
+        MONITOR_GRPC.into(),
+        "--admin-listen".into(),
+        MONITOR_ADMIN.into(),
+        "--components".into(),
+        components.join(","),
+    ];
+    group.spawn("mesh-monitor", &bins.join("mesh-monitor"), &args, logs)?;
+    wait_until("mesh-monitor is ready", Duration::from_secs(20), || {
+        is_ok(http, format!("http://{MONITOR_ADMIN}/ready"))
     })
     .await
 }

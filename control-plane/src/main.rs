@@ -374,7 +374,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 
 #[derive(Debug, Subcommand)]
 enum DevCommand {
-    /// Start Consul, mesh-bridge, mesh-proxy, mesh-deployer and mesh-control (and demo services); Ctrl-C stops them.
+    /// Start Consul, mesh-bridge, mesh-proxy, mesh-deployer, mesh-control and mesh-monitor (and demo services); Ctrl-C stops them.
     Up(DevUp),
 }
 
@@ -400,7 +400,7 @@ struct DevUp {
     /// Logs, dump files and queues [default: .meshwork/dev].
     #[arg(long, env = "MESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Where mesh-bridge, mesh-proxy, mesh-deployer and mesh-control are [default: meshctl's folder].
+    /// Where mesh-bridge, mesh-proxy, mesh-deployer, mesh-control and mesh-monitor are [default: meshctl's folder].
     #[arg(long, env = "MESH_BIN_DIR")]
     bin_dir: Option<PathBuf>,
 }

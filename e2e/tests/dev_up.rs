@@ -96,6 +96,8 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         "127.0.0.1:8893",
         "127.0.0.1:8894",
         "127.0.0.1:8895",
+        "127.0.0.1:8896",
+        "127.0.0.1:8897",
     ] {
         assert!(
             printed.contains(address),
@@ -123,6 +125,10 @@ async fn dev_up_demo_answers_by_name_and_ctrl_c_stops_everything() {
         .await
         .unwrap();
     assert_eq!(ready.status, 200, "mesh-deployer /ready: {}", ready.text());
+    // mesh-monitor is up, and probes the mesh's components.
+    let monitor = "127.0.0.1:8897".parse().unwrap();
+    let ready = HttpClient::new(&host, monitor).get("/ready").await.unwrap();
+    assert_eq!(ready.status, 200, "mesh-monitor /ready: {}", ready.text());
     // The dashboard it printed answers.
     assert!(
         printed.contains("dashboard") && printed.contains("http://127.0.0.1:8893/"),

@@ -9,6 +9,10 @@
 //!   (nodes, services, per-node routes, config versions, registrations).
 //! - [`v1::deployer_server`] / [`v1::deployer_client`]: a node's
 //!   mesh-deployer: upload artifacts (resumable) and list the stored ones.
+//! - [`v1::checks_server`] / [`v1::checks_client`]: set a check's status on
+//!   an instance of a node's agent (through its bridge), as mesh-monitor does.
+//! - [`v1::monitor_server`] / [`v1::monitor_client`]: mesh-monitor's alerts
+//!   (list, watch) and its verdict on a node or an instance.
 
 /// `mesh.v1`: every message and service of version 1.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

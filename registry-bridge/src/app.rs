@@ -4,7 +4,7 @@
 use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
 
 use consul_client::{Client, ConfigError};
-use mesh_proto::v1::registry_server::RegistryServer;
+use mesh_proto::v1::{checks_server::ChecksServer, registry_server::RegistryServer};
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
@@ -186,7 +186,7 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
     })
 }
 
-/// Serves Registry, Discovery and grpc.health.v1 until `shutdown`.
+/// Serves Registry, Checks, Discovery and grpc.health.v1 until `shutdown`.
 async fn serve_grpc(
     listener: TcpListener,
     registry: RegistryApi,
@@ -196,11 +196,16 @@ async fn serve_grpc(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RegistryServer<RegistryApi>>().await;
     reporter.set_serving::<DiscoveryApi>().await;
+    let checks = ChecksServer::new(registry.checks());
+    reporter
+        .set_serving::<ChecksServer<crate::registry::ChecksApi>>()
+        .await;
     let result = Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(RegistryServer::new(registry))
+        .add_service(checks)
         .add_service(discovery)
         // Updates are small writes that must leave at once: without
         // TCP_NODELAY, Nagle holds one back until the previous is acked,

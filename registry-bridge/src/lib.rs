@@ -5,6 +5,9 @@
 //! queue while the agent is unreachable (`mesh.v1.Registry`). For
 //! mesh-control it reads the node's proxy's health and traffic totals from
 //! the proxy's admin `/stats` (`Registry.ProxyStats`, `--proxy-admin`).
+//! For mesh-monitor it sets checks on the instances of its node's agent
+//! (`mesh.v1.Checks`), so that a verdict reaches the agent that owns the
+//! instance.
 //!
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`watch`]: one shared blocking-query loop per watched service, and
@@ -12,7 +15,8 @@
 //! - [`discovery`]: the Watch streams (snapshot, then deltas), all fed from
 //!   one shared change log.
 //! - [`registry`]: Register/Deregister/ListInstances and the durable queue,
-//!   ReportStatus, and ProxyStats from the node's proxy's `/stats`.
+//!   ReportStatus, ProxyStats from the node's proxy's `/stats`, and the
+//!   Checks service.
 //! - [`metrics`]: the bridge's Prometheus metrics.
 //! - [`app`]: the running [`Bridge`]: listeners, tasks, shutdown.
 

@@ -10,6 +10,8 @@
 //! - `report`: the proxy's config status (`ReportStatus`) as stored for
 //!   mesh-control.
 //! - `proxy_stats`: the proxy's `/stats` (`ProxyStats`), read over HTTP.
+//! - [`checks`]: `mesh.v1.Checks`, the checks another process (mesh-monitor)
+//!   sets on this agent's instances.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -24,11 +26,13 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::{BridgeMetrics, CallOutcome};
 
+pub mod checks;
 mod convert;
 mod outbox;
 mod proxy_stats;
 mod report;
 
+pub use checks::ChecksApi;
 use outbox::{Outbox, Submitted};
 pub use outbox::{OutboxError, QueuedCall};
 pub use proxy_stats::{ProxyAdmin, ProxyStatsError, ProxyStatsReason};
@@ -81,6 +85,11 @@ impl RegistryApi {
     pub fn reading_proxy_at(mut self, addr: SocketAddr) -> Self {
         self.proxy = ProxyAdmin::new(addr);
         self
+    }
+
+    /// The Checks service on the same local agent.
+    pub fn checks(&self) -> ChecksApi {
+        ChecksApi::new(self.agent.clone(), self.metrics.clone())
     }
 
     /// Applies queued calls whenever the agent is reachable, until `shutdown`.

@@ -47,6 +47,21 @@ impl Client {
         self.send_ok(req).await.map(drop)
     }
 
+    /// Sets the TTL check `id` to `status` (`passing`, `warning`,
+    /// `critical`) with `output`, and restarts its TTL: the only way to
+    /// change an existing TTL check's status (registering it again keeps
+    /// the old one). An error when the agent does not know the check.
+    pub async fn agent_check_update(
+        &self,
+        id: &str,
+        status: &str,
+        output: &str,
+    ) -> Result<(), Error> {
+        let body = serde_json::json!({ "Status": status, "Output": output });
+        let req = Request::new(Method::PUT, &["agent", "check", "update", id]).json(&body)?;
+        self.send_ok(req).await.map(drop)
+    }
+
     /// Deregisters the check `id` from the agent; sessions bound to it are
     /// invalidated.
     pub async fn agent_check_deregister(&self, id: &str) -> Result<(), Error> {

@@ -1,6 +1,11 @@
 //! Between `mesh.v1` registrations and Consul's JSON shapes. A
 //! registration is checked here before it may wait in the queue: once
 //! queued, nobody is left to tell that it was wrong.
+//!
+//! An instance whose HTTP check is on its own port gets the check's path
+//! as meta [`HEALTH_PATH_META`] (unless it names one itself): mesh-monitor
+//! probes that path from other nodes, and Consul 1.8 shows no check's URL
+//! in any read API.
 
 use consul_client::{AgentService, AgentServiceCheck, AgentServiceRegistration, ServiceEntry};
 use mesh_proto::v1::{Check, ServiceRegistration};
@@ -23,6 +28,13 @@ pub(crate) fn registration(
         .into_iter()
         .map(check)
         .collect::<Result<Vec<_>, _>>()?;
+    let mut meta: std::collections::BTreeMap<String, String> = s.meta.into_iter().collect();
+    let path = checks
+        .iter()
+        .find_map(|c| c.http.as_deref().and_then(|url| health_path(url, port)));
+    if let Some(path) = path {
+        meta.entry(HEALTH_PATH_META.into()).or_insert(path);
+    }
     // One check goes as Consul's `Check` (check ID `service:<id>`), as a
     // service registering itself would send it.
     let single = (checks.len() == 1).then(|| checks.remove(0));
@@ -32,10 +44,29 @@ pub(crate) fn registration(
         address: non_empty(s.address),
         port: Some(port),
         tags: s.tags,
-        meta: s.meta.into_iter().collect(),
+        meta,
         check: single,
         checks,
     })
+}
+
+/// The meta key holding the path of an instance's HTTP check.
+pub(crate) const HEALTH_PATH_META: &str = "health-path";
+
+/// The path of a plain-HTTP check URL on `port`, the instance's own port
+/// (a check on another port, a management port say, tells nothing about
+/// what the instance's port serves).
+fn health_path(url: &str, port: u16) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let check_port = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    let fits = path.len() <= 512 && path.bytes().all(|b| b.is_ascii_graphic());
+    (check_port == Some(port) && fits).then(|| path.to_owned())
 }
 
 fn check(c: Check) -> Result<AgentServiceCheck, String> {
@@ -120,6 +151,27 @@ mod tests {
             Some("1m")
         );
         assert!(reg.checks.is_empty());
+        assert_eq!(reg.meta["health-path"], "/health");
+    }
+
+    #[test]
+    fn only_an_http_check_on_the_instances_port_names_its_health_path() {
+        assert_eq!(
+            health_path("http://10.0.0.5:8080/ready?full=1", 8080).as_deref(),
+            Some("/ready?full=1")
+        );
+        assert_eq!(health_path("http://[::1]:8080", 8080).as_deref(), Some("/"));
+        assert_eq!(health_path("http://10.0.0.5:8081/health", 8080), None);
+        assert_eq!(health_path("https://10.0.0.5:8080/health", 8080), None);
+        assert_eq!(health_path("http://host/health", 80), None);
+        let mut s = web(8080);
+        s.meta.insert("health-path".into(), "/own".into());
+        s.checks.push(Check {
+            http: "http://127.0.0.1:8080/health".into(),
+            interval: "1s".into(),
+            ..Default::default()
+        });
+        assert_eq!(registration(Some(s)).unwrap().meta["health-path"], "/own");
     }
 
     #[test]

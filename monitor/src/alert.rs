@@ -1,0 +1,299 @@
+//! Alerts: one per kind and target at a time ([`Alert::key`]), opened when
+//! a target's condition turns bad and resolved when it ends, with the
+//! evidence the probes saw.
+//!
+//! The [`AlertBook`] holds the open alerts in memory (for `ListAlerts`,
+//! `WatchAlerts` and `/metrics`) and hands every change to the
+//! [`outbox`](crate::outbox), which keeps the alert in Consul KV under
+//! [`KV_PREFIX`] and calls the webhook. An open alert read back from KV
+//! at start-up ([`AlertBook::restore`]) is open again without being sent
+//! again; one whose open or resolve was not yet sent (the last run died in
+//! between) is sent now.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::probe::Outcome;
+
+/// Where alerts live in Consul KV: `mesh/monitor/alerts/<key>`.
+pub const KV_PREFIX: &str = "mesh/monitor/alerts/";
+
+/// Changes a slow `WatchAlerts` stream may lag behind before it is cut.
+const WATCH_BUFFER: usize = 1024;
+
+/// How bad an alert is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// It answers, slowly.
+    Warning,
+    /// It does not serve.
+    Critical,
+}
+
+/// One alert, as stored in KV and sent to the webhook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `<kind>/<target>`.
+    pub key: String,
+    /// What the probes saw.
+    pub kind: Outcome,
+    /// How bad.
+    pub severity: Severity,
+    /// The target's ID (`<node>/<service id>`, `component/<name>`).
+    pub target: String,
+    /// The service (or component) name.
+    pub service: String,
+    /// The Consul service ID; empty for a component.
+    #[serde(default)]
+    pub instance_id: String,
+    /// The Consul node; empty for a component.
+    #[serde(default)]
+    pub node: String,
+    /// What was probed (`http://host:port/path`).
+    pub probe: String,
+    /// What the probes saw, one line.
+    pub evidence: String,
+    /// When it opened, in ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// When it was resolved; none while open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at_ms: Option<u64>,
+    /// Whether its opening was sent (the webhook called).
+    #[serde(default)]
+    pub open_sent: bool,
+}
+
+/// A change of the open alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An alert opened.
+    Opened(Alert),
+    /// An alert was resolved (`resolved_at_ms` set).
+    Resolved(Alert),
+}
+
+/// A target as alerts name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetRef {
+    /// The target's ID.
+    pub id: String,
+    /// The service (or component) name.
+    pub service: String,
+    /// The Consul service ID; empty for a component.
+    pub instance_id: String,
+    /// The Consul node; empty for a component.
+    pub node: String,
+    /// What is probed.
+    pub probe: String,
+}
+
+/// One target as the last round left it: its bad condition, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The target.
+    pub target: TargetRef,
+    /// The condition of its verdict when not `up`; none when up or not
+    /// judged yet.
+    pub condition: Option<Outcome>,
+    /// What its last probe saw.
+    pub evidence: String,
+}
+
+/// The open alerts, and where their changes go.
+#[derive(Debug)]
+pub struct AlertBook {
+    open: Mutex<BTreeMap<String, Alert>>,
+    watchers: broadcast::Sender<Change>,
+    outbox: mpsc::UnboundedSender<Change>,
+}
+
+/// What [`AlertBook::reconcile`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Keys of the alerts opened.
+    pub opened: Vec<String>,
+    /// Keys of the alerts resolved.
+    pub resolved: Vec<String>,
+}
+
+// === impl Severity ===
+
+impl Severity {
+    /// The severity of an alert of `kind`.
+    pub fn of(kind: Outcome) -> Self {
+        match kind {
+            Outcome::Slow | Outcome::Up => Self::Warning,
+            Outcome::Down | Outcome::Hung | Outcome::Unhealthy => Self::Critical,
+        }
+    }
+
+    /// `warning` or `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+// === impl Alert ===
+
+impl Alert {
+    /// The deduplication key of an alert of `kind` on `target`.
+    pub fn key_of(kind: Outcome, target: &str) -> String {
+        format!("{}/{target}", kind.as_str())
+    }
+
+    /// A new alert of `kind` on `target`, opening at `now_ms`.
+    pub fn open(kind: Outcome, target: &TargetRef, evidence: &str, now_ms: u64) -> Self {
+        Self {
+            key: Self::key_of(kind, &target.id),
+            kind,
+            severity: Severity::of(kind),
+            target: target.id.clone(),
+            service: target.service.clone(),
+            instance_id: target.instance_id.clone(),
+            node: target.node.clone(),
+            probe: target.probe.clone(),
+            evidence: evidence.to_owned(),
+            started_at_ms: now_ms,
+            resolved_at_ms: None,
+            open_sent: false,
+        }
+    }
+
+    /// Its Consul KV key.
+    pub fn kv_key(&self) -> String {
+        format!("{KV_PREFIX}{}", self.key)
+    }
+}
+
+// === impl AlertBook ===
+
+impl AlertBook {
+    /// An empty book; changes go to the returned receiver (the outbox).
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Change>) {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let (watchers, _) = broadcast::channel(WATCH_BUFFER);
+        let book = Self {
+            open: Mutex::new(BTreeMap::new()),
+            watchers,
+            outbox,
+        };
+        (book, rx)
+    }
+
+    /// Takes back the alerts read from KV at start-up: open ones are open
+    /// again (sent again only if their opening never was); resolved ones
+    /// whose resolve was not sent go to the outbox to be sent and removed.
+    /// Returns the open ones.
+    pub fn restore(&self, stored: Vec<Alert>) -> Vec<Alert> {
+        let mut open = self.lock();
+        let mut restored = Vec::new();
+        for alert in stored {
+            if alert.resolved_at_ms.is_some() {
+                let _ = self.outbox.send(Change::Resolved(alert));
+                continue;
+            }
+            if !alert.open_sent {
+                let _ = self.outbox.send(Change::Opened(alert.clone()));
+            }
+            restored.push(alert.clone());
+            open.insert(alert.key.clone(), alert);
+        }
+        restored
+    }
+
+    /// The open alerts, oldest first.
+    pub fn open_alerts(&self) -> Vec<Alert> {
+        let mut alerts: Vec<Alert> = self.lock().values().cloned().collect();
+        alerts.sort_by(|a, b| (a.started_at_ms, &a.key).cmp(&(b.started_at_ms, &b.key)));
+        alerts
+    }
+
+    /// The open alerts and a receiver of every change after them.
+    pub fn subscribe(&self) -> (Vec<Alert>, broadcast::Receiver<Change>) {
+        // Under the lock: no change falls between the list and the receiver.
+        let open = self.lock();
+        let rx = self.watchers.subscribe();
+        let mut alerts: Vec<Alert> = open.values().cloned().collect();
+        alerts.sort_by(|a, b| (a.started_at_ms, &a.key).cmp(&(b.started_at_ms, &b.key)));
+        (alerts, rx)
+    }
+
+    /// Brings the open alerts in line with a round's observations: an
+    /// alert for every bad condition, none for the rest. When `complete`
+    /// (every target was listed), alerts of targets no longer probed are
+    /// resolved too; otherwise they stay as they are.
+    pub fn reconcile(&self, observed: &[Observed], complete: bool, now_ms: u64) -> Reconciled {
+        let mut done = Reconciled::default();
+        let mut open = self.lock();
+        let mut wanted = HashSet::new();
+        let mut seen = HashSet::new();
+        for o in observed {
+            seen.insert(o.target.id.as_str());
+            let Some(kind) = o.condition else { continue };
+            let key = Alert::key_of(kind, &o.target.id);
+            if let Some(alert) = open.get_mut(&key) {
+                alert.evidence.clone_from(&o.evidence);
+            } else {
+                let alert = Alert::open(kind, &o.target, &o.evidence, now_ms);
+                open.insert(key.clone(), alert.clone());
+                self.publish(Change::Opened(alert));
+                done.opened.push(key.clone());
+            }
+            wanted.insert(key);
+        }
+        let ended: Vec<String> = open
+            .values()
+            .filter(|a| !wanted.contains(&a.key))
+            .filter(|a| complete || seen.contains(a.target.as_str()))
+            .map(|a| a.key.clone())
+            .collect();
+        let last_seen: BTreeMap<&str, &str> = observed
+            .iter()
+            .map(|o| (o.target.id.as_str(), o.evidence.as_str()))
+            .collect();
+        for key in ended {
+            let Some(mut alert) = open.remove(&key) else {
+                continue;
+            };
+            alert.resolved_at_ms = Some(now_ms);
+            alert.evidence = match last_seen.get(alert.target.as_str()) {
+                Some(evidence) => (*evidence).to_owned(),
+                None => "no longer probed (deregistered or removed from the config)".into(),
+            };
+            self.publish(Change::Resolved(alert));
+            done.resolved.push(key);
+        }
+        done
+    }
+
+    fn publish(&self, change: Change) {
+        // No watcher is fine; the outbox ends only with the process.
+        let _ = self.watchers.send(change.clone());
+        let _ = self.outbox.send(change);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Alert>> {
+        // A panic elsewhere must not stop alerting: the map stays valid.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The running monitor: builds everything from a [`Config`], binds the
+//! gRPC and admin listeners, owns the tasks (probe loop, alert outbox,
+//! servers), and drains them on shutdown.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use consul_client::{Client, ConfigError};
+use mesh_proto::v1::monitor_server::MonitorServer;
+use mesh_runtime::{
+    admin::{self, Admin},
+    metrics::Registry,
+    shutdown::{self, Shutdown, Trigger},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tonic::transport::{Server, server::TcpIncoming};
+use tracing::Instrument;
+
+use crate::{
+    alert::AlertBook,
+    checks::CheckWriter,
+    config::Config,
+    grpc::MonitorApi,
+    metrics::MonitorMetrics,
+    outbox::Outbox,
+    prober::{Board, Prober},
+    targets::Discovery,
+    webhook::Webhook,
+};
+
+/// A started monitor.
+#[derive(Debug)]
+pub struct Monitor {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    book: Arc<AlertBook>,
+    trigger: Trigger,
+    tasks: JoinSet<()>,
+}
+
+/// Why the monitor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Consul client could not be built.
+    #[error(transparent)]
+    Consul(#[from] ConfigError),
+    /// The webhook client could not be built.
+    #[error("{0}")]
+    Webhook(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+// === impl Monitor ===
+
+impl Monitor {
+    /// Binds the listeners and starts probing; metrics go to `registry`.
+    /// Ready (`/ready`) once the stored alerts are read back and the first
+    /// round is done.
+    pub async fn start(config: &Config, registry: Registry) -> Result<Self, StartError> {
+        let metrics = MonitorMetrics::new(&registry);
+        let consul = Client::new(&config.consul)?;
+        let webhook = config
+            .webhook_url
+            .clone()
+            .map(|url| Webhook::new(url, config.webhook_attempts))
+            .transpose()
+            .map_err(StartError::Webhook)?;
+        let grpc = bind(config.grpc_listen, "gRPC").await?;
+        let admin_listener = bind(config.admin_listen, "admin").await?;
+        let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
+
+        let (book, changes) = AlertBook::new();
+        let book = Arc::new(book);
+        let board = Arc::new(Board::default());
+        let admin = Admin::new(registry);
+        let prober = Prober {
+            discovery: Discovery::new(consul.clone(), config),
+            consul: consul.clone(),
+            probing: config.probing,
+            board: board.clone(),
+            book: book.clone(),
+            checks: config
+                .consul_checks
+                .then(|| CheckWriter::new(config.bridge_port, metrics.clone())),
+            metrics: metrics.clone(),
+            admin: admin.clone(),
+        };
+        let outbox = Outbox::new(consul, webhook, metrics);
+        let (trigger, shutdown) = shutdown::channel();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            prober
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("probe")),
+        );
+        let outbox_shutdown = shutdown.clone();
+        tasks.spawn(
+            async move { outbox.run(changes, outbox_shutdown).await }
+                .instrument(tracing::info_span!("outbox")),
+        );
+        let api = MonitorApi::new(book.clone(), board);
+        tasks
+            .spawn(serve_grpc(grpc, api, shutdown.clone()).instrument(tracing::info_span!("grpc")));
+        tasks.spawn(
+            admin::serve(admin_listener, admin.router(Default::default()), shutdown)
+                .instrument(tracing::info_span!("admin")),
+        );
+        tracing::info!(
+            node = %config.node, grpc = %grpc_addr, admin = %admin_addr,
+            consul = ?config.consul.addrs, interval = ?config.probing.interval,
+            timeout = ?config.probing.timeout, slow = ?config.probing.slow_threshold,
+            components = config.components.len(), consul_checks = config.consul_checks,
+            webhook = config.webhook_url.is_some(), "mesh-monitor started"
+        );
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            book,
+            trigger,
+            tasks,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The alerts.
+    pub fn alerts(&self) -> &AlertBook {
+        &self.book
+    }
+
+    /// Stops probing and serving, and waits for the tasks up to `grace`;
+    /// `false` when they did not finish in time. An alert change not yet
+    /// carried out stays in KV for the next run.
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
+        self.trigger.trigger();
+        let drained = async move { while self.tasks.join_next().await.is_some() {} };
+        tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+/// Pending connections the listeners queue.
+const LISTEN_BACKLOG: u32 = 128;
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: "local address",
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// Serves Monitor and grpc.health.v1 until `shutdown`.
+async fn serve_grpc(listener: TcpListener, api: MonitorApi, mut shutdown: Shutdown) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<MonitorServer<MonitorApi>>().await;
+    let result = Server::builder()
+        .add_service(health)
+        .add_service(MonitorServer::new(api))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move { shutdown.requested().await },
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
