@@ -89,6 +89,7 @@ impl ControlPlane {
                 port: config.deployer_port,
                 token: config.deployer_token.clone(),
             },
+            monitor: config.monitor_addr.clone(),
             replica: config.replica.clone(),
             leader: leader.clone(),
             metrics,

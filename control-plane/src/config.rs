@@ -83,6 +83,11 @@ pub struct Args {
     /// loopback require one).
     #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
     pub deployer_token: Option<String>,
+    /// mesh-monitor's gRPC address (mesh.v1.Monitor), e.g.
+    /// http://127.0.0.1:8896: rollout gates ask it for each node's verdict
+    /// and the dashboard shows its alerts; unset: no monitor.
+    #[arg(long, env = "MESH_MONITOR_ADDR")]
+    pub monitor_addr: Option<String>,
     /// Leader lock session TTL, 10s to 5m [default: 10s].
     #[arg(long, env = "MESH_LEADER_TTL")]
     pub leader_ttl: Option<HumanDuration>,
@@ -144,6 +149,8 @@ pub struct Config {
     pub deployer_port: u16,
     /// Token for the nodes' deployers.
     pub deployer_token: Option<Secret>,
+    /// mesh-monitor's gRPC URL, if there is one.
+    pub monitor_addr: Option<String>,
     /// Leader lock session TTL.
     pub leader_ttl: Duration,
     /// How nginx.conf is rendered.
@@ -200,6 +207,22 @@ impl Args {
             }
             Some(t) => Some(Secret(t.to_owned())),
         };
+        let monitor_addr = match self.monitor_addr.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(a) => {
+                let url = if a.contains("://") {
+                    a.to_owned()
+                } else {
+                    format!("http://{a}")
+                };
+                if !url.starts_with("http://") || url.parse::<tonic::transport::Uri>().is_err() {
+                    return Err(format!(
+                        "monitor_addr: {a:?} is not host:port or an http:// URL"
+                    ));
+                }
+                Some(url)
+            }
+        };
         let leader_ttl = self
             .leader_ttl
             .map_or(DEFAULT_LEADER_TTL, HumanDuration::get);
@@ -220,6 +243,7 @@ impl Args {
             bridge_port,
             deployer_port,
             deployer_token,
+            monitor_addr,
             leader_ttl,
             nginx,
         })

@@ -10,9 +10,11 @@ use std::{collections::BTreeMap, time::Duration};
 
 use consul_client::{Client, QueryOptions, ServiceEntry};
 use futures::{StreamExt as _, TryStreamExt as _};
-use mesh_proto::v1::{self as pb, deployer_client, registry_client::RegistryClient};
+use mesh_proto::v1::{
+    self as pb, deployer_client, monitor_client::MonitorClient, registry_client::RegistryClient,
+};
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::Secret,
@@ -58,6 +60,7 @@ pub struct Control {
     nginx: NginxSettings,
     bridge_port: u16,
     deployers: DeployerSettings,
+    monitor: Option<String>,
     replica: String,
     leader: watch::Receiver<LeaderState>,
     metrics: ControlMetrics,
@@ -106,6 +109,8 @@ pub struct ControlParts {
     pub bridge_port: u16,
     /// How each node's deployer is reached.
     pub deployers: DeployerSettings,
+    /// mesh-monitor's gRPC URL, if there is one.
+    pub monitor: Option<String>,
     /// This replica's name.
     pub replica: String,
     /// Who leads, as the leader lock says.
@@ -125,6 +130,7 @@ impl Control {
             nginx: parts.nginx,
             bridge_port: parts.bridge_port,
             deployers: parts.deployers,
+            monitor: parts.monitor,
             replica: parts.replica,
             leader: parts.leader,
             metrics: parts.metrics,
@@ -534,6 +540,29 @@ impl Control {
             .render_nginx(&version, None, self.nginx.upstreams)
             .await?;
         Ok(text)
+    }
+
+    /// A client of mesh-monitor, and its URL; `None` when mesh-control
+    /// runs without one (`monitor_addr` unset).
+    pub async fn monitor(&self) -> Option<Result<(MonitorClient<Channel>, String), ControlError>> {
+        let url = self.monitor.clone()?;
+        let endpoint = match Endpoint::from_shared(url.clone()) {
+            Ok(e) => e
+                .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
+                .timeout(BRIDGE_CALL_TIMEOUT),
+            Err(e) => {
+                return Some(Err(ControlError::Internal(format!(
+                    "monitor address {url}: {e}"
+                ))));
+            }
+        };
+        Some(match endpoint.connect().await {
+            Ok(channel) => Ok((MonitorClient::new(channel), url)),
+            Err(e) => Err(ControlError::Unavailable(format!(
+                "mesh-monitor at {url} is unreachable: {}",
+                error_chain(&e)
+            ))),
+        })
     }
 
     /// nginx.conf for `version` and for `previous`, and their diff.

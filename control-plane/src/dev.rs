@@ -177,6 +177,8 @@ async fn start(
         CONTROL_HTTP.into(),
         "--replica".into(),
         "dev".into(),
+        "--monitor-addr".into(),
+        format!("http://{MONITOR_GRPC}"),
     ];
     group.spawn(
         "mesh-control",
