@@ -18,6 +18,8 @@
 //! - [`outbox`]: alert changes into Consul KV and to the webhook, in order.
 //! - [`webhook`]: the webhook sink.
 //! - [`prober`]: the probe loop.
+//! - [`logs`]: log files followed through rotation, and rules over their
+//!   lines (patterns per window, 5xx rate per service).
 //! - [`grpc`]: `mesh.v1.Monitor`: list and watch alerts, verdicts.
 //! - [`metrics`]: the monitor's Prometheus metrics.
 //! - [`app`]: the running [`Monitor`]: listeners, tasks, shutdown.
@@ -27,6 +29,7 @@ pub mod app;
 pub mod checks;
 pub mod config;
 pub mod grpc;
+pub mod logs;
 pub mod metrics;
 pub mod outbox;
 pub mod probe;
