@@ -84,7 +84,7 @@
       const version = parts[2] === 'versions' && /^\d+$/.test(parts[3] || '') ? Number(parts[3]) : null;
       return { page: 'node', node: parts[1], version };
     }
-    if (['services', 'rollouts', 'deployments'].includes(parts[0])) return { page: parts[0] };
+    if (['services', 'rollouts', 'deployments', 'alerts'].includes(parts[0])) return { page: parts[0] };
     return { page: 'nodes' };
   }
 
@@ -147,6 +147,7 @@
         n.proxy.refused_version ? ['Refused', refusal(n)] : null,
         ['Last seen', when(n.proxy.last_seen, 'never')],
         ['Instances', String(n.instances)],
+        nodeAlerts(s, name).length ? ['Alerts', alertsSummary(nodeAlerts(s, name))] : null,
         rolling ? ['Rollout', [
           el('a', { href: '#/rollouts' }, 'version ' + rolling[0].version), ' (', rolloutBadge(rolling[0].state),
           '): step ' + rolling[1].step + ', ', badge(rolling[1].state, 'step-' + rolling[1].state),
@@ -518,6 +519,87 @@
     return table(['Node', 'Version', 'State', 'Detail', 'Instance', 'Started', 'Finished'], rows);
   }
 
+  // --- alerts ------------------------------------------------------------------
+
+  /** The monitor's answer: {configured, error, alerts}; absent from an old mesh-control. */
+  function monitorOf(s) {
+    return s.monitor || { configured: false, error: '', alerts: [] };
+  }
+
+  function severityBadge(severity) {
+    return badge(severity, 'sev-' + severity);
+  }
+
+  /** The open alerts on a node (of its instances). */
+  function nodeAlerts(s, name) {
+    return monitorOf(s).alerts.filter((al) => al.node === name);
+  }
+
+  /** "2 critical, 1 warning", linking to the alerts page. */
+  function alertsSummary(list) {
+    const critical = list.filter((al) => al.severity === 'critical').length;
+    const words = [];
+    if (critical) words.push(critical + ' critical');
+    if (list.length - critical) words.push(list.length - critical + ' warning');
+    return el('a', { href: '#/alerts', class: critical ? 'sev-text-critical' : 'sev-text-warning' }, words.join(', '));
+  }
+
+  /** The count in the navigation: open alerts, colored by the worst; "!" when the monitor does not answer. */
+  function alertCount(s) {
+    const count = document.getElementById('alert-count');
+    const monitor = monitorOf(s);
+    const critical = monitor.alerts.filter((al) => al.severity === 'critical').length;
+    if (monitor.error) {
+      count.textContent = '!';
+      count.className = 'alert-count sev-unknown';
+      count.title = monitor.error;
+    } else {
+      count.textContent = String(monitor.alerts.length);
+      count.className = 'alert-count ' + (critical ? 'sev-critical' : 'sev-warning');
+      count.title = plural(critical, 'critical alert', 'critical alerts') + ', ' +
+        plural(monitor.alerts.length - critical, 'warning', 'warnings');
+    }
+    count.hidden = !monitor.configured || (!monitor.error && !monitor.alerts.length);
+  }
+
+  function alertsPage(s) {
+    const monitor = monitorOf(s);
+    const heading = el('h1', {}, 'Alerts ', el('span', { class: 'count' }, '(' + monitor.alerts.length + ' open)'));
+    if (!monitor.configured) {
+      return [
+        el('h1', {}, 'Alerts'),
+        el('p', { class: 'empty' }, 'mesh-control runs without mesh-monitor: no alerts to show.'),
+        el('p', { class: 'empty' },
+          'Start mesh-monitor and give mesh-control its address (--monitor-addr, MESH_MONITOR_ADDR or ' +
+          'monitor_addr in its config file) to see here what its probes find down, hung, unhealthy or slow.'),
+      ];
+    }
+    if (monitor.error) {
+      return [
+        el('h1', {}, 'Alerts'),
+        el('p', { class: 'reason monitor-error' }, 'mesh-monitor cannot be asked: ' + monitor.error),
+      ];
+    }
+    if (!monitor.alerts.length) {
+      return [heading, el('p', { class: 'empty' }, 'No open alerts: every probed instance and component answers in time.')];
+    }
+    const rows = monitor.alerts.map((al) => el('tr', { class: 'alert ' + al.severity.replace(/[^a-z]/g, ''), title: al.key },
+      el('td', {}, severityBadge(al.severity)),
+      el('td', {}, al.kind),
+      el('td', { title: al.instance_id ? 'instance ' + al.instance_id : null },
+        al.node ? [el('a', { href: nodeHref(al.node) }, al.node), '/' + al.target.slice(al.node.length + 1)] : al.target),
+      el('td', {}, al.service),
+      el('td', {}, when(al.started_at, 'unknown'),
+        al.state !== 'open' ? [' ', badge(al.state), ' ', when(al.resolved_at, '')] : null),
+      el('td', {}, el('code', {}, al.probe)),
+      el('td', { class: 'evidence' }, al.evidence)));
+    return [
+      heading,
+      el('p', { class: 'summary' }, alertsSummary(monitor.alerts), ' \u00b7 as mesh-monitor listed them, the critical ones first'),
+      table(['Severity', 'Kind', 'Target', 'Service', 'Since', 'Probe', 'Evidence'], rows),
+    ];
+  }
+
   // --- rendering -------------------------------------------------------------
 
   function render() {
@@ -533,9 +615,11 @@
     else if (r.page === 'services') content = servicesPage(s);
     else if (r.page === 'rollouts') content = rolloutsPage(s);
     else if (r.page === 'deployments') content = deploymentsPage(s);
+    else if (r.page === 'alerts') content = alertsPage(s);
     else content = nodesPage(s);
     const main = document.getElementById('main');
     main.replaceChildren(...[content].flat(Infinity).filter((x) => x));
+    alertCount(s);
 
     const banner = document.getElementById('banner');
     banner.hidden = !s.error;

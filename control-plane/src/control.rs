@@ -27,11 +27,12 @@ use crate::{
     store::{Conflict, Store},
 };
 
+pub mod alerts;
 pub mod deployments;
 pub mod rollouts;
 pub mod types;
 
-pub use self::{deployments::*, rollouts::*, types::*};
+pub use self::{alerts::*, deployments::*, rollouts::*, types::*};
 
 /// How long a connect to a node's bridge may take.
 pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,16 +1,18 @@
 //! `meshctl`'s commands that talk to mesh-control over gRPC: `status`,
 //! `nodes`, `services`, `routes get|set`, `versions`, `render`,
 //! `register`, `deregister`, and `rollout …` and `deploy …` (in their
-//! own modules). Each prints a table (or JSON with
+//! own modules); and `alerts`, which asks mesh-monitor itself. Each prints a table (or JSON with
 //! `--output json`); a failure is one line and an exit code that says what
 //! to do about it ([`CtlError::exit_code`]).
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
+pub mod alerts;
 pub mod deploy;
 pub mod rollout;
 
 pub use self::{
+    alerts::{AlertsCtl, DEFAULT_MONITOR_ADDR},
     deploy::DeployArgs,
     rollout::{StageArgs, StartArgs},
 };

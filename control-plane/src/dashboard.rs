@@ -4,7 +4,7 @@
 //! | path | what |
 //! |---|---|
 //! | `GET /` | redirects to `/ui/` |
-//! | `GET /ui/` | the page (`#/nodes`, `#/nodes/{node}`, `#/nodes/{node}/versions/{n}`, `#/services`, `#/rollouts`) |
+//! | `GET /ui/` | the page (`#/nodes`, `#/nodes/{node}`, `#/nodes/{node}/versions/{n}`, `#/services`, `#/rollouts`, `#/deployments`, `#/alerts`) |
 //! | `GET /ui/app.js`, `GET /ui/app.css` | its script and style |
 //! | `GET /v1/events` | Server-Sent Events: `state` events, each the whole [`Snapshot`] as JSON |
 //!
@@ -15,7 +15,9 @@
 //! the dashboard carries a strict Content-Security-Policy (scripts, styles
 //! and connections from this origin only, no inline code), and the script
 //! builds the page with DOM calls and text nodes only: names, tags, check
-//! outputs and diffs are shown as text, never parsed as HTML.
+//! outputs and diffs are shown as text, never parsed as HTML. mesh-monitor's
+//! alerts come in the same snapshot (the monitor is asked by mesh-control,
+//! never by the page), with a count in the navigation on every page.
 //!
 //! - [`state`]: the [`Snapshot`] pushed to the page, and how it is put together.
 //! - [`publish`]: the one task per replica that keeps it fresh while a page is open.

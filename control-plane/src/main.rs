@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use mesh_control_plane::{
     control::{Check, Registration},
     ctl::{
-        self, Ctl, CtlError, DEFAULT_CONTROL_ADDR, DeployArgs, Output, RenderArgs, SetRoutesArgs,
-        StageArgs, StartArgs,
+        self, AlertsCtl, Ctl, CtlError, DEFAULT_CONTROL_ADDR, DEFAULT_MONITOR_ADDR, DeployArgs,
+        Output, RenderArgs, SetRoutesArgs, StageArgs, StartArgs,
     },
     demo, dev,
     render::Format,
@@ -74,6 +74,9 @@ enum Command {
     Register(RegisterCli),
     /// Deregister an instance from a node, through the node's bridge.
     Deregister(DeregisterCli),
+    /// mesh-monitor's open alerts (asked of mesh-monitor itself): what its
+    /// probes find down, hung, unhealthy or slow.
+    Alerts(AlertsCli),
 }
 
 /// How to reach mesh-control and how to print.
@@ -353,6 +356,19 @@ struct RegisterCli {
     /// Deregister after the check was critical this long.
     #[arg(long, default_value = "")]
     deregister_after: String,
+}
+
+#[derive(Debug, Args)]
+struct AlertsCli {
+    /// mesh-monitor's gRPC address (host:port or an http:// URL).
+    #[arg(long, env = "MESH_MONITOR_ADDR", default_value = DEFAULT_MONITOR_ADDR)]
+    monitor_addr: String,
+    /// table or json (with --watch: one JSON object a line).
+    #[arg(long, env = "MESH_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Then print each alert as it opens or resolves, until interrupted.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -639,6 +655,14 @@ async fn control(command: Command) -> Result<String, CtlError> {
                 .await
         }
         Command::Deregister(d) => connect(&d.client).await?.deregister(&d.node, &d.id).await,
+        Command::Alerts(a) => {
+            let mut monitor = AlertsCtl::connect(&a.monitor_addr, a.output).await?;
+            if a.watch {
+                monitor.watch(print_now).await
+            } else {
+                monitor.list().await
+            }
+        }
         Command::Dev { .. } | Command::Demo { .. } => unreachable!("handled by main"),
     }
 }

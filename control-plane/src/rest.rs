@@ -21,8 +21,11 @@
 //! | `GET /v1/deployments/{id}[?service=S]` | GetDeployment (0: the newest, of `service` when given) |
 //! | `PUT /v1/deployments/{id}/abort` | AbortDeployment (body, optional: `author`) |
 //! | `GET /v1/deployers[?service=S]` | ListNodeDeployments |
+//! | `GET /v1/alerts` | mesh-monitor's open alerts: `configured`, `error`, `alerts` (REST only) |
 //!
-//! Deploying (uploading an artifact) is gRPC only.
+//! Deploying (uploading an artifact) is gRPC only. `/v1/alerts` relays
+//! mesh-monitor's `ListAlerts`; it answers 200 whether or not a monitor is
+//! configured or answers, and says which in `configured` and `error`.
 //!
 //! Errors are JSON `{"error", "kind", …}` with the status of
 //! [`ControlError::http_status`]: 400 naming the field, 404, 409 naming the
@@ -67,6 +70,7 @@ pub fn router(control: Control) -> Router {
         .route("/v1/deployments/{id}", get(deployment))
         .route("/v1/deployments/{id}/abort", put(abort_deployment))
         .route("/v1/deployers", get(node_deployments))
+        .route("/v1/alerts", get(alerts))
         .with_state(control)
 }
 
@@ -299,4 +303,9 @@ async fn node_deployments(
         Err(e) => Err(ControlError::invalid("query", e.body_text())),
     };
     answer(&control, "ListNodeDeployments", result)
+}
+
+async fn alerts(State(control): State<Control>) -> Response {
+    let alerts = control.alerts().await;
+    answer(&control, "ListAlerts", Ok(alerts))
 }

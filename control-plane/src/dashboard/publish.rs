@@ -4,12 +4,16 @@
 //! reads the state, publishes it on a watch channel when it changed, and
 //! waits for the next change. [`ConsulSource`] wakes on Consul's blocking
 //! queries (catalog nodes, catalog services, and the KV prefixes in
-//! [`WATCHED_PREFIXES`]: routes, proxy reports, rollouts and deployments)
+//! [`WATCHED_PREFIXES`]: routes, proxy reports, rollouts, deployments and
+//! mesh-monitor's open alerts)
 //! and on a change of the leader lock at once; a health check that flips
 //! need not move any of those indexes, so the state is also read again
 //! every [`REFRESH`]. What the nodes' deployers run is asked of each
 //! deployer, so it is asked again only when a deployment moved or
 //! [`REFRESH`] has passed, and not at all before a first deployment.
+//! mesh-monitor's alerts are asked of the monitor on every read, alongside
+//! Consul; a monitor that does not answer is shown as such, and does not
+//! fail the read.
 //! While no page is open nothing is read.
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
@@ -42,13 +46,16 @@ pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// The KV prefixes whose changes wake the publisher at once: each node's
 /// routes, what each node's proxy reported, the rollouts and the
 /// deployments (the leader writes a rollout's or a deployment's record at
-/// each of its steps, so its progress shows as it happens). Not the
-/// artifacts' prefix: their bytes are large and never change.
-pub const WATCHED_PREFIXES: [&str; 4] = [
+/// each of its steps, so its progress shows as it happens), and the alerts
+/// mesh-monitor keeps open (it stores one once it lists it, so the read
+/// that follows sees it). Not the artifacts' prefix: their bytes are large
+/// and never change.
+pub const WATCHED_PREFIXES: [&str; 5] = [
     "mesh/nodes/",
     "mesh/status/",
     "mesh/rollouts/",
     "mesh/deployments/",
+    "mesh/monitor/alerts/",
 ];
 
 /// Blocking queries held while a page is open: catalog nodes, catalog
@@ -270,12 +277,18 @@ impl ConsulSource {
 impl Source for ConsulSource {
     async fn read(&mut self) -> Result<Reading, ControlError> {
         let status = self.control.status();
-        let (nodes, services, rollouts, deployments) = tokio::try_join!(
-            self.control.nodes(),
-            self.control.services(),
-            self.control.rollouts(),
-            self.control.deployments(""),
-        )?;
+        let (consul, alerts) = tokio::join!(
+            async {
+                tokio::try_join!(
+                    self.control.nodes(),
+                    self.control.services(),
+                    self.control.rollouts(),
+                    self.control.deployments(""),
+                )
+            },
+            self.control.alerts(),
+        );
+        let (nodes, services, rollouts, deployments) = consul?;
         let routes = self.histories(&nodes).await?;
         let deployers = self.deployers(&deployments).await?;
         Ok(Reading {
@@ -286,6 +299,7 @@ impl Source for ConsulSource {
             rollouts,
             deployments,
             deployers,
+            alerts,
         })
     }
 

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::{
     control::{
-        DeploymentView, NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutView, ServiceInfo,
-        Status, VersionSummary,
+        AlertView, DeploymentView, MonitorAlerts, NodeDeploymentsView, NodeInfo, NodeRoutes,
+        RolloutView, ServiceInfo, Status, VersionSummary,
     },
     model::RouteSpec,
 };
@@ -54,6 +54,11 @@ pub struct Snapshot {
     /// `GET /v1/deployers` shows it (a node whose deployer did not answer
     /// says why); empty until a first deployment.
     pub deployers: Vec<NodeDeploymentsView>,
+    /// mesh-monitor's open alerts, the critical ones first, each severity
+    /// oldest first; whether a monitor is configured, and why it did not
+    /// answer if it did not (its alerts are then none: a monitor that is
+    /// not asked tells nothing).
+    pub monitor: MonitorAlerts,
     /// Why the newest read failed; empty when it did not. The rest is then
     /// the last state read in full.
     pub error: String,
@@ -107,11 +112,14 @@ pub struct Reading {
     pub deployments: Vec<DeploymentView>,
     /// `GET /v1/deployers`: what each node's deployer runs and keeps.
     pub deployers: Vec<NodeDeploymentsView>,
+    /// `GET /v1/alerts`: mesh-monitor's open alerts, in any order.
+    pub alerts: MonitorAlerts,
 }
 
 /// Puts a reading together for the pages: nodes and services by name,
 /// each node's agent health and instance count, the newest versions, the
-/// newest rollouts and deployments, the deployers by node.
+/// newest rollouts and deployments, the deployers by node, the worst
+/// alerts first.
 pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
     let Reading {
         status,
@@ -121,6 +129,7 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         rollouts,
         mut deployments,
         mut deployers,
+        mut alerts,
     } = reading;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -154,6 +163,7 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
     deployments.sort_by_key(|d| std::cmp::Reverse(d.id));
     deployments.truncate(MAX_DEPLOYMENTS);
     deployers.sort_by(|a, b| a.node.cmp(&b.node));
+    alerts.alerts.sort_by(AlertView::worst_first);
     Snapshot {
         status,
         nodes,
@@ -164,6 +174,7 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         deployments,
         deployments_total,
         deployers,
+        monitor: alerts,
         error: String::new(),
         updated_at,
     }
@@ -224,6 +235,7 @@ impl Snapshot {
             && self.deployments == other.deployments
             && self.deployments_total == other.deployments_total
             && self.deployers == other.deployers
+            && self.monitor == other.monitor
             && self.error == other.error
     }
 

@@ -14,9 +14,9 @@ use super::{
 };
 use crate::{
     control::{
-        CheckInfo, DeployedInstance, DeploymentNodeView, DeploymentView, InstanceInfo,
-        NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutEventView, RolloutNodeView, RolloutView,
-        ServiceInfo, Status, StoredArtifact, VersionSummary,
+        AlertView, CheckInfo, DeployedInstance, DeploymentNodeView, DeploymentView, InstanceInfo,
+        MonitorAlerts, NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutEventView,
+        RolloutNodeView, RolloutView, ServiceInfo, Status, StoredArtifact, VersionSummary,
     },
     error::ControlError,
     model::RouteSpec,
@@ -117,6 +117,7 @@ fn reading(node_names: &[&str]) -> Reading {
         rollouts: Vec::new(),
         deployments: Vec::new(),
         deployers: Vec::new(),
+        alerts: MonitorAlerts::unconfigured(),
     }
 }
 
@@ -426,6 +427,114 @@ fn a_deployments_progress_and_a_nodes_new_version_are_changes() {
     assert!(
         !c.same_as(&assemble(r, "t4".into())),
         "the deployment ended"
+    );
+}
+
+fn alert(kind: &str, target: &str, severity: &str, started_at: &str) -> AlertView {
+    let (node, instance_id) = target.split_once('/').unwrap_or_default();
+    AlertView {
+        key: format!("{kind}/{target}"),
+        kind: kind.into(),
+        severity: severity.into(),
+        target: target.into(),
+        service: "orders".into(),
+        instance_id: instance_id.into(),
+        node: node.into(),
+        probe: "http://10.0.0.1:9001/health".into(),
+        evidence: MARKUP.into(),
+        started_at: started_at.into(),
+        resolved_at: String::new(),
+        state: "open".into(),
+    }
+}
+
+fn listed(alerts: Vec<AlertView>) -> MonitorAlerts {
+    MonitorAlerts {
+        configured: true,
+        error: String::new(),
+        alerts,
+    }
+}
+
+#[test]
+fn assemble_puts_critical_alerts_first_then_the_oldest() {
+    let mut r = reading(&["n1", "n2"]);
+    r.alerts = listed(vec![
+        alert("slow", "n1/web-1", "warning", "2026-01-01T00:00:01.000Z"),
+        alert("down", "n2/api-2", "critical", "2026-01-01T00:00:05.000Z"),
+        alert("hung", "n1/api-1", "critical", "2026-01-01T00:00:02.000Z"),
+        alert("slow", "n2/api-2", "warning", "2026-01-01T00:00:00.000Z"),
+    ]);
+    let snapshot = assemble(r, "now".into());
+    let keys: Vec<&str> = snapshot
+        .monitor
+        .alerts
+        .iter()
+        .map(|a| a.key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "hung/n1/api-1",
+            "down/n2/api-2",
+            "slow/n2/api-2",
+            "slow/n1/web-1"
+        ]
+    );
+    assert!(snapshot.monitor.configured);
+}
+
+#[test]
+fn the_state_carries_each_alert_as_the_api_shows_it_and_whether_the_monitor_answered() {
+    let mut r = reading(&["n1"]);
+    let hung = alert("hung", "n1/api-1", "critical", "2026-01-01T00:00:02.000Z");
+    r.alerts = listed(vec![hung.clone()]);
+    let back: serde_json::Value =
+        serde_json::from_str(&assemble(r.clone(), "now".into()).to_json()).expect("JSON");
+    let api = serde_json::to_value(&hung).expect("an alert is JSON");
+    assert_eq!(back["monitor"]["alerts"][0], api);
+    assert_eq!(back["monitor"]["alerts"][0]["evidence"], MARKUP);
+    assert_eq!(back["monitor"]["configured"], true);
+    assert_eq!(back["monitor"]["error"], "");
+
+    r.alerts = MonitorAlerts::failed("mesh-monitor at http://127.0.0.1:8896 is unreachable");
+    let back: serde_json::Value =
+        serde_json::from_str(&assemble(r, "now".into()).to_json()).expect("JSON");
+    assert_eq!(
+        back["monitor"],
+        serde_json::json!({
+            "configured": true,
+            "error": "mesh-monitor at http://127.0.0.1:8896 is unreachable",
+            "alerts": [],
+        })
+    );
+    assert_eq!(
+        back["error"], "",
+        "Consul was read: the state is not in error"
+    );
+
+    let none = assemble(reading(&["n1"]), "now".into());
+    assert!(!none.monitor.configured && none.monitor.alerts.is_empty());
+}
+
+#[test]
+fn an_alert_that_opens_or_resolves_and_a_monitor_that_stops_answering_are_changes() {
+    let mut r = reading(&["n1"]);
+    r.alerts = listed(Vec::new());
+    let quiet = assemble(r.clone(), "t1".into());
+    assert!(quiet.same_as(&assemble(r.clone(), "t2".into())));
+    r.alerts = listed(vec![alert("down", "n1/api-1", "critical", "t")]);
+    let open = assemble(r.clone(), "t2".into());
+    assert!(!quiet.same_as(&open), "an alert opened");
+    r.alerts = listed(Vec::new());
+    assert!(
+        !open.same_as(&assemble(r.clone(), "t3".into())),
+        "it resolved"
+    );
+    r.alerts = MonitorAlerts::failed("unreachable");
+    assert!(
+        !quiet.same_as(&assemble(r, "t3".into())),
+        "the monitor stopped answering"
     );
 }
 
@@ -871,4 +980,26 @@ fn the_script_shows_every_field_a_deployment_and_a_deployer_have() {
         }
     }
     assert!(INDEX_HTML.contains(r##"href="#/deployments""##));
+}
+
+#[test]
+fn the_script_shows_every_field_an_alert_has() {
+    // The page names an alert `al`, the monitor's answer `s.monitor`.
+    let view = alert("hung", "n1/api-1", "critical", "t");
+    let json = serde_json::to_value(&view).expect("an alert is JSON");
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            APP_JS.contains(&format!("al.{key}")),
+            "app.js does not show al.{key}"
+        );
+    }
+    let json = serde_json::to_value(MonitorAlerts::unconfigured()).expect("JSON");
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            APP_JS.contains(&format!("monitor.{key}")),
+            "app.js does not show monitor.{key}"
+        );
+    }
+    assert!(INDEX_HTML.contains(r##"href="#/alerts""##));
+    assert!(INDEX_HTML.contains(r#"id="alert-count""#));
 }
