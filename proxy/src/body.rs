@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::{h1::BoxError, retry::RetryBody, upstream::PooledBody};
+use crate::{access_log::LoggedBody, h1::BoxError, retry::RetryBody, upstream::PooledBody};
 
 /// A response body sent to a client.
 #[derive(Debug)]
@@ -23,6 +23,9 @@ pub enum ProxyBody {
     Upstream(PooledBody),
     /// A local answer (an error, the agent API), sent in one frame.
     Full(Option<Bytes>),
+    /// Either of the above, logged to the access log when it ends (boxed:
+    /// only a proxy with an access log pays for it).
+    Logged(Box<LoggedBody>),
 }
 
 /// A request body sent to an instance.
@@ -63,6 +66,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Upstream(body) => Pin::new(body).poll_frame(cx),
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Logged(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -70,6 +74,7 @@ impl Body for ProxyBody {
         match self {
             Self::Upstream(body) => body.is_end_stream(),
             Self::Full(bytes) => bytes.is_none(),
+            Self::Logged(body) => body.is_end_stream(),
         }
     }
 
@@ -77,6 +82,7 @@ impl Body for ProxyBody {
         match self {
             Self::Upstream(body) => body.size_hint(),
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Logged(body) => body.size_hint(),
         }
     }
 }

@@ -110,6 +110,13 @@ pub struct Args {
     /// 0.0.0.0 or ::).
     #[arg(long, env = "MESH_INBOUND_ADDRESS")]
     pub inbound_address: Option<String>,
+    /// Access log file: one JSON line per request (off unless set);
+    /// reopened on SIGHUP and when rotated away.
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    /// Access log format: json, the only one for now (default json).
+    #[arg(long, env = "MESH_ACCESS_LOG_FORMAT")]
+    pub access_log_format: Option<AccessLogFormat>,
     /// Per-service route policies (file only: `[routes.<service>]`).
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -131,6 +138,15 @@ pub enum LoadBalancing {
     LeastRequest,
     /// By a hash of a header or cookie on a ring of the instances.
     ConsistentHash,
+}
+
+/// How access log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum AccessLogFormat {
+    /// One JSON object per line (see [`crate::access_log`]).
+    #[default]
+    Json,
 }
 
 /// The validated configuration the proxy runs with.
@@ -176,6 +192,10 @@ pub struct Config {
     pub registration_timeout: Duration,
     /// The inbound listener for other nodes' proxies; `None`: off.
     pub inbound: Option<InboundConfig>,
+    /// The access log file; `None`: off.
+    pub access_log: Option<PathBuf>,
+    /// The access log's format.
+    pub access_log_format: AccessLogFormat,
 }
 
 /// The inbound listener other nodes' proxies send to (see [`crate::inbound`]).
@@ -263,6 +283,25 @@ impl Args {
             self.inbound_address,
             &[("listen", listen), ("admin_listen", admin_listen)],
         )?;
+        let access_log = match self.access_log {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') => {
+                return Err(format!(
+                    "access_log: {} is a folder; give a file path",
+                    p.display()
+                ));
+            }
+            Some(p)
+                if p.parent()
+                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) =>
+            {
+                return Err(format!(
+                    "access_log: {}: its folder does not exist",
+                    p.display()
+                ));
+            }
+            p => p,
+        };
         let config = Config {
             log_format: self.log_format.unwrap_or_default(),
             node,
@@ -292,6 +331,8 @@ impl Args {
             },
             registration_timeout: Duration::from_secs(2),
             inbound,
+            access_log,
+            access_log_format: self.access_log_format.unwrap_or_default(),
         };
         // Every route's policy, checked now rather than on first use.
         Policies::from_config(&config)?;
@@ -393,6 +434,30 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+// === impl AccessLogFormat ===
+
+impl FromStr for AccessLogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown access log format {other:?}: expected json"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for AccessLogFormat {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        // The file's error names the key, as the flag's does.
+        s.parse().map_err(|e| format!("access_log_format: {e}"))
+    }
+}
+
 // === impl LoadBalancing ===
 
 impl FromStr for LoadBalancing {
@@ -452,6 +517,45 @@ mod tests {
         assert_eq!(c.listener_max_connections, Some(10_000));
         assert!(c.services.is_empty());
         assert_eq!(c.inbound, None, "the inbound listener is off unless set");
+        assert_eq!(c.access_log, None, "the access log is off unless set");
+        assert_eq!(c.access_log_format, AccessLogFormat::Json);
+    }
+
+    #[test]
+    fn the_access_log_is_a_file_path_in_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("access.log");
+        let c = parse(&["--access-log", file.to_str().unwrap()]).unwrap();
+        assert_eq!(c.access_log.as_ref(), Some(&file));
+        let text = format!(
+            "access_log = {:?}\naccess_log_format = \"json\"",
+            file.display().to_string()
+        );
+        let c = from_file(&text, &[]).unwrap();
+        assert_eq!(c.access_log, Some(file));
+        assert_eq!(
+            from_file("access_log = \"\"", &[]).unwrap().access_log,
+            None
+        );
+        let e = parse(&["--access-log", dir.path().to_str().unwrap()]).unwrap_err();
+        assert!(e.starts_with("access_log: ") && e.contains("folder"), "{e}");
+        let missing = dir.path().join("nowhere").join("access.log");
+        let e = parse(&["--access-log", missing.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.starts_with("access_log: ") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = from_file("access_log_format = \"combined\"", &[]).unwrap_err();
+        assert!(
+            e.contains("access_log_format: ") && e.contains("\"combined\": expected json"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        let e = parse(&["--access-log-format", "combined"]).unwrap_err();
+        assert!(
+            e.contains("--access-log-format") && e.contains("json"),
+            "{e}"
+        );
     }
 
     #[test]

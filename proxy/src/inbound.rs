@@ -49,6 +49,7 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
+    access_log::{Direction, Entry, Logger},
     body::{ProxyBody, UpstreamBody},
     config::Config,
     error::json_error,
@@ -91,6 +92,8 @@ pub struct Inbound {
     max_requests: Option<usize>,
     max_connections: Option<usize>,
     tunnels: Tunnels,
+    /// Where each answered request is logged, when `access_log` is set.
+    access_log: Option<Arc<Logger>>,
 }
 
 /// Why the inbound listener answers a request itself.
@@ -199,7 +202,14 @@ impl Inbound {
             max_requests: config.listener_max_requests,
             max_connections: config.listener_max_connections,
             tunnels: Tunnels::default(),
+            access_log: None,
         }
+    }
+
+    /// Logs every answered request with `logger` (see [`crate::access_log`]).
+    pub fn with_access_log(mut self, logger: Option<Arc<Logger>>) -> Self {
+        self.access_log = logger;
+        self
     }
 
     /// The open upgrade tunnels, which the listener drains.
@@ -209,10 +219,22 @@ impl Inbound {
 
     /// Answers one request from another node's proxy.
     pub async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = tokio::time::Instant::now();
         let protocol = protocol_of(req.version());
-        let response = match self.forward(req).await {
+        // Kept for the access log only: the request is forwarded whole.
+        let head = self
+            .access_log
+            .as_ref()
+            .map(|_| (req.method().clone(), req.uri().clone()));
+        let mut target = None;
+        let (mut reason, mut named) = ("", None);
+        let response = match self.forward(req, &mut target).await {
             Ok(response) => response,
             Err(refusal) => {
+                reason = refusal.kind();
+                if head.is_some() {
+                    named = refusal.service().map(Arc::<str>::from);
+                }
                 if matches!(refusal, Refusal::Connect { .. } | Refusal::Upstream { .. }) {
                     tracing::warn!(error = %refusal, cause = ?std::error::Error::source(&refusal), "inbound request failed");
                 } else {
@@ -223,10 +245,28 @@ impl Inbound {
             }
         };
         self.metrics.record(protocol, response.status());
-        response
+        let (Some(log), Some((method, uri))) = (&self.access_log, head) else {
+            return response;
+        };
+        let (service, upstream) = target.map_or((named, None), |(s, u)| (Some(s), Some(u)));
+        let mut entry = Entry::new(
+            Direction::Inbound,
+            service.unwrap_or_default(),
+            method,
+            uri,
+            response.status(),
+        );
+        entry.upstream = upstream;
+        entry.reason = reason;
+        log.wrap(response, entry, start)
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
+    /// Forwards `req` to the instance it names, which `resolved` is set to.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        resolved: &mut Option<(Arc<str>, Arc<Upstream>)>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::BadRequest("CONNECT is not supported"));
         }
@@ -236,6 +276,9 @@ impl Inbound {
             }
         })?;
         let target = resolve(&self.routes.load(), &self.node, req.headers())?;
+        if self.access_log.is_some() {
+            *resolved = Some((target.service.clone(), target.upstream.clone()));
+        }
         // The calling proxy's side of an upgrade, completed once the 101
         // has been relayed.
         let upgrade =

@@ -31,7 +31,9 @@
 //! - [`admin`]: `/routes` and `/stats` on the admin listener.
 //! - [`stats`]: `/stats`: readiness, config version, requests, errors and latency since start.
 //! - [`metrics`]: the proxy's metric handles.
+//! - [`access_log`]: one JSON line per request, written off the request path, reopened on rotation.
 
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod balance;
@@ -79,8 +81,9 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-pub use crate::config::{Args, Config, InboundConfig, LoadBalancing};
+pub use crate::config::{AccessLogFormat, Args, Config, InboundConfig, LoadBalancing};
 use crate::{
+    access_log::AccessLog,
     agent::Agent,
     discovery::Discovery,
     dump::{DumpClock, DumpFile},
@@ -114,6 +117,8 @@ pub struct App {
     proxy: Arc<Proxy>,
     layers: Arc<Layers>,
     reloads: Reloads,
+    /// The access log's writer, stopped last: after the drain.
+    access_log: Option<AccessLog>,
 }
 
 /// `mesh_proxy_config_reloads_total` by `outcome`.
@@ -142,6 +147,9 @@ pub enum StartError {
         /// Why.
         source: io::Error,
     },
+    /// The access log cannot be opened.
+    #[error(transparent)]
+    AccessLog(#[from] access_log::OpenError),
     /// The bridge address is not a valid URL.
     #[error("bridge_addr {addr:?}: {source}")]
     BridgeAddr {
@@ -160,6 +168,12 @@ impl App {
     /// `registry`.
     pub async fn start(config: Config, registry: Registry) -> Result<Self, StartError> {
         let queue = open_data_dir(&config.data_dir)?;
+        let access_log = config
+            .access_log
+            .as_deref()
+            .map(|path| AccessLog::open(path, &config.node, &registry))
+            .transpose()?;
+        let logger = access_log.as_ref().map(AccessLog::logger);
         let outbound = bind(config.listen)?;
         let admin_listener = bind(config.admin_listen)?;
         let (outbound_addr, admin_addr) = (outbound.addr(), admin_listener.addr());
@@ -186,12 +200,15 @@ impl App {
             config.registration_timeout,
             metrics.clone(),
         ));
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            routes.clone(),
-            Agent::new(registrar.clone()),
-            metrics.clone(),
-        ));
+        let proxy = Arc::new(
+            Proxy::new(
+                &config,
+                routes.clone(),
+                Agent::new(registrar.clone()),
+                metrics.clone(),
+            )
+            .with_access_log(logger.clone()),
+        );
         let layers = {
             let proxy = proxy.clone();
             let set_policies = Box::new(move |p| proxy.set_policies(p));
@@ -307,7 +324,10 @@ impl App {
                         stop.clone(),
                     ),
                 ));
-                let inbound = Arc::new(Inbound::new(&config, routes.clone(), metrics.inbound()));
+                let inbound = Arc::new(
+                    Inbound::new(&config, routes.clone(), metrics.inbound())
+                        .with_access_log(logger),
+                );
                 Some(spawn(
                     "inbound",
                     serve_inbound(bound, inbound, limits, routes.clone(), stop.clone()),
@@ -331,6 +351,7 @@ impl App {
             proxy,
             layers,
             reloads,
+            access_log,
         })
     }
 
@@ -379,6 +400,14 @@ impl App {
         }
     }
 
+    /// Reopens the access log file (SIGHUP, after logrotate moved it);
+    /// nothing when the log is off.
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
+    }
+
     /// Upgrade tunnels (WebSocket) open now.
     pub fn open_tunnels(&self) -> usize {
         self.proxy.tunnels().len()
@@ -404,6 +433,10 @@ impl App {
                 task.abort();
                 let _ = task.await;
             }
+        }
+        // Last: every request's line is queued once its connection is gone.
+        if let Some(log) = self.access_log {
+            log.close().await;
         }
         tracing::info!("mesh-proxy stopped");
     }

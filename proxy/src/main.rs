@@ -1,6 +1,6 @@
 //! mesh-proxy: loads its config (exit 64 with one line when it is bad),
-//! starts the proxy, reloads its route policies on SIGHUP, and drains it
-//! on SIGTERM or SIGINT.
+//! starts the proxy, reloads its route policies and reopens its access log
+//! on SIGHUP, and drains it on SIGTERM or SIGINT.
 
 use std::process::ExitCode;
 
@@ -39,6 +39,7 @@ async fn main() -> ExitCode {
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 // `App::reload` logs the outcome; a bad file keeps the last good.
                 let _ = app.reload(&args);
+                app.reopen_access_log();
             }
         }
     }

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
+    access_log::{Direction, Entry, Logger},
     agent::Agent,
     balance::{self, Tried, ewma::FAILURE_RTT},
     body::{ProxyBody, UpstreamBody},
@@ -67,6 +68,17 @@ pub struct Proxy {
     tunnels: Tunnels,
     /// Other nodes' proxies, which carry requests to their nodes' instances.
     peers: Arc<Peers>,
+    /// Where each answered request is logged, when `access_log` is set.
+    access_log: Option<Arc<Logger>>,
+}
+
+/// What the attempts of a request did, for its access log line.
+#[derive(Debug, Default)]
+struct Attempted {
+    /// The endpoint of the last attempt.
+    last: Option<usize>,
+    /// Attempts after the first.
+    retries: u32,
 }
 
 /// What a request copies to be replayed after a failure once sent.
@@ -112,7 +124,14 @@ impl Proxy {
             .into(),
             connect_timeout: config.connect_timeout,
             tunnels: Tunnels::default(),
+            access_log: None,
         }
+    }
+
+    /// Logs every answered request with `logger` (see [`crate::access_log`]).
+    pub fn with_access_log(mut self, logger: Option<Arc<Logger>>) -> Self {
+        self.access_log = logger;
+        self
     }
 
     /// Makes `policies` the route policies of every request from now on
@@ -172,7 +191,8 @@ impl Proxy {
             Ok(permit) => permit,
             Err(e) => {
                 self.metrics.listener_overloaded.increment(1);
-                return Ok(error_response(&e));
+                let response = error_response(&e);
+                return Ok(self.log_local(response, &req, start, Logger::listener, e.kind()));
             }
         };
         let target = match self.target(&req) {
@@ -183,15 +203,25 @@ impl Proxy {
                 self.metrics
                     .unrouted()
                     .record(response.status(), start.elapsed());
-                return Ok(response);
+                return Ok(self.log_local(response, &req, start, Logger::unrouted, e.kind()));
             }
         };
         let (service, strip) = target;
+        // Kept for the access log only: the request is forwarded whole.
+        let head = self
+            .access_log
+            .as_ref()
+            .map(|_| (req.method().clone(), req.uri().clone()));
         // The client's side of an upgrade, taken before the request is
         // forwarded; it completes once the 101 has been relayed.
         let upgrade =
             upgrade_of(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let response = match self.forward(&service, req, strip, &client, permit).await {
+        let mut attempted = Attempted::default();
+        let mut reason = "";
+        let forwarded = self
+            .forward(&service, req, strip, &client, permit, &mut attempted)
+            .await;
+        let response = match forwarded {
             Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.tunnels.open(service.name(), upgrade, response)
             }
@@ -207,11 +237,53 @@ impl Proxy {
                 ) {
                     tracing::warn!(service = %service.name(), error = %e, cause = ?std::error::Error::source(&e), "request failed");
                 }
+                reason = e.kind();
                 error_response(&e)
             }
         };
         service.metrics.record(response.status(), start.elapsed());
-        Ok(response)
+        let (Some(log), Some((method, uri))) = (&self.access_log, head) else {
+            return Ok(response);
+        };
+        let mut entry = Entry::new(
+            Direction::Outbound,
+            service.name().clone(),
+            method,
+            uri,
+            response.status(),
+        );
+        entry.upstream = attempted
+            .last
+            .map(|i| service.endpoints()[i].upstream.clone());
+        entry.retries = attempted.retries;
+        entry.reason = reason;
+        Ok(log.wrap(response, entry, start))
+    }
+
+    /// `response` logged (when the access log is on) as an answer the
+    /// proxy made itself to `req`, before it was routed to an instance.
+    /// `service` is the pseudo-service it is counted under; `reason`, the
+    /// error's kind.
+    fn log_local<B>(
+        &self,
+        response: Response<ProxyBody>,
+        req: &Request<B>,
+        start: Instant,
+        service: fn(&Logger) -> Arc<str>,
+        reason: &'static str,
+    ) -> Response<ProxyBody> {
+        let Some(log) = &self.access_log else {
+            return response;
+        };
+        let mut entry = Entry::new(
+            Direction::Outbound,
+            service(log),
+            req.method().clone(),
+            req.uri().clone(),
+            response.status(),
+        );
+        entry.reason = reason;
+        log.wrap(response, entry, start)
     }
 
     /// The service a request is for and how much of its path to strip;
@@ -250,6 +322,7 @@ impl Proxy {
         strip: usize,
         client: &HeaderValue,
         mut permit: Permit,
+        attempted: &mut Attempted,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if service.endpoints().is_empty() {
             return Err(ProxyError::NoHealthyInstance {
@@ -267,8 +340,10 @@ impl Proxy {
         let now = Instant::now();
         service.state.budget.deposit(&policy.budget, now);
         let deadline = now + policy.timeout;
-        self.attempts(service, &policy, req, replay, hash, permit, deadline)
-            .await
+        self.attempts(
+            service, &policy, req, replay, hash, permit, deadline, attempted,
+        )
+        .await
     }
 
     /// Hygiene and the upstream URI; keeps a replay copy when it may be used.
@@ -342,6 +417,7 @@ impl Proxy {
         hash: Option<u64>,
         permit: Permit,
         deadline: Instant,
+        attempted: &mut Attempted,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut now = deadline - policy.timeout;
         let mut tried = Tried::default();
@@ -368,7 +444,9 @@ impl Proxy {
                     break;
                 }
                 service.metrics.retries_sent.increment(1);
+                attempted.retries = attempt;
             }
+            attempted.last = Some(i);
             let remaining = deadline.saturating_duration_since(now);
             let limit = policy
                 .per_try_timeout

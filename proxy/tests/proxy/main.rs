@@ -4,6 +4,7 @@
 // Helpers are `pub` for the test modules; this crate exports nothing.
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod access_log;
 mod admin;
 mod agent;
 mod drain;

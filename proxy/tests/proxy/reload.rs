@@ -23,13 +23,13 @@ use crate::{
 
 /// The `mesh-proxy` binary, killed when dropped; its stderr (JSON log
 /// lines) collected.
-struct Binary {
+pub struct Binary {
     child: Child,
     log: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Binary {
-    fn start(config: &Path) -> Self {
+    pub fn start(config: &Path) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
         cmd.arg("--config")
             .arg(config)
@@ -56,12 +56,12 @@ impl Binary {
         Self { child, log }
     }
 
-    fn signal(&self, signal: Signal) {
+    pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 
     /// Log lines whose message contains `text`.
-    fn lines(&self, text: &str) -> Vec<serde_json::Value> {
+    pub fn lines(&self, text: &str) -> Vec<serde_json::Value> {
         self.log
             .lock()
             .unwrap()
@@ -71,7 +71,7 @@ impl Binary {
             .collect()
     }
 
-    async fn wait_line(&self, text: &str, count: usize) -> serde_json::Value {
+    pub async fn wait_line(&self, text: &str, count: usize) -> serde_json::Value {
         eventually(&format!("{count} log lines with {text:?}"), || async {
             let lines = self.lines(text);
             (lines.len() >= count).then(|| lines[count - 1].clone())
@@ -87,7 +87,7 @@ impl Drop for Binary {
     }
 }
 
-fn write_config(path: &Path, bridge: SocketAddr, data: &Path, routes: &str) {
+pub fn write_config(path: &Path, bridge: SocketAddr, data: &Path, routes: &str) {
     let text = format!(
         "node = \"reload-node\"\nlog_format = \"json\"\nlisten = \"127.0.0.1:0\"\n\
          admin_listen = \"127.0.0.1:0\"\nbridge_addr = \"http://{bridge}\"\n\
