@@ -1,6 +1,10 @@
 //! Alerts: one per kind and target at a time ([`Alert::key`]), opened when
 //! a target's condition turns bad and resolved when it ends, with the
-//! evidence the probes saw.
+//! evidence the probes saw. Two sources feed the book: the probe loop
+//! ([`AlertBook::reconcile`], which owns the alerts of kind
+//! [`AlertKind::Probe`]) and the log watcher ([`AlertBook::open_log`] and
+//! [`AlertBook::resolve_log`], one alert of kind [`AlertKind::Log`] per
+//! `log:<rule>:<file or service>` key); neither resolves the other's.
 //!
 //! The [`AlertBook`] holds the open alerts in memory (for `ListAlerts`,
 //! `WatchAlerts` and `/metrics`) and hands every change to the
@@ -12,12 +16,13 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    fmt,
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::probe::Outcome;
 
@@ -37,13 +42,26 @@ pub enum Severity {
     Critical,
 }
 
+/// What raised an alert: a probe outcome, or a log rule. Stored as one
+/// word (`hung`, `slow`, ..., `log`), so that alerts stored before log
+/// alerts existed read back unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum AlertKind {
+    /// What the probes saw; the probe loop's alerts.
+    Probe(Outcome),
+    /// A log rule fired; the log watcher's alerts.
+    Log,
+}
+
 /// One alert, as stored in KV and sent to the webhook.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
-    /// `<kind>/<target>`.
+    /// `<outcome>/<target>` for a probe alert, `log:<rule>:<file or
+    /// service>` for a log alert.
     pub key: String,
-    /// What the probes saw.
-    pub kind: Outcome,
+    /// What raised it.
+    pub kind: AlertKind,
     /// How bad.
     pub severity: Severity,
     /// The target's ID (`<node>/<service id>`, `component/<name>`).
@@ -68,6 +86,32 @@ pub struct Alert {
     /// Whether its opening was sent (the webhook called).
     #[serde(default)]
     pub open_sent: bool,
+    /// The log rule that raised it; empty for a probe alert.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rule: String,
+    /// Some log lines behind it (a pattern rule's latest matches, or the
+    /// counts behind a rate); empty for a probe alert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+}
+
+/// A log rule's condition that opens an alert ([`AlertBook::open_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogFiring {
+    /// `log:<rule>:<file or service>`.
+    pub key: String,
+    /// The rule's name.
+    pub rule: String,
+    /// The file or service the key names.
+    pub target: String,
+    /// The service, for a rule per service; empty for a file.
+    pub service: String,
+    /// How bad.
+    pub severity: Severity,
+    /// What was seen, one line.
+    pub summary: String,
+    /// The lines behind it.
+    pub lines: Vec<String>,
 }
 
 /// A change of the open alerts.
@@ -112,6 +156,9 @@ pub struct AlertBook {
     open: Mutex<BTreeMap<String, Alert>>,
     watchers: broadcast::Sender<Change>,
     outbox: mpsc::UnboundedSender<Change>,
+    /// Whether the stored alerts were restored: log alerts are taken only
+    /// after, so that one still open in KV is not opened (and sent) again.
+    restored: watch::Sender<bool>,
 }
 
 /// What [`AlertBook::reconcile`] did.
@@ -143,6 +190,53 @@ impl Severity {
     }
 }
 
+// === impl AlertKind ===
+
+impl AlertKind {
+    /// `up`, `slow`, `down`, `hung`, `unhealthy` or `log`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Probe(outcome) => outcome.as_str(),
+            Self::Log => "log",
+        }
+    }
+
+    /// The probe outcome, for a probe alert.
+    pub fn outcome(self) -> Option<Outcome> {
+        match self {
+            Self::Probe(outcome) => Some(outcome),
+            Self::Log => None,
+        }
+    }
+}
+
+impl From<AlertKind> for String {
+    fn from(kind: AlertKind) -> Self {
+        kind.as_str().to_owned()
+    }
+}
+
+impl TryFrom<String> for AlertKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "log" {
+            return Ok(Self::Log);
+        }
+        Outcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .map(Self::Probe)
+            .ok_or_else(|| format!("unknown alert kind {s:?}"))
+    }
+}
+
+impl fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 // === impl Alert ===
 
 impl Alert {
@@ -155,7 +249,7 @@ impl Alert {
     pub fn open(kind: Outcome, target: &TargetRef, evidence: &str, now_ms: u64) -> Self {
         Self {
             key: Self::key_of(kind, &target.id),
-            kind,
+            kind: AlertKind::Probe(kind),
             severity: Severity::of(kind),
             target: target.id.clone(),
             service: target.service.clone(),
@@ -166,12 +260,42 @@ impl Alert {
             started_at_ms: now_ms,
             resolved_at_ms: None,
             open_sent: false,
+            rule: String::new(),
+            lines: Vec::new(),
         }
     }
 
-    /// Its Consul KV key.
+    /// A new log alert for `firing`, opening at `now_ms`.
+    pub fn open_log(firing: &LogFiring, now_ms: u64) -> Self {
+        Self {
+            key: firing.key.clone(),
+            kind: AlertKind::Log,
+            severity: firing.severity,
+            target: firing.target.clone(),
+            service: firing.service.clone(),
+            instance_id: String::new(),
+            node: String::new(),
+            probe: String::new(),
+            evidence: firing.summary.clone(),
+            started_at_ms: now_ms,
+            resolved_at_ms: None,
+            open_sent: false,
+            rule: firing.rule.clone(),
+            lines: firing.lines.clone(),
+        }
+    }
+
+    /// Its Consul KV key. A log alert's key names a file, whose `/`s are
+    /// escaped (`%2F`, and `%` as `%25`): the key stays one KV entry
+    /// without empty path segments.
     pub fn kv_key(&self) -> String {
-        format!("{KV_PREFIX}{}", self.key)
+        match self.kind {
+            AlertKind::Probe(_) => format!("{KV_PREFIX}{}", self.key),
+            AlertKind::Log => format!(
+                "{KV_PREFIX}{}",
+                self.key.replace('%', "%25").replace('/', "%2F")
+            ),
+        }
     }
 }
 
@@ -186,6 +310,7 @@ impl AlertBook {
             open: Mutex::new(BTreeMap::new()),
             watchers,
             outbox,
+            restored: watch::channel(false).0,
         };
         (book, rx)
     }
@@ -208,7 +333,47 @@ impl AlertBook {
             restored.push(alert.clone());
             open.insert(alert.key.clone(), alert);
         }
+        self.restored.send_replace(true);
         restored
+    }
+
+    /// Waits until [`AlertBook::restore`] was called.
+    pub async fn wait_restored(&self) {
+        let mut rx = self.restored.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Opens the log alert of `firing.key` unless it is open; if it is
+    /// (restored at start-up, or fired again), only its evidence is
+    /// updated and nothing is sent. `true` when it opened.
+    pub fn open_log(&self, firing: &LogFiring, now_ms: u64) -> bool {
+        let mut open = self.lock();
+        if let Some(alert) = open.get_mut(&firing.key) {
+            alert.evidence.clone_from(&firing.summary);
+            alert.lines.clone_from(&firing.lines);
+            return false;
+        }
+        let alert = Alert::open_log(firing, now_ms);
+        open.insert(alert.key.clone(), alert.clone());
+        self.publish(Change::Opened(alert));
+        true
+    }
+
+    /// Resolves the open log alert `key` with `evidence`; `false` when no
+    /// log alert of that key is open.
+    pub fn resolve_log(&self, key: &str, evidence: &str, now_ms: u64) -> bool {
+        let mut open = self.lock();
+        if !open.get(key).is_some_and(|a| a.kind == AlertKind::Log) {
+            return false;
+        }
+        let Some(mut alert) = open.remove(key) else {
+            return false;
+        };
+        alert.resolved_at_ms = Some(now_ms);
+        evidence.clone_into(&mut alert.evidence);
+        self.publish(Change::Resolved(alert));
+        true
     }
 
     /// The open alerts, oldest first.
@@ -228,10 +393,11 @@ impl AlertBook {
         (alerts, rx)
     }
 
-    /// Brings the open alerts in line with a round's observations: an
-    /// alert for every bad condition, none for the rest. When `complete`
-    /// (every target was listed), alerts of targets no longer probed are
-    /// resolved too; otherwise they stay as they are.
+    /// Brings the open probe alerts in line with a round's observations:
+    /// an alert for every bad condition, none for the rest. When
+    /// `complete` (every target was listed), alerts of targets no longer
+    /// probed are resolved too; otherwise they stay as they are. Log
+    /// alerts are not the probes' and are left alone.
     pub fn reconcile(&self, observed: &[Observed], complete: bool, now_ms: u64) -> Reconciled {
         let mut done = Reconciled::default();
         let mut open = self.lock();
@@ -253,6 +419,7 @@ impl AlertBook {
         }
         let ended: Vec<String> = open
             .values()
+            .filter(|a| a.kind != AlertKind::Log)
             .filter(|a| !wanted.contains(&a.key))
             .filter(|a| complete || seen.contains(a.target.as_str()))
             .map(|a| a.key.clone())

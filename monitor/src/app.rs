@@ -1,6 +1,6 @@
 //! The running monitor: builds everything from a [`Config`], binds the
-//! gRPC and admin listeners, owns the tasks (probe loop, alert outbox,
-//! servers), and drains them on shutdown.
+//! gRPC and admin listeners, owns the tasks (probe loop, log watcher and
+//! its alerts, alert outbox, servers), and drains them on shutdown.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,7 +11,7 @@ use mesh_runtime::{
     metrics::Registry,
     shutdown::{self, Shutdown, Trigger},
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 use tonic::transport::{Server, server::TcpIncoming};
 use tracing::Instrument;
 
@@ -20,6 +20,8 @@ use crate::{
     checks::CheckWriter,
     config::Config,
     grpc::MonitorApi,
+    log_alerts::{self, LogAlerts},
+    logs::LogWatcher,
     metrics::MonitorMetrics,
     outbox::Outbox,
     prober::{Board, Prober},
@@ -93,9 +95,29 @@ impl Monitor {
             metrics: metrics.clone(),
             admin: admin.clone(),
         };
+        let log_alerts = LogAlerts::new(book.clone(), config.logs.as_ref(), metrics.clone());
+        let log_watcher = config
+            .logs
+            .clone()
+            .map(|logs| LogWatcher::new(logs).with_metrics(metrics.clone()));
         let outbox = Outbox::new(consul, webhook, metrics);
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = JoinSet::new();
+        let (log_events, log_rx) = mpsc::channel(log_alerts::EVENT_BUFFER);
+        if let Some(watcher) = log_watcher {
+            tasks.spawn(
+                watcher
+                    .run(log_events, shutdown.clone())
+                    .instrument(tracing::info_span!("logs")),
+            );
+        }
+        // Without a watcher the channel is closed: the task only resolves
+        // log alerts restored from an earlier run.
+        tasks.spawn(
+            log_alerts
+                .run(log_rx, shutdown.clone())
+                .instrument(tracing::info_span!("log_alerts")),
+        );
         tasks.spawn(
             prober
                 .run(shutdown.clone())
@@ -118,7 +140,8 @@ impl Monitor {
             consul = ?config.consul.addrs, interval = ?config.probing.interval,
             timeout = ?config.probing.timeout, slow = ?config.probing.slow_threshold,
             components = config.components.len(), consul_checks = config.consul_checks,
-            webhook = config.webhook_url.is_some(), "mesh-monitor started"
+            webhook = config.webhook_url.is_some(),
+            log_rules = config.logs.as_ref().map_or(0, |l| l.rules.len()), "mesh-monitor started"
         );
         Ok(Self {
             grpc_addr,

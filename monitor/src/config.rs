@@ -1,6 +1,7 @@
 //! mesh-monitor's configuration: [`Args`] as given (flags, `MESH_*`
-//! environment, TOML file; every key in all three), and [`Config`], the
-//! checked values with defaults applied by [`Args::validate`].
+//! environment, TOML file; every key in all three but the `[logs]` table,
+//! which only the file has), and [`Config`], the checked values with
+//! defaults applied by [`Args::validate`].
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
@@ -10,7 +11,10 @@ use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogForm
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
-use crate::probe::{CheckStatus, ProbeKind};
+use crate::{
+    logs::{Logs, LogsConfig},
+    probe::{CheckStatus, ProbeKind},
+};
 
 /// The monitor's flags; each also `MESH_<NAME>` and a TOML key `<name>`.
 #[derive(Parser, Serialize, Deserialize, Default)]
@@ -116,10 +120,15 @@ pub struct Args {
     /// Tries per webhook call, 1 to 10 [default: 3].
     #[arg(long, env = "MESH_WEBHOOK_ATTEMPTS")]
     pub webhook_attempts: Option<u32>,
+    /// Log files to watch and rules over their lines (the `[logs]` table
+    /// of the config file only; see [`LogsConfig`]); none: no log watcher.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogsConfig>,
 }
 
 /// The checked configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Log format.
     pub log_format: LogFormat,
@@ -149,6 +158,8 @@ pub struct Config {
     pub webhook_url: Option<Url>,
     /// Tries per webhook call.
     pub webhook_attempts: u32,
+    /// The log watcher's files and rules; none: no watcher.
+    pub logs: Option<Logs>,
 }
 
 /// How targets are probed and judged.
@@ -255,6 +266,11 @@ impl Args {
                 "webhook_attempts: {webhook_attempts} is out of range (1 to 10)"
             ));
         }
+        let logs = self
+            .logs
+            .map(LogsConfig::validate)
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let services: Vec<String> = self
             .services
             .iter()
@@ -276,6 +292,7 @@ impl Args {
             bridge_port,
             webhook_url,
             webhook_attempts,
+            logs,
         })
     }
 
@@ -497,6 +514,47 @@ mod tests {
         assert_eq!(c.components[0].path, "/ready");
         assert_eq!(c.components[1].kind, ProbeKind::Grpc);
         assert_eq!(c.webhook_url.unwrap().path(), "/hook");
+    }
+
+    fn from_file(toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("monitor.toml");
+        std::fs::write(&file, toml).unwrap();
+        let args =
+            Args::try_parse_from(["mesh-monitor", "--config", file.to_str().unwrap()]).unwrap();
+        mesh_runtime::config::merge(args)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn the_logs_table_is_a_file_key() {
+        let c = from_file(
+            "node = \"m1\"\n[logs]\npoll_interval = \"100ms\"\n\
+             [[logs.patterns]]\nname = \"errors\"\nfiles = \"/var/log/app.log\"\n\
+             pattern = \"ERROR\"\nthreshold = 3\nwindow = \"2s\"\n",
+        )
+        .unwrap();
+        let logs = c.logs.unwrap();
+        assert_eq!(logs.poll_interval, Duration::from_millis(100));
+        assert_eq!(logs.rules[0].name(), "errors");
+        assert!(parse(&["--node", "m1"]).unwrap().logs.is_none());
+        assert!(Args::try_parse_from(["mesh-monitor", "--logs", "x"]).is_err());
+    }
+
+    #[test]
+    fn a_bad_logs_value_names_its_key() {
+        let e = from_file(
+            "node = \"m1\"\n[[logs.patterns]]\nname = \"errors\"\nfiles = \"/a.log\"\n\
+             pattern = \"ERROR\"\nthreshold = 0\nwindow = \"2s\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "logs rule \"errors\": threshold: 0 must be from 1 to 1000000"
+        );
+        let e = from_file("node = \"m1\"\n[logs]\npol_interval = \"1s\"\n").unwrap_err();
+        assert!(e.contains("pol_interval"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`prober`]: the probe loop.
 //! - [`logs`]: log files followed through rotation, and rules over their
 //!   lines (patterns per window, 5xx rate per service).
+//! - [`log_alerts`]: the log rules' events into the alert book.
 //! - [`grpc`]: `mesh.v1.Monitor`: list and watch alerts, verdicts.
 //! - [`metrics`]: the monitor's Prometheus metrics.
 //! - [`app`]: the running [`Monitor`]: listeners, tasks, shutdown.
@@ -29,6 +30,7 @@ pub mod app;
 pub mod checks;
 pub mod config;
 pub mod grpc;
+pub mod log_alerts;
 pub mod logs;
 pub mod metrics;
 pub mod outbox;

@@ -9,13 +9,18 @@
 //! - `mesh_monitor_check_writes_total{result}`: checks set through bridges.
 //! - `mesh_monitor_webhook_calls_total{result}`: webhook events delivered
 //!   or given up.
+//! - `mesh_monitor_log_lines_total`: log lines read.
+//! - `mesh_monitor_log_matches_total{rule}`: lines a log rule counted (a
+//!   pattern rule's matches, an error-rate rule's requests).
+//! - `mesh_monitor_log_rule_changes_total{rule, state}`: log rules that
+//!   started (`firing`) or stopped (`resolved`) firing.
 
 use std::time::Duration;
 
 use mesh_runtime::metrics::Registry;
 
 use crate::{
-    alert::{Alert, Severity},
+    alert::{Alert, AlertKind, Severity},
     probe::{CheckStatus, Outcome, ProbeKind},
 };
 
@@ -55,6 +60,15 @@ impl MonitorMetrics {
             "Checks set in Consul through the nodes' bridges, by result (ok, error).",
         );
         r.describe_counter("mesh_monitor_webhook_calls_total", "Alert events sent to the webhook, by result (ok: delivered, failed: every try failed).");
+        r.describe_counter("mesh_monitor_log_lines_total", "Log lines read.");
+        r.describe_counter(
+            "mesh_monitor_log_matches_total",
+            "Log lines a rule counted (pattern matches, access-log requests), by rule.",
+        );
+        r.describe_counter(
+            "mesh_monitor_log_rule_changes_total",
+            "Log rules that started (firing) or stopped (resolved) firing, by rule.",
+        );
         let metrics = Self {
             registry: registry.clone(),
         };
@@ -106,7 +120,7 @@ impl MonitorMetrics {
     }
 
     /// An alert opened (`true`) or was resolved.
-    pub fn alert_changed(&self, kind: Outcome, opened: bool) {
+    pub fn alert_changed(&self, kind: AlertKind, opened: bool) {
         let name = if opened {
             "mesh_monitor_alerts_opened_total"
         } else {
@@ -122,6 +136,29 @@ impl MonitorMetrics {
         let result = if ok { "ok" } else { "error" };
         self.registry
             .counter("mesh_monitor_check_writes_total", &[("result", result)])
+            .increment(1);
+    }
+
+    /// Log lines read, and the ones each rule counted, since the last call.
+    pub fn log_lines(&self, read: u64, counted: &[(&str, u64)]) {
+        self.registry
+            .counter("mesh_monitor_log_lines_total", &[])
+            .increment(read);
+        for (rule, n) in counted {
+            self.registry
+                .counter("mesh_monitor_log_matches_total", &[("rule", rule)])
+                .increment(*n);
+        }
+    }
+
+    /// A log rule started (`true`) or stopped firing.
+    pub fn log_rule_changed(&self, rule: &str, firing: bool) {
+        let state = if firing { "firing" } else { "resolved" };
+        self.registry
+            .counter(
+                "mesh_monitor_log_rule_changes_total",
+                &[("rule", rule), ("state", state)],
+            )
             .increment(1);
     }
 

@@ -18,7 +18,7 @@ use mesh_runtime::{admin::Admin, backoff::Backoff, shutdown::Shutdown};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
-    alert::{AlertBook, Observed, now_ms},
+    alert::{AlertBook, AlertKind, Observed, now_ms},
     checks::{CheckWriter, REFRESH},
     config::Probing,
     metrics::MonitorMetrics,
@@ -133,7 +133,7 @@ impl Prober {
                     self.metrics.alerts_open(&open);
                     let states = open
                         .iter()
-                        .map(|a| (a.target.clone(), judge.restored(a)))
+                        .filter_map(|a| Some((a.target.clone(), judge.restored(a)?)))
                         .collect();
                     return Some(states);
                 }
@@ -276,7 +276,7 @@ impl Prober {
         for (keys, opened) in [(&done.opened, true), (&done.resolved, false)] {
             for key in keys {
                 if let Some(kind) = key.split('/').next().and_then(|k| k.parse().ok()) {
-                    self.metrics.alert_changed(kind, opened);
+                    self.metrics.alert_changed(AlertKind::Probe(kind), opened);
                 }
             }
         }

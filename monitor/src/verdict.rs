@@ -95,16 +95,18 @@ impl Judge {
 
     /// The state of a target with `alert` open when the monitor started:
     /// the verdict the last run reached, so that the alert stays open (and
-    /// is not sent again) while the condition lasts.
-    pub fn restored(&self, alert: &Alert) -> TargetState {
-        TargetState {
+    /// is not sent again) while the condition lasts. None for an alert that
+    /// is not a probe's (a log alert).
+    pub fn restored(&self, alert: &Alert) -> Option<TargetState> {
+        let condition = alert.kind.outcome()?;
+        Some(TargetState {
             verdict: Some(Verdict {
-                status: alert.kind.status(self.slow_status),
-                condition: alert.kind,
+                status: condition.status(self.slow_status),
+                condition,
                 evidence: alert.evidence.clone(),
             }),
             streak: None,
-        }
+        })
     }
 }
 

@@ -139,3 +139,131 @@ fn an_alert_is_stored_as_json_under_its_key() {
     let back: Alert = serde_json::from_value(json).unwrap();
     assert_eq!(back, a);
 }
+
+fn firing(file: &str, summary: &str) -> LogFiring {
+    LogFiring {
+        key: format!("log:errors:{file}"),
+        rule: "errors".into(),
+        target: file.into(),
+        service: String::new(),
+        severity: Severity::Warning,
+        summary: summary.into(),
+        lines: vec!["ERROR one".into(), "ERROR two".into()],
+    }
+}
+
+#[test]
+fn a_log_alert_opens_once_by_key_and_resolves_by_key() {
+    let (book, mut outbox) = AlertBook::new();
+    assert!(book.open_log(&firing("/var/log/a.log", "3 lines"), 10));
+    assert!(
+        !book.open_log(&firing("/var/log/a.log", "5 lines"), 11),
+        "open already: not again"
+    );
+    assert!(book.open_log(&firing("/var/log/b.log", "3 lines"), 12));
+    let open = book.open_alerts();
+    assert_eq!(open.len(), 2);
+    assert_eq!(
+        (
+            open[0].kind,
+            open[0].started_at_ms,
+            open[0].evidence.as_str()
+        ),
+        (AlertKind::Log, 10, "5 lines"),
+        "the evidence follows the watcher"
+    );
+    assert_eq!((open[0].rule.as_str(), open[0].lines.len()), ("errors", 2));
+    assert!(book.resolve_log("log:errors:/var/log/a.log", "quiet", 20));
+    assert!(!book.resolve_log("log:errors:/var/log/a.log", "quiet", 21));
+    assert!(!book.resolve_log("log:errors:/nope", "quiet", 21));
+    let changes = drain(&mut outbox);
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    let Change::Resolved(resolved) = &changes[2] else {
+        panic!("{changes:?}")
+    };
+    assert_eq!(
+        (
+            resolved.key.as_str(),
+            resolved.resolved_at_ms,
+            resolved.evidence.as_str()
+        ),
+        ("log:errors:/var/log/a.log", Some(20), "quiet")
+    );
+}
+
+#[test]
+fn the_probes_never_resolve_log_alerts_nor_the_logs_probe_alerts() {
+    let (book, mut outbox) = AlertBook::new();
+    book.reconcile(&[bad("w1", Outcome::Hung)], true, 1);
+    book.open_log(&firing("/var/log/a.log", "3 lines"), 2);
+    drain(&mut outbox);
+    // A complete round of good targets: only the probe alert ends, also
+    // when the log alert's target looks like a probed one.
+    let mut same_target = firing("n1/w1", "3 lines");
+    same_target.key = "log:errors:n1/w1".into();
+    book.open_log(&same_target, 3);
+    drain(&mut outbox);
+    let r = book.reconcile(&[good("w1")], true, 4);
+    assert_eq!(r.resolved, vec!["hung/n1/w1"]);
+    let r = book.reconcile(&[], true, 5);
+    assert_eq!(r, Reconciled::default());
+    let left: Vec<String> = book.open_alerts().into_iter().map(|a| a.key).collect();
+    assert_eq!(left, vec!["log:errors:/var/log/a.log", "log:errors:n1/w1"]);
+    book.reconcile(&[bad("w1", Outcome::Down)], true, 6);
+    assert!(!book.resolve_log("down/n1/w1", "quiet", 7));
+    assert_eq!(book.open_alerts().len(), 3);
+}
+
+#[test]
+fn a_restored_log_alert_stays_open_and_is_not_sent_again() {
+    let (book, mut outbox) = AlertBook::new();
+    let mut sent = Alert::open_log(&firing("/var/log/a.log", "3 lines"), 5);
+    sent.open_sent = true;
+    let unsent = Alert::open_log(&firing("/var/log/b.log", "4 lines"), 6);
+    let restored = book.restore(vec![sent.clone(), unsent.clone()]);
+    assert_eq!(restored.len(), 2);
+    assert_eq!(drain(&mut outbox), vec![Change::Opened(unsent)]);
+    // The watcher fires again after the restart: still the same alert.
+    assert!(!book.open_log(&firing("/var/log/a.log", "6 lines"), 9));
+    assert!(drain(&mut outbox).is_empty());
+    assert_eq!(book.open_alerts()[0].started_at_ms, 5);
+    // A probe round does not touch it either.
+    assert_eq!(book.reconcile(&[], true, 10), Reconciled::default());
+    assert_eq!(book.open_alerts().len(), 2);
+}
+
+#[test]
+fn probe_alerts_stored_before_log_alerts_read_back() {
+    // As stored by a monitor without log alerts.
+    let stored = serde_json::json!({
+        "key": "hung/n1/w1", "kind": "hung", "severity": "critical",
+        "target": "n1/w1", "service": "web", "instance_id": "w1", "node": "n1",
+        "probe": "http://127.0.0.1:1/health", "evidence": "no response",
+        "started_at_ms": 42, "open_sent": true
+    });
+    let a: Alert = serde_json::from_value(stored.clone()).unwrap();
+    assert_eq!(a.kind, AlertKind::Probe(Outcome::Hung));
+    assert!(a.rule.is_empty() && a.lines.is_empty());
+    assert_eq!(
+        serde_json::to_value(&a).unwrap(),
+        stored,
+        "written the same"
+    );
+}
+
+#[test]
+fn a_log_alert_is_stored_as_one_kv_entry() {
+    let a = Alert::open_log(&firing("/var/log/100%/a.log", "3 lines"), 42);
+    assert_eq!(
+        a.kv_key(),
+        "mesh/monitor/alerts/log:errors:%2Fvar%2Flog%2F100%25%2Fa.log"
+    );
+    let json = serde_json::to_value(&a).unwrap();
+    assert_eq!(json["kind"], "log");
+    assert_eq!(json["rule"], "errors");
+    assert_eq!(json["lines"][1], "ERROR two");
+    let back: Alert = serde_json::from_value(json).unwrap();
+    assert_eq!(back, a);
+    let unknown = serde_json::from_value::<AlertKind>(serde_json::json!("sideways"));
+    assert!(unknown.unwrap_err().to_string().contains("sideways"));
+}

@@ -1,6 +1,7 @@
 //! The log watcher's configuration: [`LogsConfig`] as written (a TOML or
-//! JSON table), and [`Logs`], the checked values with defaults applied by
-//! [`LogsConfig::validate`].
+//! JSON table; in mesh-monitor's config file, the `[logs]` table, its rules
+//! `[[logs.patterns]]` and `[[logs.error_rates]]`), and [`Logs`], the
+//! checked values with defaults applied by [`LogsConfig::validate`].
 //!
 //! ```toml
 //! state_file = "/var/lib/mesh-monitor/logs.json"

@@ -107,6 +107,8 @@ pub struct Evaluator {
     /// Per error-rate rule (by index): lines that were not access-log
     /// entries.
     unparsable: Vec<u64>,
+    /// Per rule (by index): lines it counted, since the start.
+    counted: Vec<u64>,
 }
 
 /// A pattern rule's matches in one file.
@@ -194,12 +196,14 @@ impl Evaluator {
     /// Windows for `rules`, starting empty at `now`.
     pub fn new(rules: Vec<Rule>, now: Instant) -> Self {
         let unparsable = vec![0; rules.len()];
+        let counted = vec![0; rules.len()];
         Self {
             rules,
             origin: now,
             patterns: BTreeMap::new(),
             rates: BTreeMap::new(),
             unparsable,
+            counted,
         }
     }
 
@@ -220,6 +224,7 @@ impl Evaluator {
                     let cap = (r.threshold as usize).max(MAX_TRACKED);
                     let w = self.patterns.entry((i, path.to_owned())).or_default();
                     w.record(now, line, cap);
+                    self.counted[i] += 1;
                 }
                 Rule::Pattern(_) => {}
                 Rule::ErrorRate(r) => match serde_json::from_str::<AccessLine>(line) {
@@ -229,11 +234,21 @@ impl Evaluator {
                         let error = (500..600).contains(&entry.status);
                         let w = self.rates.entry((i, entry.service)).or_default();
                         w.record(slot, error);
+                        self.counted[i] += 1;
                     }
                     Err(_) => self.unparsable[i] += 1,
                 },
             }
         }
+    }
+
+    /// Per rule, by name: the lines it counted since the start (a pattern
+    /// rule's matches, an error-rate rule's requests).
+    pub fn counted(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.rules
+            .iter()
+            .zip(&self.counted)
+            .map(|(rule, n)| (rule.name(), *n))
     }
 
     /// Lines read by the error-rate rule `name` that were not access-log

@@ -16,6 +16,8 @@ use mesh_runtime::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::MissedTickBehavior};
 
+use crate::metrics::MonitorMetrics;
+
 use super::{
     LogEvent,
     config::Logs,
@@ -52,6 +54,11 @@ pub struct LogWatcher {
     /// Files whose last read failed, so that a lasting failure is logged
     /// once, not every poll.
     failing: BTreeSet<PathBuf>,
+    /// Lines read since the start.
+    lines_read: u64,
+    /// Where the counts go, if anywhere, and what they were when they
+    /// last went there (lines read, then per rule).
+    metrics: Option<(MonitorMetrics, u64, Vec<u64>)>,
 }
 
 /// The state file's content.
@@ -95,7 +102,22 @@ impl LogWatcher {
             scanned: None,
             saved_at: None,
             failing: BTreeSet::new(),
+            lines_read: 0,
+            metrics: None,
         }
+    }
+
+    /// Counts the lines read and the rules' matches into `metrics` after
+    /// every round of [`LogWatcher::run`].
+    pub fn with_metrics(mut self, metrics: MonitorMetrics) -> Self {
+        let rules = self.logs.rules.len();
+        self.metrics = Some((metrics, 0, vec![0; rules]));
+        self
+    }
+
+    /// Lines read since the start, from every file.
+    pub fn lines_read(&self) -> u64 {
+        self.lines_read
     }
 
     /// The paths followed now.
@@ -124,6 +146,7 @@ impl LogWatcher {
                     if self.failing.remove(path) {
                         tracing::info!(path = %path.display(), "reading log file again");
                     }
+                    self.lines_read += lines.len() as u64;
                     for line in &lines {
                         self.evaluator.observe(path, line, now);
                     }
@@ -262,9 +285,24 @@ impl LogWatcher {
                     () = shutdown.requested() => return self.finish(),
                 }
             }
+            self.report();
             self.save_if_due();
         }
         self.finish();
+    }
+
+    /// The counts since the last report into the metrics, if any.
+    fn report(&mut self) {
+        let Some((metrics, lines, counted)) = &mut self.metrics else {
+            return;
+        };
+        let mut rules = Vec::new();
+        for ((rule, now), before) in self.evaluator.counted().zip(counted.iter_mut()) {
+            rules.push((rule, now - *before));
+            *before = now;
+        }
+        metrics.log_lines(self.lines_read - *lines, &rules);
+        *lines = self.lines_read;
     }
 
     fn save_if_due(&mut self) {
