@@ -349,9 +349,12 @@ impl AliveCheck {
                 .filter(|a| !a.ip().is_unspecified())
                 .map(|a| a.ip().to_string()),
             port: http.map(|a| a.port()),
+            // `health-path`: where a prober (mesh-monitor) asks whether the
+            // replica serves; the instance's port has no `/health`.
             meta: [
                 ("replica".to_owned(), me.replica.clone()),
                 ("grpc".to_owned(), me.grpc.clone()),
+                ("health-path".to_owned(), "/live".to_owned()),
             ]
             .into(),
             check: Some(AgentServiceCheck {

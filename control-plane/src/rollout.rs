@@ -28,6 +28,22 @@
 //! health gate does not apply to such a node: the verify is its health
 //! check, and the soak is only a wait. A revert moves KV back and applies
 //! the previous version's nginx.conf the same way.
+//!
+//! A proxy node acknowledges by its proxy's report (Consul KV, written
+//! through its bridge): the version the node should run (its routes key)
+//! is compared with the version its proxy says is in effect, and the gate
+//! waits until they agree, or fails when the proxy refused the version or
+//! did not take it within the acknowledgement timeout.
+//!
+//! When mesh-control has a mesh-monitor (`--monitor-addr`), each gating
+//! node that has acknowledged is also judged by the monitor's verdict on
+//! it (mesh.v1.Monitor `Verdict`, asked every tick): an unhealthy verdict
+//! (an open critical alert on an instance probed on the node: down, hung,
+//! unhealthy) fails the gate with the monitor's reasons, which aborts and
+//! reverts the rollout like any failed gate ([`monitor_gate`]). A monitor
+//! that does not answer, or probes nothing on the node, does not fail the
+//! gate: the driver logs it, records it once in the rollout's events, and
+//! the node is judged by its other gates alone.
 
 use std::collections::BTreeMap;
 
@@ -643,6 +659,52 @@ pub fn gate(
         return Verdict::Wait(format!("node {node} soaking, {left} s left"));
     }
     Verdict::Pass
+}
+
+/// What mesh-monitor said of a node when its gate asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MonitorSays {
+    /// Its verdict: healthy or not, and one line per open alert.
+    Verdict {
+        /// No open critical alert on the node.
+        healthy: bool,
+        /// `<kind> <target>: <evidence>` per open alert (warnings too).
+        reasons: Vec<String>,
+    },
+    /// It probes nothing on the node.
+    NothingProbed,
+    /// It did not answer; why.
+    Silent(String),
+}
+
+/// The gate of a node with mesh-monitor's word on it: `verdict` is what
+/// the other gates say, `acked` whether the node runs the version. An
+/// unhealthy verdict on an acknowledged node fails the gate (also one
+/// that would pass now: the monitor has the last word); no monitor, a
+/// silent one or one that probes nothing there leaves `verdict` as it is.
+pub fn monitor_gate(
+    node: &str,
+    verdict: Verdict,
+    acked: bool,
+    monitor: Option<&MonitorSays>,
+) -> Verdict {
+    if !acked || matches!(verdict, Verdict::Fail(_)) {
+        return verdict;
+    }
+    match monitor {
+        Some(MonitorSays::Verdict {
+            healthy: false,
+            reasons,
+        }) => {
+            let why = if reasons.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                reasons.join("; ")
+            };
+            Verdict::Fail(format!("mesh-monitor: node {node} is unhealthy: {why}"))
+        }
+        _ => verdict,
+    }
 }
 
 /// A rollout's progress per node state, for summaries.

@@ -36,6 +36,7 @@
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
 //! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
 //! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
+//! - [`monitor`]: mesh-monitor in a node's namespace, and its verdicts over gRPC.
 //! - [`nginx`]: a node that serves with nginx (node metadata, Debian's nginx in a prefix folder).
 //! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
 //! - [`load`]: a load generator through a proxy, recording every outcome.
@@ -52,6 +53,7 @@ pub mod http;
 pub mod java;
 pub mod load;
 pub mod mesh;
+pub mod monitor;
 pub mod netns;
 pub mod nginx;
 pub mod node;

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use super::{
-    Frontend, NodeState, Rollout, RolloutState, Stats, Verdict, failpoint, gate,
+    Frontend, MonitorSays, NodeState, Rollout, RolloutState, Stats, Verdict, failpoint, gate,
+    monitor_gate,
     nginx::{self, Apply},
 };
 use crate::{
@@ -28,6 +29,10 @@ pub const TICK: Duration = Duration::from_millis(500);
 
 /// Reads of a proxy's counters before a push, before giving up.
 const BASELINE_TRIES: usize = 3;
+
+/// How long mesh-monitor may take to give its verdict on a node before a
+/// gate goes on without it (a tick must not hang on a stuck monitor).
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Drives the rollout under way while this replica leads.
 #[derive(Debug)]
@@ -188,7 +193,9 @@ impl Run<'_> {
                 Frontend::Proxy => (Some(node_stats(self.control, node).await), None),
                 Frontend::Nginx => (None, self.apply_for_gate(node).await),
             };
+            let monitor = monitor_says(self.control, node).await;
             let now = now_ms();
+            let noted = self.note_monitor(node, monitor.as_ref(), now);
             let Some(progress) = self.rollout.node_mut(node) else {
                 continue;
             };
@@ -204,6 +211,7 @@ impl Run<'_> {
                 ),
                 _ => nginx::gate(progress, version, apply.as_ref(), &options, now),
             };
+            let verdict = monitor_gate(node, verdict, progress.acked_at_ms != 0, monitor.as_ref());
             if progress.acked_at_ms != 0 {
                 failpoint::hit("rollout.during-gate");
             }
@@ -220,7 +228,7 @@ impl Run<'_> {
                 }
                 Verdict::Wait(what) => {
                     let newly_acked = acked == 0 && progress.acked_at_ms != 0;
-                    if progress.detail != what || newly_acked {
+                    if progress.detail != what || newly_acked || noted {
                         progress.detail = what;
                         if newly_acked {
                             let how = match &apply {
@@ -321,6 +329,38 @@ impl Run<'_> {
             }
         }
         Some(apply)
+    }
+
+    /// Records once in the events that mesh-monitor gave no verdict on
+    /// `node` (silent, or it probes nothing there), so the node is gated
+    /// without it; whether the record changed.
+    fn note_monitor(&mut self, node: &str, monitor: Option<&MonitorSays>, now: u64) -> bool {
+        let (prefix, text) = match monitor {
+            Some(MonitorSays::Silent(why)) => {
+                // The prefix ends where the node name does: n1 is not n10.
+                let prefix = format!("mesh-monitor did not answer about {node} (");
+                let text = format!("{prefix}{why}); {node} is gated without its verdict");
+                (prefix, text)
+            }
+            Some(MonitorSays::NothingProbed) => {
+                let prefix = format!("mesh-monitor probes nothing on {node};");
+                let text = format!("{prefix} {node} is gated without its verdict");
+                (prefix, text)
+            }
+            Some(MonitorSays::Verdict { .. }) | None => return false,
+        };
+        if self
+            .rollout
+            .events
+            .iter()
+            .any(|e| e.text.starts_with(&prefix))
+        {
+            tracing::debug!(node, %text, "no monitor verdict again");
+            return false;
+        }
+        tracing::warn!(node, %text, "no monitor verdict; gating on the other gates");
+        self.rollout.event(now, text);
+        true
     }
 
     /// Records that `node` was pushed.
@@ -577,6 +617,36 @@ pub fn stats_of(answer: pb::ProxyStatsResponse) -> Stats {
         latency_bounds: bounds,
         latency_counts: counts,
     }
+}
+
+/// What mesh-monitor says of `node` now; `None` when mesh-control runs
+/// without a monitor.
+async fn monitor_says(control: &Control, node: &str) -> Option<MonitorSays> {
+    let (mut client, url) = match control.monitor().await? {
+        Ok(c) => c,
+        Err(e) => return Some(MonitorSays::Silent(e.to_string())),
+    };
+    let request = pb::VerdictRequest {
+        node: node.to_owned(),
+        instance_id: String::new(),
+    };
+    Some(
+        match tokio::time::timeout(MONITOR_TIMEOUT, client.verdict(request)).await {
+            Err(_) => MonitorSays::Silent(format!(
+                "mesh-monitor at {url} gave no verdict within {} s",
+                MONITOR_TIMEOUT.as_secs()
+            )),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => MonitorSays::NothingProbed,
+            Ok(Err(s)) => MonitorSays::Silent(format!("mesh-monitor at {url}: {}", s.message())),
+            Ok(Ok(answer)) => {
+                let answer = answer.into_inner();
+                MonitorSays::Verdict {
+                    healthy: answer.healthy,
+                    reasons: answer.reasons,
+                }
+            }
+        },
+    )
 }
 
 /// The counters before a push, read a few times before giving up.

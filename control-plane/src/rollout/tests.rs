@@ -275,3 +275,70 @@ fn node_metadata_names_the_frontend() {
     let back: NodeProgress = serde_json::from_value(old).unwrap();
     assert_eq!(back.frontend, Frontend::Proxy);
 }
+
+fn monitor_verdict(healthy: bool, reasons: &[&str]) -> MonitorSays {
+    MonitorSays::Verdict {
+        healthy,
+        reasons: reasons.iter().map(|r| (*r).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn an_unhealthy_monitor_verdict_fails_an_acknowledged_node() {
+    let says = monitor_verdict(
+        false,
+        &[
+            "hung n1/orders-1: no response within 2s",
+            "slow n1/web-1: answered in 400ms",
+        ],
+    );
+    for waiting in [Verdict::Wait("n1 soaking, 3 s left".into()), Verdict::Pass] {
+        assert_eq!(
+            monitor_gate("n1", waiting, true, Some(&says)),
+            Verdict::Fail(
+                "mesh-monitor: node n1 is unhealthy: hung n1/orders-1: no response within 2s; \
+                 slow n1/web-1: answered in 400ms"
+                    .into()
+            )
+        );
+    }
+    assert_eq!(
+        monitor_gate(
+            "n1",
+            Verdict::Pass,
+            true,
+            Some(&monitor_verdict(false, &[]))
+        ),
+        Verdict::Fail("mesh-monitor: node n1 is unhealthy: no reason given".into())
+    );
+}
+
+#[test]
+fn the_monitor_does_not_judge_before_the_acknowledgement() {
+    let says = monitor_verdict(false, &["down n1/orders-1: connection refused"]);
+    let wait = Verdict::Wait("waiting for node n1 to acknowledge".into());
+    assert_eq!(monitor_gate("n1", wait.clone(), false, Some(&says)), wait);
+}
+
+#[test]
+fn another_gate_failing_keeps_its_own_reason() {
+    let says = monitor_verdict(false, &["down n1/orders-1: connection refused"]);
+    let fail = Verdict::Fail("node n1 refused version 4: bad".into());
+    assert_eq!(monitor_gate("n1", fail.clone(), true, Some(&says)), fail);
+}
+
+#[test]
+fn a_healthy_silent_or_absent_monitor_leaves_the_other_gates() {
+    let healthy = monitor_verdict(true, &["slow n1/web-1: answered in 400ms"]);
+    let silent = MonitorSays::Silent("mesh-monitor at http://10.0.0.1:8896 is unreachable".into());
+    let wait = Verdict::Wait("node n1 soaking, 3 s left".into());
+    for says in [
+        Some(&healthy),
+        Some(&silent),
+        Some(&MonitorSays::NothingProbed),
+        None,
+    ] {
+        assert_eq!(monitor_gate("n1", Verdict::Pass, true, says), Verdict::Pass);
+        assert_eq!(monitor_gate("n1", wait.clone(), true, says), wait);
+    }
+}
