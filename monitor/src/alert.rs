@@ -1,10 +1,13 @@
 //! Alerts: one per kind and target at a time ([`Alert::key`]), opened when
 //! a target's condition turns bad and resolved when it ends, with the
-//! evidence the probes saw. Two sources feed the book: the probe loop
+//! evidence the probes saw. Three sources feed the book: the probe loop
 //! ([`AlertBook::reconcile`], which owns the alerts of kind
-//! [`AlertKind::Probe`]) and the log watcher ([`AlertBook::open_log`] and
+//! [`AlertKind::Probe`]), the log watcher ([`AlertBook::open_log`] and
 //! [`AlertBook::resolve_log`], one alert of kind [`AlertKind::Log`] per
-//! `log:<rule>:<file or service>` key); neither resolves the other's.
+//! `log:<rule>:<file or service>` key) and the traffic detector
+//! ([`AlertBook::open_event`] and [`AlertBook::resolve_event`] with
+//! [`AlertKind::Traffic`], one per `traffic:<signal>:<node>/<service>`
+//! key); none resolves another's.
 //!
 //! The [`AlertBook`] holds the open alerts in memory (for `ListAlerts`,
 //! `WatchAlerts` and `/metrics`) and hands every change to the
@@ -33,18 +36,19 @@ pub const KV_PREFIX: &str = "mesh/monitor/alerts/";
 const WATCH_BUFFER: usize = 1024;
 
 /// How bad an alert is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// It answers, slowly.
+    #[default]
     Warning,
     /// It does not serve.
     Critical,
 }
 
-/// What raised an alert: a probe outcome, or a log rule. Stored as one
-/// word (`hung`, `slow`, ..., `log`), so that alerts stored before log
-/// alerts existed read back unchanged.
+/// What raised an alert: a probe outcome, a log rule or a traffic signal.
+/// Stored as one word (`hung`, `slow`, ..., `log`, `traffic`), so that
+/// alerts stored before log alerts existed read back unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum AlertKind {
@@ -52,13 +56,17 @@ pub enum AlertKind {
     Probe(Outcome),
     /// A log rule fired; the log watcher's alerts.
     Log,
+    /// A proxy traffic signal left its baseline; the traffic detector's
+    /// alerts.
+    Traffic,
 }
 
 /// One alert, as stored in KV and sent to the webhook.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
     /// `<outcome>/<target>` for a probe alert, `log:<rule>:<file or
-    /// service>` for a log alert.
+    /// service>` for a log alert, `traffic:<signal>:<node>/<service>` for
+    /// a traffic alert.
     pub key: String,
     /// What raised it.
     pub kind: AlertKind,
@@ -86,26 +94,31 @@ pub struct Alert {
     /// Whether its opening was sent (the webhook called).
     #[serde(default)]
     pub open_sent: bool,
-    /// The log rule that raised it; empty for a probe alert.
+    /// The log rule or traffic signal that raised it; empty for a probe
+    /// alert.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rule: String,
-    /// Some log lines behind it (a pattern rule's latest matches, or the
-    /// counts behind a rate); empty for a probe alert.
+    /// Some lines behind it (a pattern rule's latest matches, the counts
+    /// behind a rate, a traffic signal's value, baseline and floor); empty
+    /// for a probe alert.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<String>,
 }
 
-/// A log rule's condition that opens an alert ([`AlertBook::open_log`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogFiring {
-    /// `log:<rule>:<file or service>`.
+/// A log rule's or traffic signal's condition that opens an alert
+/// ([`AlertBook::open_log`], [`AlertBook::open_event`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Firing {
+    /// `log:<rule>:<file or service>`, `traffic:<signal>:<node>/<service>`.
     pub key: String,
-    /// The rule's name.
+    /// The rule's (or signal's) name.
     pub rule: String,
-    /// The file or service the key names.
+    /// The file, service or `<node>/<service>` the key names.
     pub target: String,
     /// The service, for a rule per service; empty for a file.
     pub service: String,
+    /// The Consul node, for a traffic signal; empty otherwise.
+    pub node: String,
     /// How bad.
     pub severity: Severity,
     /// What was seen, one line.
@@ -193,11 +206,12 @@ impl Severity {
 // === impl AlertKind ===
 
 impl AlertKind {
-    /// `up`, `slow`, `down`, `hung`, `unhealthy` or `log`.
+    /// `up`, `slow`, `down`, `hung`, `unhealthy`, `log` or `traffic`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Probe(outcome) => outcome.as_str(),
             Self::Log => "log",
+            Self::Traffic => "traffic",
         }
     }
 
@@ -205,7 +219,7 @@ impl AlertKind {
     pub fn outcome(self) -> Option<Outcome> {
         match self {
             Self::Probe(outcome) => Some(outcome),
-            Self::Log => None,
+            Self::Log | Self::Traffic => None,
         }
     }
 }
@@ -220,8 +234,10 @@ impl TryFrom<String> for AlertKind {
     type Error = String;
 
     fn try_from(s: String) -> Result<Self, String> {
-        if s == "log" {
-            return Ok(Self::Log);
+        match s.as_str() {
+            "log" => return Ok(Self::Log),
+            "traffic" => return Ok(Self::Traffic),
+            _ => {}
         }
         Outcome::ALL
             .into_iter()
@@ -266,15 +282,21 @@ impl Alert {
     }
 
     /// A new log alert for `firing`, opening at `now_ms`.
-    pub fn open_log(firing: &LogFiring, now_ms: u64) -> Self {
+    pub fn open_log(firing: &Firing, now_ms: u64) -> Self {
+        Self::open_event(AlertKind::Log, firing, now_ms)
+    }
+
+    /// A new alert of `kind` (log or traffic) for `firing`, opening at
+    /// `now_ms`.
+    pub fn open_event(kind: AlertKind, firing: &Firing, now_ms: u64) -> Self {
         Self {
             key: firing.key.clone(),
-            kind: AlertKind::Log,
+            kind,
             severity: firing.severity,
             target: firing.target.clone(),
             service: firing.service.clone(),
             instance_id: String::new(),
-            node: String::new(),
+            node: firing.node.clone(),
             probe: String::new(),
             evidence: firing.summary.clone(),
             started_at_ms: now_ms,
@@ -285,13 +307,13 @@ impl Alert {
         }
     }
 
-    /// Its Consul KV key. A log alert's key names a file, whose `/`s are
-    /// escaped (`%2F`, and `%` as `%25`): the key stays one KV entry
-    /// without empty path segments.
+    /// Its Consul KV key. A log or traffic alert's key names a file or
+    /// `<node>/<service>`, whose `/`s are escaped (`%2F`, and `%` as
+    /// `%25`): the key stays one KV entry without empty path segments.
     pub fn kv_key(&self) -> String {
         match self.kind {
             AlertKind::Probe(_) => format!("{KV_PREFIX}{}", self.key),
-            AlertKind::Log => format!(
+            AlertKind::Log | AlertKind::Traffic => format!(
                 "{KV_PREFIX}{}",
                 self.key.replace('%', "%25").replace('/', "%2F")
             ),
@@ -347,24 +369,37 @@ impl AlertBook {
     /// Opens the log alert of `firing.key` unless it is open; if it is
     /// (restored at start-up, or fired again), only its evidence is
     /// updated and nothing is sent. `true` when it opened.
-    pub fn open_log(&self, firing: &LogFiring, now_ms: u64) -> bool {
+    pub fn open_log(&self, firing: &Firing, now_ms: u64) -> bool {
+        self.open_event(AlertKind::Log, firing, now_ms)
+    }
+
+    /// Resolves the open log alert `key` with `evidence`; `false` when no
+    /// log alert of that key is open.
+    pub fn resolve_log(&self, key: &str, evidence: &str, now_ms: u64) -> bool {
+        self.resolve_event(AlertKind::Log, key, evidence, now_ms)
+    }
+
+    /// Opens the alert of `kind` (log or traffic) and `firing.key` unless
+    /// it is open; if it is (restored at start-up, or fired again), only
+    /// its evidence is updated and nothing is sent. `true` when it opened.
+    pub fn open_event(&self, kind: AlertKind, firing: &Firing, now_ms: u64) -> bool {
         let mut open = self.lock();
         if let Some(alert) = open.get_mut(&firing.key) {
             alert.evidence.clone_from(&firing.summary);
             alert.lines.clone_from(&firing.lines);
             return false;
         }
-        let alert = Alert::open_log(firing, now_ms);
+        let alert = Alert::open_event(kind, firing, now_ms);
         open.insert(alert.key.clone(), alert.clone());
         self.publish(Change::Opened(alert));
         true
     }
 
-    /// Resolves the open log alert `key` with `evidence`; `false` when no
-    /// log alert of that key is open.
-    pub fn resolve_log(&self, key: &str, evidence: &str, now_ms: u64) -> bool {
+    /// Resolves the open alert of `kind` and `key` with `evidence`;
+    /// `false` when no alert of that kind and key is open.
+    pub fn resolve_event(&self, kind: AlertKind, key: &str, evidence: &str, now_ms: u64) -> bool {
         let mut open = self.lock();
-        if !open.get(key).is_some_and(|a| a.kind == AlertKind::Log) {
+        if !open.get(key).is_some_and(|a| a.kind == kind) {
             return false;
         }
         let Some(mut alert) = open.remove(key) else {
@@ -396,8 +431,8 @@ impl AlertBook {
     /// Brings the open probe alerts in line with a round's observations:
     /// an alert for every bad condition, none for the rest. When
     /// `complete` (every target was listed), alerts of targets no longer
-    /// probed are resolved too; otherwise they stay as they are. Log
-    /// alerts are not the probes' and are left alone.
+    /// probed are resolved too; otherwise they stay as they are. Log and
+    /// traffic alerts are not the probes' and are left alone.
     pub fn reconcile(&self, observed: &[Observed], complete: bool, now_ms: u64) -> Reconciled {
         let mut done = Reconciled::default();
         let mut open = self.lock();
@@ -419,7 +454,7 @@ impl AlertBook {
         }
         let ended: Vec<String> = open
             .values()
-            .filter(|a| a.kind != AlertKind::Log)
+            .filter(|a| a.kind.outcome().is_some())
             .filter(|a| !wanted.contains(&a.key))
             .filter(|a| complete || seen.contains(a.target.as_str()))
             .map(|a| a.key.clone())

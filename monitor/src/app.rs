@@ -1,6 +1,7 @@
 //! The running monitor: builds everything from a [`Config`], binds the
 //! gRPC and admin listeners, owns the tasks (probe loop, log watcher and
-//! its alerts, alert outbox, servers), and drains them on shutdown.
+//! its alerts, traffic scraper, alert outbox, servers), and drains them on
+//! shutdown.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -26,6 +27,7 @@ use crate::{
     outbox::Outbox,
     prober::{Board, Prober},
     targets::Discovery,
+    traffic::{Scraper, TrafficAlerts},
     webhook::Webhook,
 };
 
@@ -100,6 +102,12 @@ impl Monitor {
             .logs
             .clone()
             .map(|logs| LogWatcher::new(logs).with_metrics(metrics.clone()));
+        let scraper = Scraper::new(
+            consul.clone(),
+            config.bridge_port,
+            config.traffic,
+            TrafficAlerts::new(book.clone(), &config.traffic, metrics.clone()),
+        );
         let outbox = Outbox::new(consul, webhook, metrics);
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = JoinSet::new();
@@ -117,6 +125,13 @@ impl Monitor {
             log_alerts
                 .run(log_rx, shutdown.clone())
                 .instrument(tracing::info_span!("log_alerts")),
+        );
+        // With traffic off the task only resolves traffic alerts restored
+        // from an earlier run.
+        tasks.spawn(
+            scraper
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("traffic")),
         );
         tasks.spawn(
             prober
@@ -141,7 +156,9 @@ impl Monitor {
             timeout = ?config.probing.timeout, slow = ?config.probing.slow_threshold,
             components = config.components.len(), consul_checks = config.consul_checks,
             webhook = config.webhook_url.is_some(),
-            log_rules = config.logs.as_ref().map_or(0, |l| l.rules.len()), "mesh-monitor started"
+            log_rules = config.logs.as_ref().map_or(0, |l| l.rules.len()),
+            traffic = config.traffic.enabled, traffic_interval = ?config.traffic.interval,
+            "mesh-monitor started"
         );
         Ok(Self {
             grpc_addr,

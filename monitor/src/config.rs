@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     logs::{Logs, LogsConfig},
     probe::{CheckStatus, ProbeKind},
+    traffic::{self, Thresholds, TrafficConfig},
 };
 
 /// The monitor's flags; each also `MESH_<NAME>` and a TOML key `<name>`.
@@ -120,6 +121,45 @@ pub struct Args {
     /// Tries per webhook call, 1 to 10 [default: 3].
     #[arg(long, env = "MESH_WEBHOOK_ATTEMPTS")]
     pub webhook_attempts: Option<u32>,
+    /// Read every node's proxy's /metrics through its mesh-bridge
+    /// (mesh.v1.Checks.ProxyMetrics) and raise traffic alerts: 5xx rate,
+    /// timeout rate, p99 and request-rate drop per node and service
+    /// against a learned baseline [default: true].
+    #[arg(long, env = "MESH_TRAFFIC", num_args = 0..=1, default_missing_value = "true")]
+    pub traffic: Option<bool>,
+    /// Time between two reads of the proxies' metrics, 1s or more
+    /// [default: 10s].
+    #[arg(long, env = "MESH_TRAFFIC_INTERVAL")]
+    pub traffic_interval: Option<HumanDuration>,
+    /// The smallest share of 5xx (and of timeouts) in a round that fires,
+    /// above 0 and at most 1 [default: 0.05].
+    #[arg(long, env = "MESH_TRAFFIC_ERROR_RATIO")]
+    pub traffic_error_ratio: Option<f64>,
+    /// The fewest 5xx (or timeouts) in a round that fire [default: 5].
+    #[arg(long, env = "MESH_TRAFFIC_MIN_ERRORS")]
+    pub traffic_min_errors: Option<u32>,
+    /// How many times its baseline a ratio or the p99 must be to fire,
+    /// more than 1 [default: 3].
+    #[arg(long, env = "MESH_TRAFFIC_FACTOR")]
+    pub traffic_factor: Option<f64>,
+    /// The smallest p99 that fires [default: 250ms].
+    #[arg(long, env = "MESH_TRAFFIC_P99_FLOOR")]
+    pub traffic_p99_floor: Option<HumanDuration>,
+    /// The fewest requests in a round to judge a p99 or learn a ratio
+    /// [default: 20].
+    #[arg(long, env = "MESH_TRAFFIC_MIN_REQUESTS")]
+    pub traffic_min_requests: Option<u32>,
+    /// A request rate under this share of its baseline has dropped, above
+    /// 0 and under 1 [default: 0.2].
+    #[arg(long, env = "MESH_TRAFFIC_DROP_RATIO")]
+    pub traffic_drop_ratio: Option<f64>,
+    /// The smallest baseline rate (requests/s) whose drop fires
+    /// [default: 5].
+    #[arg(long, env = "MESH_TRAFFIC_DROP_MIN_RATE")]
+    pub traffic_drop_min_rate: Option<f64>,
+    /// Rounds learned before a baseline is used, 1 or more [default: 6].
+    #[arg(long, env = "MESH_TRAFFIC_WARMUP_ROUNDS")]
+    pub traffic_warmup_rounds: Option<u32>,
     /// Log files to watch and rules over their lines (the `[logs]` table
     /// of the config file only; see [`LogsConfig`]); none: no log watcher.
     #[arg(skip)]
@@ -160,6 +200,8 @@ pub struct Config {
     pub webhook_attempts: u32,
     /// The log watcher's files and rules; none: no watcher.
     pub logs: Option<Logs>,
+    /// Traffic alerts from the proxies' metrics.
+    pub traffic: TrafficConfig,
 }
 
 /// How targets are probed and judged.
@@ -252,6 +294,7 @@ impl Args {
             ));
         }
         let probing = self.probing()?;
+        let traffic = self.traffic()?;
         let http_path = self.http_path.unwrap_or_else(|| DEFAULT_HTTP_PATH.into());
         check_path("http_path", &http_path)?;
         let components = components(&self.components)?;
@@ -293,6 +336,70 @@ impl Args {
             webhook_url,
             webhook_attempts,
             logs,
+            traffic,
+        })
+    }
+
+    fn traffic(&self) -> Result<TrafficConfig, String> {
+        let d = Thresholds::default();
+        let interval = self
+            .traffic_interval
+            .map_or(traffic::DEFAULT_INTERVAL, HumanDuration::get);
+        if interval < Duration::from_secs(1) {
+            return Err(format!(
+                "traffic_interval: {} is shorter than 1s",
+                HumanDuration(interval)
+            ));
+        }
+        let ratio = |key: &str, v: Option<f64>, default: f64, max_inclusive: bool| {
+            let v = v.unwrap_or(default);
+            let ok = v > 0.0 && (v < 1.0 || (max_inclusive && v == 1.0));
+            let upper = if max_inclusive { "at most" } else { "under" };
+            ok.then_some(v)
+                .ok_or_else(|| format!("{key}: {v} must be above 0 and {upper} 1"))
+        };
+        let error_ratio = ratio(
+            "traffic_error_ratio",
+            self.traffic_error_ratio,
+            d.error_ratio,
+            true,
+        )?;
+        let drop_ratio = ratio(
+            "traffic_drop_ratio",
+            self.traffic_drop_ratio,
+            d.drop_ratio,
+            false,
+        )?;
+        let factor = self.traffic_factor.unwrap_or(d.factor);
+        if !(factor > 1.0 && factor.is_finite()) {
+            return Err(format!("traffic_factor: {factor} must be more than 1"));
+        }
+        let drop_min_rate = self.traffic_drop_min_rate.unwrap_or(d.drop_min_rate);
+        if !(drop_min_rate >= 0.0 && drop_min_rate.is_finite()) {
+            return Err(format!(
+                "traffic_drop_min_rate: {drop_min_rate} must be 0 or more"
+            ));
+        }
+        let warmup_rounds = self.traffic_warmup_rounds.unwrap_or(d.warmup_rounds);
+        if warmup_rounds == 0 {
+            return Err("traffic_warmup_rounds: must be 1 or more".into());
+        }
+        Ok(TrafficConfig {
+            enabled: self.traffic.unwrap_or(true),
+            interval,
+            thresholds: Thresholds {
+                error_ratio,
+                min_errors: self.traffic_min_errors.map_or(d.min_errors, f64::from),
+                factor,
+                p99_floor: self
+                    .traffic_p99_floor
+                    .map_or(d.p99_floor, HumanDuration::get),
+                min_requests: self.traffic_min_requests.map_or(d.min_requests, f64::from),
+                drop_ratio,
+                drop_min_rate,
+                warmup_rounds,
+                ..d
+            },
         })
     }
 
@@ -482,6 +589,43 @@ mod tests {
             (ProbeKind::Http, "/health")
         );
         assert!(c.consul_checks && c.webhook_url.is_none());
+        assert_eq!(c.traffic, TrafficConfig::default());
+        assert!(c.traffic.enabled);
+        assert_eq!(c.traffic.interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn traffic_keys_are_flags_and_file_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("monitor.toml");
+        std::fs::write(
+            &file,
+            "traffic_interval = \"30s\"\ntraffic_error_ratio = 0.1\ntraffic_p99_floor = \"1s\"\n",
+        )
+        .unwrap();
+        let args = Args::try_parse_from([
+            "mesh-monitor",
+            "--config",
+            file.to_str().unwrap(),
+            "--node",
+            "m1",
+            "--traffic-min-errors",
+            "20",
+            "--traffic",
+            "false",
+        ])
+        .unwrap();
+        let c = mesh_runtime::config::merge(args)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let t = c.traffic;
+        assert!(!t.enabled);
+        assert_eq!(t.interval, Duration::from_secs(30));
+        assert_eq!(t.thresholds.error_ratio, 0.1);
+        assert_eq!(t.thresholds.min_errors, 20.0);
+        assert_eq!(t.thresholds.p99_floor, Duration::from_secs(1));
+        assert_eq!(t.thresholds.warmup_rounds, 6);
     }
 
     #[test]
@@ -574,6 +718,11 @@ mod tests {
             (&["--webhook-attempts", "0"], "webhook_attempts:"),
             (&["--slow-status", "critical"], "slow_status:"),
             (&["--bridge-port", "0"], "bridge_port:"),
+            (&["--traffic-interval", "500ms"], "traffic_interval:"),
+            (&["--traffic-error-ratio", "1.5"], "traffic_error_ratio:"),
+            (&["--traffic-drop-ratio", "1"], "traffic_drop_ratio:"),
+            (&["--traffic-factor", "1"], "traffic_factor:"),
+            (&["--traffic-warmup-rounds", "0"], "traffic_warmup_rounds:"),
         ] {
             let e = parse(argv).unwrap_err();
             assert!(e.starts_with(key), "{argv:?}: {e}");

@@ -21,6 +21,8 @@
 //! - [`logs`]: log files followed through rotation, and rules over their
 //!   lines (patterns per window, 5xx rate per service).
 //! - [`log_alerts`]: the log rules' events into the alert book.
+//! - [`traffic`]: the proxies' `/metrics` through the bridges, baselines
+//!   per node, service and signal, and traffic alerts into the alert book.
 //! - [`grpc`]: `mesh.v1.Monitor`: list and watch alerts, verdicts.
 //! - [`metrics`]: the monitor's Prometheus metrics.
 //! - [`app`]: the running [`Monitor`]: listeners, tasks, shutdown.
@@ -37,6 +39,7 @@ pub mod outbox;
 pub mod probe;
 pub mod prober;
 pub mod targets;
+pub mod traffic;
 pub mod verdict;
 pub mod webhook;
 

@@ -22,7 +22,7 @@ use mesh_runtime::{duration::HumanDuration, shutdown::Shutdown};
 use tokio::sync::mpsc;
 
 use crate::{
-    alert::{AlertBook, AlertKind, LogFiring, now_ms},
+    alert::{AlertBook, AlertKind, Firing, now_ms},
     logs::{LogEvent, Logs, rules::Rule},
     metrics::MonitorMetrics,
 };
@@ -109,7 +109,7 @@ impl LogAlerts {
                     .unwrap_or(&key)
                     .to_owned();
                 let per_service = self.rules.get(&rule).is_some_and(|(_, s)| *s);
-                let firing = LogFiring {
+                let firing = Firing {
                     service: if per_service {
                         target.clone()
                     } else {
@@ -121,6 +121,7 @@ impl LogAlerts {
                     severity,
                     summary,
                     lines: evidence,
+                    node: String::new(),
                 };
                 if self.book.open_log(&firing, now_ms) {
                     tracing::warn!(alert = %firing.key, "alert opened");

@@ -56,6 +56,10 @@ impl MonitorMetrics {
             "Alerts resolved, by kind.",
         );
         r.describe_counter(
+            "mesh_monitor_traffic_scrapes_total",
+            "Reads of a node's proxy metrics through its bridge, by result (ok, unavailable, unreadable).",
+        );
+        r.describe_counter(
             "mesh_monitor_check_writes_total",
             "Checks set in Consul through the nodes' bridges, by result (ok, error).",
         );
@@ -159,6 +163,14 @@ impl MonitorMetrics {
                 "mesh_monitor_log_rule_changes_total",
                 &[("rule", rule), ("state", state)],
             )
+            .increment(1);
+    }
+
+    /// A read of a node's proxy metrics: `ok`, `unavailable` (no bridge
+    /// or no proxy) or `unreadable` (not the text format).
+    pub fn traffic_scrape(&self, result: &'static str) {
+        self.registry
+            .counter("mesh_monitor_traffic_scrapes_total", &[("result", result)])
             .increment(1);
     }
 

@@ -110,6 +110,10 @@ fn monitor_config(consul: &DevAgent, bridge: SocketAddr, hook: &str) -> Result<C
         // The bridge itself, as a component: probed over gRPC health.
         components: vec![format!("bridge=grpc://{bridge}")],
         webhook_url: Some(hook.into()),
+        // The bridge reads the default proxy admin port, where anything
+        // may listen on a test machine: no traffic alerts here (see
+        // tests/traffic.rs).
+        traffic: Some(false),
         ..Args::default()
     }
     .validate()

@@ -11,7 +11,7 @@
 //!   mesh-control.
 //! - `proxy_stats`: the proxy's `/stats` (`ProxyStats`), read over HTTP.
 //! - [`checks`]: `mesh.v1.Checks`, the checks another process (mesh-monitor)
-//!   sets on this agent's instances.
+//!   sets on this agent's instances, and the proxy's `/metrics` for it.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -89,7 +89,7 @@ impl RegistryApi {
 
     /// The Checks service on the same local agent.
     pub fn checks(&self) -> ChecksApi {
-        ChecksApi::new(self.agent.clone(), self.metrics.clone())
+        ChecksApi::new(self.agent.clone(), self.metrics.clone(), self.proxy)
     }
 
     /// Applies queued calls whenever the agent is reachable, until `shutdown`.

@@ -1,4 +1,4 @@
-//! `Registry.ProxyStats` through a started bridge (gRPC on port 0) against
+//! `Registry.ProxyStats` and `Checks.ProxyMetrics` through a started bridge (gRPC on port 0) against
 //! a fake proxy admin listener on loopback; no Consul is needed (the one
 //! configured does not answer).
 
@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use axum::{Json, Router, routing::get};
-use mesh_proto::v1::{ProxyStatsRequest, registry_client::RegistryClient};
+use mesh_proto::v1::{
+    ProxyMetricsRequest, ProxyStatsRequest, checks_client::ChecksClient,
+    registry_client::RegistryClient,
+};
 use mesh_registry_bridge::{Args, Bridge};
 use mesh_runtime::metrics::Registry;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -19,6 +22,7 @@ use tonic::Code;
 struct Harness {
     _bridge: Bridge,
     registry: RegistryClient<tonic::transport::Channel>,
+    checks: ChecksClient<tonic::transport::Channel>,
     _data: tempfile::TempDir,
 }
 
@@ -47,9 +51,13 @@ impl Harness {
         let registry = RegistryClient::connect(format!("http://{}", bridge.grpc_addr()))
             .await
             .context("connect to the bridge")?;
+        let checks = ChecksClient::connect(format!("http://{}", bridge.grpc_addr()))
+            .await
+            .context("connect to the bridge's Checks")?;
         Ok(Self {
             _bridge: bridge,
             registry,
+            checks,
             _data: data,
         })
     }
@@ -160,5 +168,32 @@ async fn proxy_stats_is_unavailable_when_the_proxy_answers_nonsense() -> Result<
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("404"), "{}", e.message());
+    Ok(())
+}
+
+#[tokio::test]
+async fn proxy_metrics_answers_with_the_proxys_metrics_text() -> Result<()> {
+    let text = "# HELP mesh_proxy_requests_total Requests proxied.\n\
+                # TYPE mesh_proxy_requests_total counter\n\
+                mesh_proxy_requests_total{service=\"web\",code_class=\"5xx\"} 3\n";
+    let admin =
+        FakeAdmin::start(Router::new().route("/metrics", get(move || async move { text }))).await;
+    let mut h = Harness::start(admin.addr).await?;
+    let r = h
+        .checks
+        .proxy_metrics(ProxyMetricsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(r.text, text);
+
+    let down = closed_port().await;
+    let mut h = Harness::start(down).await?;
+    let e = h
+        .checks
+        .proxy_metrics(ProxyMetricsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&down.to_string()), "{}", e.message());
     Ok(())
 }

@@ -140,8 +140,8 @@ fn an_alert_is_stored_as_json_under_its_key() {
     assert_eq!(back, a);
 }
 
-fn firing(file: &str, summary: &str) -> LogFiring {
-    LogFiring {
+fn firing(file: &str, summary: &str) -> Firing {
+    Firing {
         key: format!("log:errors:{file}"),
         rule: "errors".into(),
         target: file.into(),
@@ -149,6 +149,7 @@ fn firing(file: &str, summary: &str) -> LogFiring {
         severity: Severity::Warning,
         summary: summary.into(),
         lines: vec!["ERROR one".into(), "ERROR two".into()],
+        node: String::new(),
     }
 }
 

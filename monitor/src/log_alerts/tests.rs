@@ -49,7 +49,7 @@ fn fired(key: &str, summary: &str) -> LogEvent {
 
 fn stored(key: &str, rule: &str) -> Alert {
     let mut a = Alert::open_log(
-        &LogFiring {
+        &Firing {
             key: key.into(),
             rule: rule.into(),
             target: "/var/log/app.log".into(),
@@ -57,6 +57,7 @@ fn stored(key: &str, rule: &str) -> Alert {
             severity: Severity::Critical,
             summary: "3 lines".into(),
             lines: Vec::new(),
+            node: String::new(),
         },
         5,
     );

@@ -20,11 +20,18 @@
 //! output change without a status change to the servers only every few
 //! minutes, so the output of a check's first status may show late (see
 //! `first_status`).
+//!
+//! `ProxyMetrics` hands the monitor the node's proxy's `/metrics` for the
+//! same reason: the proxy's admin listener is loopback on its node.
 
 use consul_client::{AgentCheckRegistration, Client, Error};
-use mesh_proto::v1::{SetCheckRequest, SetCheckResponse, checks_server::Checks};
+use mesh_proto::v1::{
+    ProxyMetricsRequest, ProxyMetricsResponse, SetCheckRequest, SetCheckResponse,
+    checks_server::Checks,
+};
 use tonic::{Request, Response, Status};
 
+use super::ProxyAdmin;
 use crate::metrics::{BridgeMetrics, CallOutcome};
 
 /// How long a set status stands without being set again.
@@ -41,6 +48,8 @@ const MAX_OUTPUT: usize = 4096;
 pub struct ChecksApi {
     agent: Client,
     metrics: BridgeMetrics,
+    /// The node's proxy's admin listener, for `ProxyMetrics`.
+    proxy: ProxyAdmin,
 }
 
 /// A checked `SetCheckRequest`.
@@ -56,9 +65,14 @@ struct CheckUpdate {
 // === impl ChecksApi ===
 
 impl ChecksApi {
-    /// Checks go to `agent`, the local agent.
-    pub fn new(agent: Client, metrics: BridgeMetrics) -> Self {
-        Self { agent, metrics }
+    /// Checks go to `agent`, the local agent; `ProxyMetrics` reads the
+    /// proxy at `proxy`.
+    pub fn new(agent: Client, metrics: BridgeMetrics, proxy: ProxyAdmin) -> Self {
+        Self {
+            agent,
+            metrics,
+            proxy,
+        }
     }
 
     async fn apply(&self, u: &CheckUpdate) -> Result<(), Status> {
@@ -118,6 +132,19 @@ impl Checks for ChecksApi {
             status = update.status, "check set"
         );
         Ok(Response::new(SetCheckResponse {}))
+    }
+
+    async fn proxy_metrics(
+        &self,
+        _request: Request<ProxyMetricsRequest>,
+    ) -> Result<Response<ProxyMetricsResponse>, Status> {
+        match self.proxy.metrics().await {
+            Ok(metrics) => Ok(Response::new(metrics)),
+            Err(e) => {
+                tracing::debug!(error = %e, "proxy metrics unavailable");
+                Err(Status::unavailable(e.to_string()))
+            }
+        }
     }
 }
 

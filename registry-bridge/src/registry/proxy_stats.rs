@@ -1,7 +1,8 @@
-//! `ProxyStats`: the node's proxy's `/stats`, read from its admin listener
-//! over HTTP/1.1 on a fresh connection for each call (mesh-control asks
-//! seldom, and a fresh connection never finds a restarted proxy's stale
-//! socket), and turned into a [`ProxyStatsResponse`].
+//! `ProxyStats` and `Checks.ProxyMetrics`: the node's proxy's `/stats` and
+//! `/metrics`, read from its admin listener over HTTP/1.1 on a fresh
+//! connection for each call (callers ask every few seconds at most, and a
+//! fresh connection never finds a restarted proxy's stale socket), and
+//! turned into a [`ProxyStatsResponse`] or a [`ProxyMetricsResponse`].
 
 use std::{io, net::SocketAddr, time::Duration};
 
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use mesh_proto::v1::ProxyStatsResponse;
+use mesh_proto::v1::{ProxyMetricsResponse, ProxyStatsResponse};
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
@@ -20,6 +21,10 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest `/stats` answer read; a real one is well under 1 KiB.
 const MAX_BODY: usize = 64 * 1024;
 
+/// The largest `/metrics` answer read: a proxy with a few hundred services
+/// writes well under 1 MiB.
+const MAX_METRICS_BODY: usize = 4 * 1024 * 1024;
+
 /// The node's proxy's admin listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ProxyAdmin {
@@ -27,7 +32,7 @@ pub struct ProxyAdmin {
     timeout: Duration,
 }
 
-/// Why the proxy's stats could not be read: the address and the reason.
+/// Why the proxy's stats or metrics could not be read: the address and the reason.
 #[derive(Debug, thiserror::Error)]
 #[error("proxy admin {addr}: {reason}")]
 pub struct ProxyStatsError {
@@ -37,7 +42,7 @@ pub struct ProxyStatsError {
     pub reason: ProxyStatsReason,
 }
 
-/// What went wrong reading `/stats`.
+/// What went wrong reading `/stats` or `/metrics`.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyStatsReason {
     /// Nothing listens there (the proxy is down or elsewhere).
@@ -50,11 +55,11 @@ pub enum ProxyStatsReason {
     #[error("HTTP: {0}")]
     Http(#[source] hyper::Error),
     /// The proxy answered with another status than 200.
-    #[error("/stats answered {0}")]
-    Status(StatusCode),
+    #[error("{0} answered {1}")]
+    Status(&'static str, StatusCode),
     /// The body could not be read, or was too large.
-    #[error("/stats body: {0}")]
-    Body(String),
+    #[error("{0} body: {1}")]
+    Body(&'static str, String),
     /// The body is not the stats JSON.
     #[error("/stats answer is not the stats JSON: {0}")]
     Decode(#[source] serde_json::Error),
@@ -100,20 +105,54 @@ impl ProxyAdmin {
 
     /// Reads `/stats` now.
     pub async fn stats(&self) -> Result<ProxyStatsResponse, ProxyStatsError> {
-        let answer = match tokio::time::timeout(self.timeout, self.get()).await {
-            Ok(answer) => answer,
-            Err(_) => Err(ProxyStatsReason::Timeout(self.timeout)),
-        };
-        answer
+        self.fetch("/stats", "application/json", MAX_BODY)
+            .await
             .and_then(|body| decode(&body))
-            .map_err(|reason| ProxyStatsError {
-                addr: self.addr,
-                reason,
-            })
+            .map_err(|reason| self.error(reason))
     }
 
-    /// `GET /stats`: the body of a 200.
-    async fn get(&self) -> Result<Bytes, ProxyStatsReason> {
+    /// Reads `/metrics` now.
+    pub async fn metrics(&self) -> Result<ProxyMetricsResponse, ProxyStatsError> {
+        let body = self
+            .fetch("/metrics", "text/plain", MAX_METRICS_BODY)
+            .await
+            .map_err(|reason| self.error(reason))?;
+        let text = String::from_utf8(body.to_vec()).map_err(|_| {
+            self.error(ProxyStatsReason::Invalid(
+                "/metrics answer is not UTF-8 text",
+            ))
+        })?;
+        Ok(ProxyMetricsResponse { text })
+    }
+
+    fn error(&self, reason: ProxyStatsReason) -> ProxyStatsError {
+        ProxyStatsError {
+            addr: self.addr,
+            reason,
+        }
+    }
+
+    /// `GET path` within the timeout: the body of a 200, at most `max`
+    /// bytes.
+    async fn fetch(
+        &self,
+        path: &'static str,
+        accept: &'static str,
+        max: usize,
+    ) -> Result<Bytes, ProxyStatsReason> {
+        match tokio::time::timeout(self.timeout, self.get(path, accept, max)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ProxyStatsReason::Timeout(self.timeout)),
+        }
+    }
+
+    /// `GET path`: the body of a 200.
+    async fn get(
+        &self,
+        path: &'static str,
+        accept: &'static str,
+        max: usize,
+    ) -> Result<Bytes, ProxyStatsReason> {
         let stream = TcpStream::connect(self.addr)
             .await
             .map_err(ProxyStatsReason::Connect)?;
@@ -121,9 +160,9 @@ impl ProxyAdmin {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyStatsReason::Http)?;
-        let request = Request::get("/stats")
+        let request = Request::get(path)
             .header(header::HOST, self.addr.to_string())
-            .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT, accept)
             .body(Empty::<Bytes>::new())
             .map_err(|_| ProxyStatsReason::Invalid("cannot build the request"))?;
         // The connection is driven here, beside the exchange; dropping the
@@ -134,12 +173,12 @@ impl ProxyAdmin {
                 .await
                 .map_err(ProxyStatsReason::Http)?;
             if response.status() != StatusCode::OK {
-                return Err(ProxyStatsReason::Status(response.status()));
+                return Err(ProxyStatsReason::Status(path, response.status()));
             }
-            let body = Limited::new(response.into_body(), MAX_BODY)
+            let body = Limited::new(response.into_body(), max)
                 .collect()
                 .await
-                .map_err(|e| ProxyStatsReason::Body(e.to_string()))?;
+                .map_err(|e| ProxyStatsReason::Body(path, e.to_string()))?;
             Ok(body.to_bytes())
         };
         let (answer, _) = tokio::join!(exchange, connection);
@@ -215,6 +254,26 @@ mod tests {
             e.to_string(),
             format!("proxy admin {addr}: no answer within 2s")
         );
+    }
+
+    #[tokio::test]
+    async fn metrics_are_the_proxy_text_and_a_missing_proxy_is_named() {
+        use axum::{Router, routing::get};
+        let text = "# TYPE mesh_proxy_requests_total counter\n\
+                    mesh_proxy_requests_total{service=\"web\",code_class=\"2xx\"} 7\n";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/metrics", get(move || async move { text }));
+        let serve = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        let got = ProxyAdmin::new(addr).metrics().await.unwrap();
+        assert_eq!(got.text, text);
+        serve.abort();
+        let _ = serve.await;
+        let e = ProxyAdmin::new(addr).metrics().await.unwrap_err();
+        assert!(matches!(e.reason, ProxyStatsReason::Connect(_)), "{e}");
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
     }
 
     #[test]
