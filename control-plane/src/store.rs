@@ -380,35 +380,28 @@ impl Store {
 
     /// The rollout of version `number` and its revision, if there is one.
     pub async fn rollout(&self, number: u64) -> Result<Option<(Rollout, u64)>, StoreError> {
-        self.record(&Self::rollout_key(number)).await
-    }
-
-    /// Every rollout, newest first.
-    pub async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        let mut out: Vec<Rollout> = self.records(&format!("{PREFIX}rollouts/")).await?;
-        out.sort_by_key(|r| std::cmp::Reverse(r.version));
-        Ok(out)
-    }
-
-    /// The JSON record at `key` and its revision, if there is one.
-    pub(crate) async fn record<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<(T, u64)>, StoreError> {
-        let read = self.consul.kv_get(key, QueryOptions::default()).await?;
+        let key = Self::rollout_key(number);
+        let read = self.consul.kv_get(&key, QueryOptions::default()).await?;
         match read.value {
             None => Ok(None),
             Some(pair) => Ok(Some((decode_json(&pair)?, pair.modify_index))),
         }
     }
 
-    /// Every JSON record under `prefix`, in key order.
-    pub(crate) async fn records<T: serde::de::DeserializeOwned>(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<T>, StoreError> {
-        let pairs = self.consul.kv_list(prefix, QueryOptions::default()).await?;
-        pairs.value.iter().map(decode_json::<T>).collect()
+    /// Every rollout, newest first.
+    pub async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let prefix = format!("{PREFIX}rollouts/");
+        let pairs = self
+            .consul
+            .kv_list(&prefix, QueryOptions::default())
+            .await?;
+        let mut out = pairs
+            .value
+            .iter()
+            .map(decode_json::<Rollout>)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|r| std::cmp::Reverse(r.version));
+        Ok(out)
     }
 
     /// The version whose rollout is under way (0: none) and the active

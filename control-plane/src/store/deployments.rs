@@ -249,12 +249,26 @@ impl Store {
 
     /// Deployment `id` and its revision, if there is one.
     pub async fn deployment(&self, id: u64) -> Result<Option<(Deployment, u64)>, StoreError> {
-        self.record(&Self::deployment_key(id)).await
+        let key = Self::deployment_key(id);
+        let read = self.consul.kv_get(&key, QueryOptions::default()).await?;
+        match read.value {
+            None => Ok(None),
+            Some(pair) => Ok(Some((decode_json(&pair)?, pair.modify_index))),
+        }
     }
 
     /// Every deployment, newest first.
     pub async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
-        let mut out: Vec<Deployment> = self.records(&format!("{PREFIX}deployments/")).await?;
+        let prefix = format!("{PREFIX}deployments/");
+        let pairs = self
+            .consul
+            .kv_list(&prefix, QueryOptions::default())
+            .await?;
+        let mut out = pairs
+            .value
+            .iter()
+            .map(decode_json::<Deployment>)
+            .collect::<Result<Vec<_>, _>>()?;
         out.sort_by_key(|d| std::cmp::Reverse(d.id));
         Ok(out)
     }
