@@ -36,12 +36,13 @@
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
 //! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
 //! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
-//! - [`monitor`]: mesh-monitor in a node's namespace, and its verdicts over gRPC.
+//! - [`monitor`]: mesh-monitor in a node's namespace (options, restart), its alerts, verdicts and metrics.
 //! - [`nginx`]: a node that serves with nginx (node metadata, Debian's nginx in a prefix folder).
 //! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
 //! - [`load`]: a load generator through a proxy, recording every outcome.
 //! - [`fault`]: a TCP fault proxy in a namespace: added latency, hang, reset.
 //! - [`wait`]: `eventually`, assertions polled until a deadline.
+//! - [`webhook`]: a webhook receiver in a node's namespace, keeping what it was sent.
 
 pub mod bins;
 pub mod browser;
@@ -59,6 +60,7 @@ pub mod nginx;
 pub mod node;
 pub mod process;
 pub mod wait;
+pub mod webhook;
 pub mod ws;
 
 pub use crate::{

@@ -50,6 +50,10 @@ pub struct MeshOptions {
     pub proxy_args: Vec<String>,
     /// Extra arguments for every mesh-bridge.
     pub bridge_args: Vec<String>,
+    /// mesh-bridge's gRPC listener on every address of its node
+    /// (`0.0.0.0:8890`), as a mesh-monitor on another node reaches it;
+    /// false: on loopback only.
+    pub reachable_bridges: bool,
 }
 
 /// One Consul server.
@@ -87,6 +91,7 @@ impl MeshOptions {
             mesh: true,
             proxy_args: Vec::new(),
             bridge_args: Vec::new(),
+            reachable_bridges: false,
         }
     }
 

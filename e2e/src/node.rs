@@ -84,7 +84,11 @@ impl Node {
             "--consul-addr".into(),
             format!("http://127.0.0.1:{CONSUL_HTTP}"),
             "--grpc-listen".into(),
-            format!("127.0.0.1:{BRIDGE_GRPC_PORT}"),
+            if opts.reachable_bridges {
+                format!("0.0.0.0:{BRIDGE_GRPC_PORT}")
+            } else {
+                format!("127.0.0.1:{BRIDGE_GRPC_PORT}")
+            },
             "--admin-listen".into(),
             format!("127.0.0.1:{BRIDGE_ADMIN_PORT}"),
             "--data-dir".into(),
