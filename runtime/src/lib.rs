@@ -10,6 +10,7 @@
 //! - [`backoff`]: jittered exponential backoff for every retry loop.
 //! - [`duration`]: human durations (`250ms`, `2s`, `1m`) for config values.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future, and a drain signal for tasks.
+//! - [`pki`]: mesh identity: SPIFFE IDs, the mesh CA, CSRs, mTLS configs.
 
 pub mod admin;
 pub mod backoff;
@@ -18,6 +19,7 @@ pub mod duration;
 pub mod fs;
 pub mod logging;
 pub mod metrics;
+pub mod pki;
 pub mod queue;
 pub mod shutdown;
 
