@@ -1,7 +1,25 @@
 //! HTTP hygiene between hops (RFC 9110 §7.6.1, RFC 9112): hop-by-hop
 //! headers, and those a `Connection` header names, belong to one
 //! connection and are removed from requests and responses; the client's
-//! address is appended to `X-Forwarded-For`.
+//! address is appended to `X-Forwarded-For`. Removal comes first, then the
+//! proxy adds its own headers, so that a client cannot name one of them in
+//! `Connection` to have it dropped.
+//!
+//! The mesh's own headers (`x-mesh-*`, see [`crate::peer::header`]) are
+//! hop-scoped too: whatever a client or an instance sends under that prefix
+//! is removed at every hop, and a proxy sets its own after the removal. A
+//! client thus cannot name an instance for a peer, nor an instance fake a
+//! peer's refusal.
+//!
+//! Message framing is hyper's (RFC 9112 §6): a differing duplicate or
+//! malformed `Content-Length`, a `Transfer-Encoding` whose last coding is
+//! not `chunked`, or one in HTTP/1.0, are answered 400 before the request
+//! is seen; with both `Transfer-Encoding` and `Content-Length` the body is
+//! read as chunked, `Content-Length` dropped and the connection closed
+//! after the answer. [`check_transfer_encoding`] refuses what hyper lets
+//! through: a coding before `chunked`, or `chunked` twice (`chunked,
+//! chunked`, or two header lines), which the proxy would forward decoded
+//! once.
 //!
 //! Two hop-by-hop headers are forwarded on purpose: `TE: trailers` (gRPC
 //! needs it, and it is the one `TE` HTTP/2 allows), and, on a real HTTP/1.1
@@ -19,6 +37,10 @@ use http::{
 
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// What the name of every header the mesh uses between its proxies starts
+/// with.
+pub const INTERNAL_PREFIX: &str = "x-mesh-";
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -107,10 +129,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Most messages carry none of them: one pass over the names present
     // (cheap comparisons of standard names) spares nine hashed removals.
-    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    let (mut hop, mut internal) = (false, false);
+    for name in headers.keys() {
+        hop |= HOP_BY_HOP.contains(name);
+        internal |= is_internal(name);
+    }
+    if hop {
         for name in &HOP_BY_HOP {
             headers.remove(name);
         }
+    }
+    if internal {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| is_internal(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether `name` is one of the mesh's own headers.
+fn is_internal(name: &HeaderName) -> bool {
+    // Header names are lowercase.
+    name.as_str().starts_with(INTERNAL_PREFIX)
+}
+
+/// Refuses a request `Transfer-Encoding` other than one `chunked`: a
+/// coding before it (the proxy would forward the body still encoded, its
+/// coding unsaid), or `chunked` twice, in one header line or two (the
+/// proxy would decode it once and forward a body that still reads as
+/// chunks). The error says what is wrong, for the 400.
+pub fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        (Some(_), None) => Err("Transfer-Encoding: only chunked is supported"),
+        (Some(_), Some(_)) => Err(
+            "Transfer-Encoding must be a single chunked: other codings and chunked twice are refused",
+        ),
     }
 }
 
@@ -121,10 +182,12 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     for token in list.split(',') {
         let token = token.trim();
         // `close` and `keep-alive` are options, not header names (the
-        // latter is removed anyway).
+        // latter is removed anyway); `Host` is every hop's (RFC 9110
+        // §7.6.1: never a connection option), and routing read it.
         if token.is_empty()
             || token.eq_ignore_ascii_case("close")
             || token.eq_ignore_ascii_case("keep-alive")
+            || token.eq_ignore_ascii_case("host")
         {
             continue;
         }
@@ -169,8 +232,9 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = map(&[
-            ("connection", "keep-alive, X-Secret"),
+            ("connection", "keep-alive, X-Secret, Host"),
             ("connection", "x-other"),
+            ("host", "orders"),
             ("x-secret", "1"),
             ("x-other", "2"),
             ("keep-alive", "timeout=5"),
@@ -185,7 +249,7 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["x-kept"]);
+        assert_eq!(names, vec!["x-kept", "host"]);
     }
 
     #[test]
@@ -264,5 +328,42 @@ mod tests {
         append_forwarded_for(&mut h, &client);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+    }
+
+    #[test]
+    fn mesh_headers_go_at_every_hop() {
+        let mut h = map(&[
+            ("x-mesh-endpoint", "orders/orders-1"),
+            ("x-mesh-protocol", "h2"),
+            ("x-mesh-refused", "overloaded"),
+            ("x-mesh-future", "1"),
+            ("x-meshy", "kept"),
+        ]);
+        strip_request_hop_by_hop(&mut h, None);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-meshy"]);
+        let mut h = map(&[("x-mesh-refused", "overloaded"), ("x-kept", "1")]);
+        strip_response_hop_by_hop(StatusCode::OK, &mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn transfer_encoding_is_one_chunked_or_nothing() {
+        for ok in [&[][..], &["chunked"], &["Chunked "], &[" chunked,"]] {
+            let pairs: Vec<_> = ok.iter().map(|v| ("transfer-encoding", *v)).collect();
+            assert_eq!(check_transfer_encoding(&map(&pairs)), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &["gzip"][..],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["gzip, chunked"],
+            &["identity", "chunked"],
+        ] {
+            let pairs: Vec<_> = bad.iter().map(|v| ("transfer-encoding", *v)).collect();
+            let e = check_transfer_encoding(&map(&pairs)).unwrap_err();
+            assert!(e.contains("Transfer-Encoding"), "{bad:?}: {e}");
+        }
     }
 }

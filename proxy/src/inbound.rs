@@ -53,7 +53,7 @@ use crate::{
     body::{ProxyBody, UpstreamBody},
     config::Config,
     error::json_error,
-    headers::{strip_request_hop_by_hop, upgrade_of},
+    headers::{check_transfer_encoding, strip_request_hop_by_hop, upgrade_of},
     limits::{Counters, Permit},
     metrics::InboundMetrics,
     peer::{self, ENDPOINT_HEADER, EndpointRef, PROTOCOL_HEADER, REFUSED_HEADER},
@@ -275,6 +275,7 @@ impl Inbound {
                 max: self.max_requests.unwrap_or(0),
             }
         })?;
+        check_transfer_encoding(req.headers()).map_err(Refusal::BadRequest)?;
         let target = resolve(&self.routes.load(), &self.node, req.headers())?;
         if self.access_log.is_some() {
             *resolved = Some((target.service.clone(), target.upstream.clone()));

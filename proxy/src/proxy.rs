@@ -1,13 +1,21 @@
 //! The request path, one chain read top-down:
-//! route (which service) → policy (the route's, its limits) → prepare
-//! (hygiene, URI, replay copy) → balance (which instance) → retry/timeout
+//! screen (framing, the path normalized) → route (which service) → policy
+//! (the route's, its limits) → prepare (hygiene, URI, replay copy) →
+//! balance (which instance) → retry/timeout
 //! (per try, overall, budget) → connect (a pooled connection) → respond;
 //! every attempt's outcome feeds the balancer and outlier detection.
+//!
+//! A request the proxy answers itself is answered without reading its
+//! body: hyper then discards a body it already holds whole and otherwise
+//! closes the connection after the answer, so an unread body is never
+//! parsed as the next request. One refused as malformed at screening
+//! closes its connection whatever it carried.
 //!
 //! Nothing here locks the routing table (an `ArcSwap` load) or allocates
 //! beyond what hyper needs for a Host-routed request on a warm connection:
 //! the URI and headers are reused, bodies are enums, metric handles live in
-//! the table. A path-routed request allocates its shortened URI; a
+//! the table. A path-routed request allocates its shortened URI, and a
+//! path to normalize (dot-segments, `//`) its normalized one; a
 //! retryable request (idempotent, or allowed by its route) keeps a copy of
 //! its headers, and of its body up to 64 KiB, in case the instance fails
 //! after they were sent. The route's policy is one `ArcSwap` load and a
@@ -23,7 +31,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header::HOST,
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header::{CONNECTION, HOST},
 };
 use http_body::Body;
 use hyper::body::Incoming;
@@ -37,7 +46,8 @@ use crate::{
     config::Config,
     error::ProxyError,
     headers::{
-        append_forwarded_for, strip_request_hop_by_hop, strip_response_hop_by_hop, upgrade_of,
+        append_forwarded_for, check_transfer_encoding, strip_request_hop_by_hop,
+        strip_response_hop_by_hop, upgrade_of,
     },
     limits::{Counters, Limit, Permit},
     metrics::ProxyMetrics,
@@ -186,6 +196,23 @@ impl Proxy {
                 e.to_response()
             }
         };
+        // A malformed request is answered, and its connection closed,
+        // before anything else reads it.
+        if let Err(e) = screen(&mut req) {
+            let mut response = error_response(&e);
+            if req.version() != Version::HTTP_2 {
+                // Its connection is not trusted further: the body (if
+                // any) may be framed otherwise than hyper read it, and
+                // what follows must never be parsed as a request.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            self.metrics
+                .unrouted()
+                .record(response.status(), start.elapsed());
+            return Ok(self.log_local(response, &req, start, Logger::unrouted, e.kind()));
+        }
         // Shed before doing any work for it.
         let permit = match Permit::listener(&self.listener, self.listener_max_requests) {
             Ok(permit) => permit,
@@ -693,6 +720,17 @@ impl Proxy {
             tracing::warn!(service = %service.name(), instance = %endpoint.id, host = endpoint.upstream.host(), port = endpoint.upstream.port(), ejected_for = ?length, "instance ejected after failing in a row");
         }
     }
+}
+
+/// Refuses what the proxy will not forward as hyper parsed it (a
+/// `Transfer-Encoding` other than one `chunked`), and normalizes the path
+/// that routing, policy and the instance then share (see [`crate::route`]).
+fn screen<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    check_transfer_encoding(req.headers()).map_err(|e| ProxyError::BadRequest(e.into()))?;
+    if let Some(uri) = route::normalize(req.uri())? {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
 }
 
 /// How one attempt ended.

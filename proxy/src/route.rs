@@ -7,12 +7,32 @@
 //! `location /orders/ { proxy_pass http://orders/; }`. `/v1/agent/...` is
 //! Consul's agent API, served by the proxy on any host; `/v1` and `/_mesh`
 //! are never service names.
+//!
+//! Routing, the route's policy and the instance all read one path: the
+//! proxy normalizes it before routing ([`normalize`]) and forwards the
+//! normalized form, so that no hop reads `/orders/../billing` otherwise
+//! than the proxy did. Dot-segments are removed (RFC 3986 §5.2.4), also
+//! percent-encoded ones (`%2e%2e`); runs of slashes are merged (`//b` is
+//! `/b`); a trailing slash is kept. A path holding an encoded slash
+//! (`%2F`), backslash (`%5C`) or NUL (`%00`) is refused with 400: servers
+//! disagree on whether such a byte separates segments, so it has no one
+//! meaning to route on (the agent API, served by the proxy and forwarded
+//! nowhere, judges its own). Any other percent-encoding goes as it came.
+//! A path without `//`, `/.` or `%2e` (nearly all of them) costs a scan
+//! or two and no allocation.
 
 use std::{borrow::Cow, net::Ipv4Addr};
 
-use http::{Request, Uri, header::HOST, uri::PathAndQuery};
+use http::{
+    Request, Uri,
+    header::HOST,
+    uri::{Parts, PathAndQuery},
+};
 
 use crate::error::ProxyError;
+
+/// Where Consul's agent API, which the proxy serves, lives.
+const AGENT_PREFIX: &str = "/v1/agent/";
 
 /// Names no service may take: they are the proxy's own paths.
 pub const RESERVED: [&str; 2] = ["v1", "_mesh"];
@@ -38,7 +58,7 @@ pub enum Route<'a> {
 /// name no service.
 pub fn route<B>(req: &Request<B>) -> Result<Route<'_>, ProxyError> {
     let path = req.uri().path();
-    if path.starts_with("/v1/agent/") {
+    if path.starts_with(AGENT_PREFIX) {
         return Ok(Route::Agent);
     }
     let host = host(req)?;
@@ -103,6 +123,117 @@ fn service_host(host: &str) -> Option<&str> {
         }
     }
     Some(name)
+}
+
+/// The URI with its path normalized as the module says; `None` when the
+/// path is normal already (or is no path, as `*`). Refuses an encoded
+/// slash, backslash or NUL.
+pub fn normalize(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return Ok(None);
+    }
+    let bytes = path.as_bytes();
+    let percent = path.find('%');
+    let dotted = bytes.windows(2).any(|w| w == b"//" || w == b"/.")
+        || percent.is_some_and(|at| {
+            bytes[at..]
+                .windows(3)
+                .any(|w| w.eq_ignore_ascii_case(b"%2e"))
+        });
+    let normal: Cow<'_, str> = if dotted {
+        remove_dot_segments(path).into()
+    } else {
+        path.into()
+    };
+    // The agent API goes nowhere: its path is its own to judge.
+    if let Some(at) = percent
+        && !normal.starts_with(AGENT_PREFIX)
+    {
+        refuse_encoded_separators(path, at)?;
+    }
+    if normal == path {
+        return Ok(None);
+    }
+    let pq = match uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal.into_owned(),
+    };
+    let pq = PathAndQuery::try_from(pq)
+        .map_err(|_| ProxyError::BadRequest("request target is not a valid path".into()))?;
+    let mut parts = Parts::from(uri.clone());
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))
+}
+
+/// Refuses `%2F`, `%5C` and `%00` in `path`, whose first `%` is at `at`.
+fn refuse_encoded_separators(path: &str, at: usize) -> Result<(), ProxyError> {
+    let bytes = path.as_bytes();
+    for i in (at..bytes.len()).filter(|&i| bytes[i] == b'%') {
+        let Some(hex) = bytes.get(i + 1..i + 3) else {
+            break;
+        };
+        let what = match hex {
+            [b'2', b'f' | b'F'] => "slash (%2F)",
+            [b'5', b'c' | b'C'] => "backslash (%5C)",
+            [b'0', b'0'] => "NUL (%00)",
+            _ => continue,
+        };
+        return Err(ProxyError::BadRequest(
+            format!(
+                "the path {path:?} holds an encoded {what}, which servers do not read alike: the proxy routes no such path"
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` (which starts with `/`) without dot-segments and empty segments,
+/// keeping a trailing slash.
+fn remove_dot_segments(path: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in path[1..].split('/') {
+        // A segment that is gone leaves its directory: `/a/..` is `/`,
+        // `/a/.` and `/a/` are `/a/`.
+        trailing_slash = true;
+        match dots(segment) {
+            2 => {
+                kept.pop();
+            }
+            1 => {}
+            _ if segment.is_empty() => {}
+            _ => {
+                kept.push(segment);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || kept.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// 1 for `.`, 2 for `..` (either maybe percent-encoded), else 0.
+fn dots(segment: &str) -> u8 {
+    let s = segment.as_bytes();
+    let is = |want: &[u8]| s.eq_ignore_ascii_case(want);
+    if is(b".") || is(b"%2e") {
+        1
+    } else if is(b"..") || is(b".%2e") || is(b"%2e.") || is(b"%2e%2e") {
+        2
+    } else {
+        0
+    }
 }
 
 /// The URI to send upstream when it is not the client's own: origin-form
@@ -214,6 +345,50 @@ mod tests {
         let r = req("http://orders.mesh/x", &["127.0.0.1"]);
         assert_eq!(route(&r).unwrap(), Route::Host("orders"));
         assert_eq!(upstream_uri(r.uri(), 0).unwrap().unwrap(), "/x");
+    }
+
+    #[test]
+    fn paths_are_normalized_once_for_every_reader() {
+        let n = |s: &str| {
+            normalize(&s.parse().unwrap())
+                .unwrap()
+                .map(|u| u.to_string())
+        };
+        for (from, to) in [
+            ("/a/../b", "/b"),
+            ("//b", "/b"),
+            ("/orders//api///x?q=1", "/orders/api/x?q=1"),
+            ("/a/./b/../c/", "/a/c/"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/..", "/"),
+            ("/../../orders", "/orders"),
+            ("/orders/%2e%2E/billing", "/billing"),
+            ("/orders/.%2e/%2E/billing", "/billing"),
+            ("http://orders.mesh/a/../b?x", "http://orders.mesh/b?x"),
+        ] {
+            assert_eq!(n(from).as_deref(), Some(to), "{from}");
+        }
+        // Normal already: nothing is made.
+        for same in [
+            "/",
+            "/orders/api?q=/../",
+            "/.well-known/x",
+            "/a%20b/...",
+            "*",
+        ] {
+            assert_eq!(n(same), None, "{same}");
+        }
+        for bad in [
+            "/orders/a%2Fb",
+            "/orders/a%2f..%2fadmin",
+            "/x%5C..",
+            "/x%00",
+        ] {
+            let e = normalize(&bad.parse().unwrap()).unwrap_err();
+            assert_eq!(e.status(), 400, "{bad}");
+            assert!(e.to_string().contains("encoded"), "{bad}: {e}");
+        }
     }
 
     #[test]

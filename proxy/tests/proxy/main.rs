@@ -9,6 +9,7 @@ mod admin;
 mod agent;
 mod drain;
 mod dump;
+mod hardening;
 mod hygiene;
 mod node_config;
 mod peers;

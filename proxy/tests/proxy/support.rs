@@ -341,6 +341,9 @@ pub struct TestUpstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
+    /// `<method> <target>` of every request an `Echo` instance parsed, in
+    /// order (also those whose answer nobody read).
+    pub seen: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -350,7 +353,9 @@ impl TestUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let (conns, reqs, id) = (connections.clone(), requests.clone(), id.to_owned());
+        let seen_by_task = seen.clone();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
@@ -360,10 +365,15 @@ impl TestUpstream {
                 conns.fetch_add(1, Ordering::SeqCst);
                 match behaviour {
                     Behaviour::Echo => {
-                        let (id, reqs) = (id.clone(), reqs.clone());
+                        let (id, reqs, seen) = (id.clone(), reqs.clone(), seen_by_task.clone());
                         tokio::spawn(async move {
-                            let service = service_fn(move |req| {
+                            let service = service_fn(move |req: Request<Incoming>| {
                                 reqs.fetch_add(1, Ordering::SeqCst);
+                                seen.lock().unwrap().push(format!(
+                                    "{} {}",
+                                    req.method(),
+                                    req.uri()
+                                ));
                                 echo(id.clone(), req)
                             });
                             let _ = http1::Builder::new()
@@ -385,12 +395,18 @@ impl TestUpstream {
             addr,
             connections,
             requests,
+            seen,
             task,
         }
     }
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// `<method> <target>` of the requests seen so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
     }
 }
 
