@@ -384,8 +384,12 @@ impl Node {
             .await
     }
 
-    /// Waits until `GET /<service>/` through this node's proxy is answered by
-    /// exactly the instances `ids` (200s, by `x-instance`, over a few rounds).
+    /// Waits until `GET /<service>/` through this node's proxy is answered
+    /// by exactly the instances `ids` (200s, by `x-instance`, over a few
+    /// requests), or by some of them when the proxy's routing table
+    /// (`/routes`) holds exactly `ids`: which instance answers is then the
+    /// balancer's choice, and over sequential requests P2C over latency
+    /// may send every one to the instance that answered fastest so far.
     pub async fn wait_answers(
         &self,
         service: &str,
@@ -410,8 +414,22 @@ impl Node {
                     seen.insert(resp.header("x-instance").unwrap_or("<none>").to_owned());
                 }
                 let seen: Vec<String> = seen.into_iter().collect();
-                if seen != want {
+                if seen == want {
+                    return Ok(());
+                }
+                if !seen.iter().all(|s| want.contains(s)) {
                     bail!("answered by {seen:?}");
+                }
+                let routes = self.routes().await?;
+                let mut routed: Vec<&str> = routes["services"][service]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["id"].as_str())
+                    .collect();
+                routed.sort_unstable();
+                if routed != want {
+                    bail!("answered by {seen:?}; the routing table has {routed:?}");
                 }
                 Ok(())
             }
