@@ -63,10 +63,14 @@ pub async fn control_mesh() -> Result<Mesh> {
 
 /// Starts mesh-control replica `c<k+1>` on node `k` with `env` added to
 /// its environment (replacing one that runs there, which must be stopped),
-/// and waits until it is ready.
+/// and waits until it is ready. In a mesh with ACLs it gets its node's
+/// mesh-control token.
 pub async fn start_replica(mesh: &mut Mesh, k: usize, env: &[(&str, &str)]) -> Result<()> {
     let control = bins::workspace_bin("mesh-control")?;
     let dir = mesh.dir().to_path_buf();
+    let acl_token = mesh
+        .acl_token(&format!("{}/mesh-control", mesh.nodes[k].name))
+        .map(str::to_owned);
     let node = &mut mesh.nodes[k];
     let replica = format!("c{}", k + 1);
     let mut process = Process::new(
@@ -85,6 +89,10 @@ pub async fn start_replica(mesh: &mut Mesh, k: usize, env: &[(&str, &str)]) -> R
         ],
         dir.join(format!("{}-mesh-control.log", node.name)),
     );
+    if let Some(token) = acl_token {
+        // In the environment, not the arguments: `ps` shows no token.
+        process.set_env("MESH_CONSUL_TOKEN", token);
+    }
     for (key, value) in env {
         process.set_env(key, value);
     }

@@ -15,7 +15,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::netns::Netns;
+use crate::{acl::Secret, netns::Netns};
 
 /// Default bound on one request (connect, send, read the whole body).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,6 +38,9 @@ pub struct HttpClient {
     ns: Netns,
     addr: SocketAddr,
     timeout: Duration,
+    /// Headers sent with every request (a Consul token), values hidden
+    /// from `Debug`.
+    headers: Vec<(String, Secret)>,
     conn: Option<Conn>,
 }
 
@@ -85,8 +88,18 @@ impl HttpClient {
             ns: ns.clone(),
             addr,
             timeout: REQUEST_TIMEOUT,
+            headers: Vec::new(),
             conn: None,
         }
+    }
+
+    /// Sends `X-Consul-Token: token` with every request (none: no header).
+    pub fn with_consul_token(mut self, token: Option<&str>) -> Self {
+        if let Some(token) = token {
+            self.headers
+                .push(("x-consul-token".into(), Secret::new(token)));
+        }
+        self
     }
 
     /// Sets the bound on each request.
@@ -123,6 +136,11 @@ impl HttpClient {
         let mut builder = Request::builder().method(method.clone()).uri(path);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             builder = builder.header("host", self.addr.to_string());
+        }
+        for (k, v) in &self.headers {
+            if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case(k)) {
+                builder = builder.header(k.as_str(), v.expose());
+            }
         }
         for (k, v) in headers {
             builder = builder.header(*k, *v);

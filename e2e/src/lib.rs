@@ -25,8 +25,13 @@
 //! a gRPC one, [`echo::channel`] to call it); `node.get("/svc/")`,
 //! `node.register(..)`, `node.routes()`, `node.proxy.kill()`,
 //! `mesh.kill_leader()`, [`Load::start`] and [`eventually`] do the rest.
+//! `MeshOptions::nodes(2).with_acl(&[("n1", &["svc"])])` runs the cluster
+//! with ACLs (default deny) and gives every component its own
+//! least-privilege token ([`acl`]); the harness's own calls to Consul then
+//! carry the management token.
 //!
 //! Modules:
+//! - [`acl`]: Consul ACLs (default deny) and a least-privilege policy and token per component.
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
 //! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
 //! - [`deployer`]: mesh-deployer on a node (token, kill, restart), gRPC clients of it and of mesh-control.
@@ -44,6 +49,7 @@
 //! - [`wait`]: `eventually`, assertions polled until a deadline.
 //! - [`webhook`]: a webhook receiver in a node's namespace, keeping what it was sent.
 
+pub mod acl;
 pub mod bins;
 pub mod browser;
 pub mod control;

@@ -5,6 +5,7 @@
 //! [`Mesh::finish`].
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -13,6 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
+    acl::{Acl, Secret},
     bins::{self, Binaries},
     http::{HttpClient, Response},
     netns::{Netns, Network},
@@ -54,6 +56,13 @@ pub struct MeshOptions {
     /// (`0.0.0.0:8890`), as a mesh-monitor on another node reaches it;
     /// false: on loopback only.
     pub reachable_bridges: bool,
+    /// Consul with ACLs on (default deny) and every component with a
+    /// least-privilege token of its own ([`crate::acl`]); the harness's
+    /// own calls use the management token.
+    pub acl: bool,
+    /// With `acl`: the services each node (by name, `n1`) may run, which
+    /// its bridge's token may register.
+    pub acl_services: BTreeMap<String, Vec<String>>,
 }
 
 /// One Consul server.
@@ -74,6 +83,8 @@ pub struct Mesh {
     pub servers: Vec<Server>,
     /// The nodes, `n1`, `n2`, ...
     pub nodes: Vec<Node>,
+    /// The ACL tokens, when the mesh runs with ACLs.
+    pub acl: Option<Acl>,
     dir: PathBuf,
     finished: bool,
     started: Instant,
@@ -92,6 +103,25 @@ impl MeshOptions {
             proxy_args: Vec::new(),
             bridge_args: Vec::new(),
             reachable_bridges: false,
+            acl: false,
+            acl_services: BTreeMap::new(),
+        }
+    }
+
+    /// The same options with ACLs on; `services` are the services each
+    /// node (by name) may run.
+    pub fn with_acl(self, services: &[(&str, &[&str])]) -> Self {
+        let acl_services = services
+            .iter()
+            .map(|(node, names)| {
+                let names = names.iter().map(|s| (*s).to_owned()).collect();
+                ((*node).to_owned(), names)
+            })
+            .collect();
+        Self {
+            acl: true,
+            acl_services,
+            ..self
         }
     }
 
@@ -136,6 +166,7 @@ impl Mesh {
         let mut mesh = Self {
             servers: Vec::new(),
             nodes: Vec::new(),
+            acl: None,
             dir: dir.clone(),
             finished: false,
             started,
@@ -152,19 +183,46 @@ impl Mesh {
             .iter()
             .flat_map(|ns| ["-retry-join".to_owned(), ns.addr().to_string()])
             .collect();
+        mesh.acl = plan_acl(&opts)?;
+        let acl = mesh.acl.clone();
+        let agent_configs = |name: &str, server: bool| -> Result<Vec<PathBuf>> {
+            let mut configs = vec![config.clone()];
+            if let Some(acl) = &acl {
+                let path = dir.join(format!("{name}-acl.hcl"));
+                acl.write_agent_config(&path, name, server)?;
+                configs.push(path);
+            }
+            Ok(configs)
+        };
         for (k, ns) in server_ns.into_iter().enumerate() {
             let name = format!("s{}", k + 1);
-            let agent = consul_agent(&bins.consul, &dir, &name, &ns, &config, &joins, true)?;
+            let configs = agent_configs(&name, true)?;
+            let agent = consul_agent(&bins.consul, &dir, &name, &ns, &configs, &joins, true)?;
             mesh.servers.push(Server { name, ns, agent });
         }
         for (k, ns) in node_ns.into_iter().enumerate() {
             let name = format!("n{}", k + 1);
-            let agent = consul_agent(&bins.consul, &dir, &name, &ns, &config, &joins, false)?;
-            mesh.nodes
-                .push(Node::new(name, ns, &dir, agent, &bins, &opts)?);
+            let configs = agent_configs(&name, false)?;
+            let agent = consul_agent(&bins.consul, &dir, &name, &ns, &configs, &joins, false)?;
+            let mut node = Node::new(name, ns, &dir, agent, &bins, &opts)?;
+            if let Some(acl) = &acl {
+                node.consul_token = Some(Secret::new(acl.management()));
+                if let Some(token) = acl.token(&format!("{}/bridge", node.name)) {
+                    // In the environment, not the arguments: `ps` shows no token.
+                    node.bridge.set_env("MESH_CONSUL_TOKEN", token);
+                }
+            }
+            mesh.nodes.push(node);
         }
         for server in &mut mesh.servers {
             server.agent.start()?;
+        }
+        if let Some(acl) = &acl {
+            // The nodes' agents start once their tokens exist: an agent
+            // whose token Consul does not know yet fails its first syncs.
+            mesh.wait_leader(Duration::from_secs(60)).await?;
+            acl.bootstrap(&mesh.servers[0].ns, Duration::from_secs(60))
+                .await?;
         }
         for node in &mut mesh.nodes {
             node.agent.start()?;
@@ -172,6 +230,12 @@ impl Mesh {
         let leader = mesh.wait_leader(Duration::from_secs(60)).await?;
         for node in &mut mesh.nodes {
             node.wait_agent(Duration::from_secs(30)).await?;
+        }
+        if let Some(acl) = &acl {
+            for node in &mesh.nodes {
+                acl.wait_agent(&node.name, &node.ns, Duration::from_secs(30))
+                    .await?;
+            }
         }
         mesh.settle_agents(Duration::from_secs(60)).await?;
         eprintln!(
@@ -197,6 +261,17 @@ impl Mesh {
     /// This mesh's id (`mwe-<pid>-<n>`): prefix of its namespaces and temp dir.
     pub fn id(&self) -> &str {
         self.network.as_ref().map_or("mwe-?", Network::id)
+    }
+
+    /// The management token of a mesh with ACLs (the harness's own calls).
+    pub fn operator_token(&self) -> Option<&str> {
+        self.acl.as_ref().map(Acl::management)
+    }
+
+    /// The secret of `holder`'s ACL token (`n1/bridge`, `n1/mesh-control`,
+    /// `mesh-monitor`, `n1/consul`), in a mesh with ACLs.
+    pub fn acl_token(&self, holder: &str) -> Option<&str> {
+        self.acl.as_ref().and_then(|a| a.token(holder))
     }
 
     /// The test's temp dir (logs, data dirs).
@@ -277,11 +352,13 @@ impl Mesh {
     /// take the catalog's change as their start.)
     pub async fn settle_agents(&self, deadline: Duration) -> Result<()> {
         let servers: Vec<Netns> = self.servers.iter().map(|s| s.ns.clone()).collect();
+        let token = self.operator_token().map(str::to_owned);
         let mut tasks = tokio::task::JoinSet::new();
         for node in &self.nodes {
             let (name, ns, servers) = (node.name.clone(), node.ns.clone(), servers.clone());
+            let token = token.clone();
             tasks.spawn(async move {
-                settle_agent(&name, &ns, &servers, deadline)
+                settle_agent(&name, &ns, &servers, token.as_deref(), deadline)
                     .await
                     .with_context(|| format!("{name}'s Consul agent does not settle"))
             });
@@ -308,6 +385,7 @@ impl Mesh {
                 SocketAddr::from((Ipv4Addr::LOCALHOST, CONSUL_HTTP)),
             )
             .with_timeout(Duration::from_secs(2))
+            .with_consul_token(self.operator_token())
             .get(path)
             .await;
             match attempt {
@@ -447,13 +525,24 @@ fn add_hosts(network: &mut Network, nodes: usize) -> Result<(Vec<Netns>, Vec<Net
     Ok((servers, nodes))
 }
 
-/// A Consul agent (server or client) in `ns`, with its data dir and log in `dir`.
+/// The ACL tokens of a mesh built as `opts` say (none without `opts.acl`).
+fn plan_acl(opts: &MeshOptions) -> Result<Option<Acl>> {
+    if !opts.acl {
+        return Ok(None);
+    }
+    let servers: Vec<String> = (1..=3).map(|k| format!("s{k}")).collect();
+    let nodes: Vec<String> = (1..=opts.nodes).map(|k| format!("n{k}")).collect();
+    Acl::plan(&servers, &nodes, &opts.acl_services).map(Some)
+}
+
+/// A Consul agent (server or client) in `ns`, with its data dir and log in
+/// `dir`, reading the config files `configs`.
 fn consul_agent(
     consul: &Path,
     dir: &Path,
     name: &str,
     ns: &Netns,
-    config: &Path,
+    configs: &[PathBuf],
     joins: &[String],
     server: bool,
 ) -> Result<Process> {
@@ -472,9 +561,10 @@ fn consul_agent(
         "127.0.0.1".into(),
         "-data-dir".into(),
         data.display().to_string(),
-        "-config-file".into(),
-        config.display().to_string(),
     ]);
+    for config in configs {
+        args.extend(["-config-file".into(), config.display().to_string()]);
+    }
     args.extend(joins.iter().cloned());
     Ok(Process::new(
         format!("{name}/consul"),
@@ -500,7 +590,13 @@ pub async fn consul_leader(ns: &Netns) -> Result<Option<String>> {
 }
 
 /// See [`Mesh::settle_agents`].
-async fn settle_agent(node: &str, ns: &Netns, servers: &[Netns], deadline: Duration) -> Result<()> {
+async fn settle_agent(
+    node: &str,
+    ns: &Netns,
+    servers: &[Netns],
+    token: Option<&str>,
+    deadline: Duration,
+) -> Result<()> {
     const QUIET: Duration = Duration::from_secs(1);
     let start = Instant::now();
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, CONSUL_HTTP));
@@ -508,6 +604,7 @@ async fn settle_agent(node: &str, ns: &Netns, servers: &[Netns], deadline: Durat
         let ns = ns.clone();
         async move {
             let members = HttpClient::new(&ns, local)
+                .with_consul_token(token)
                 .get("/v1/agent/members")
                 .await?
                 .json()?;
@@ -524,7 +621,7 @@ async fn settle_agent(node: &str, ns: &Netns, servers: &[Netns], deadline: Durat
         }
     })
     .await?;
-    let mut agent = HttpClient::new(ns, local);
+    let mut agent = HttpClient::new(ns, local).with_consul_token(token);
     let probe = r#"{"Name":"e2e-settle","ID":"e2e-settle","TTL":"10m"}"#;
     let resp = agent.put("/v1/agent/check/register", probe).await?;
     if !resp.status.is_success() {
@@ -548,7 +645,7 @@ async fn settle_agent(node: &str, ns: &Netns, servers: &[Netns], deadline: Durat
         let flipped = Instant::now();
         let mut synced = false;
         while flipped.elapsed() < Duration::from_millis(200) {
-            if probe_status(servers, node).await?.as_deref() == Some(want) {
+            if probe_status(servers, node, token).await?.as_deref() == Some(want) {
                 synced = true;
                 break;
             }
@@ -566,11 +663,16 @@ async fn settle_agent(node: &str, ns: &Netns, servers: &[Netns], deadline: Durat
 }
 
 /// The probe check's status in the catalog, read from the first server that answers.
-async fn probe_status(servers: &[Netns], node: &str) -> Result<Option<String>> {
+async fn probe_status(
+    servers: &[Netns],
+    node: &str,
+    token: Option<&str>,
+) -> Result<Option<String>> {
     let mut last = anyhow!("no server");
     for ns in servers {
         let attempt = HttpClient::new(ns, SocketAddr::from((Ipv4Addr::LOCALHOST, CONSUL_HTTP)))
             .with_timeout(Duration::from_secs(2))
+            .with_consul_token(token)
             .get(&format!("/v1/health/node/{node}"))
             .await;
         match attempt {

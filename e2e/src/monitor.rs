@@ -63,6 +63,7 @@ pub async fn start_monitor_with(
 ) -> Result<String> {
     let monitor = bins::workspace_bin("mesh-monitor")?;
     let log = mesh.dir().join(format!("n{}-monitor.log", k + 1));
+    let acl_token = mesh.acl_token("mesh-monitor").map(str::to_owned);
     let node = &mut mesh.nodes[k];
     let addr = SocketAddr::from((node.ip(), MONITOR_GRPC));
     let grpc = addr.to_string();
@@ -104,6 +105,10 @@ pub async fn start_monitor_with(
     );
     if !opts.services.is_empty() {
         process.set_env("MESH_SERVICES", opts.services.join(","));
+    }
+    if let Some(token) = acl_token {
+        // A mesh with ACLs: the monitor's own token, in the environment.
+        process.set_env("MESH_CONSUL_TOKEN", token);
     }
     process.start()?;
     // Kept with the node's processes: its log is printed when a test

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
+    acl::Secret,
     bins::Binaries,
     http::{HttpClient, RawResponse, Response, raw_exchange},
     mesh::{CONSUL_HTTP, MeshOptions},
@@ -46,6 +47,9 @@ pub struct Node {
     pub proxy: Process,
     /// Test services started on this node, by instance id.
     pub instances: BTreeMap<String, Instance>,
+    /// The token the harness's calls to the node's agent carry (the
+    /// management token of a mesh with ACLs).
+    pub(crate) consul_token: Option<Secret>,
     dir: PathBuf,
     meshctl: PathBuf,
     next_port: u16,
@@ -127,6 +131,7 @@ impl Node {
             ns,
             agent,
             instances: BTreeMap::new(),
+            consul_token: None,
             dir,
             meshctl: bins.meshctl.clone(),
             next_port: FIRST_SERVICE_PORT,
@@ -198,9 +203,12 @@ impl Node {
         resp.json()
     }
 
-    /// GET `path` on the node's Consul agent.
+    /// GET `path` on the node's Consul agent (with the harness's token).
     pub async fn consul_get(&self, path: &str) -> Result<Response> {
-        self.local_client(CONSUL_HTTP).get(path).await
+        self.local_client(CONSUL_HTTP)
+            .with_consul_token(self.consul_token.as_ref().map(Secret::expose))
+            .get(path)
+            .await
     }
 
     /// Waits until the node's agent knows the cluster's leader.
@@ -341,12 +349,15 @@ impl Node {
     /// Waits until the node's Consul agent has instance `id` registered.
     pub async fn wait_registered(&mut self, id: &str, deadline: Duration) -> Result<()> {
         let client_ns = self.ns.clone();
+        let token = self.consul_token.clone();
         let what = format!("{}'s agent has service {id}", self.name);
         eventually(&what, deadline, || {
             let ns = client_ns.clone();
+            let token = token.clone();
             async move {
                 let resp =
                     HttpClient::new(&ns, SocketAddr::from((Ipv4Addr::LOCALHOST, CONSUL_HTTP)))
+                        .with_consul_token(token.as_ref().map(Secret::expose))
                         .get(&format!("/v1/agent/service/{id}"))
                         .await?;
                 if resp.status != 200 {
