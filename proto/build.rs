@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mesh/v1/control.proto",
         "proto/mesh/v1/deployer.proto",
         "proto/mesh/v1/monitor.proto",
+        "proto/mesh/v1/identity.proto",
     ];
     tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
     Ok(())

@@ -84,7 +84,7 @@
       const version = parts[2] === 'versions' && /^\d+$/.test(parts[3] || '') ? Number(parts[3]) : null;
       return { page: 'node', node: parts[1], version };
     }
-    if (['services', 'rollouts', 'deployments', 'alerts'].includes(parts[0])) return { page: parts[0] };
+    if (['services', 'rollouts', 'deployments', 'alerts', 'intentions'].includes(parts[0])) return { page: parts[0] };
     return { page: 'nodes' };
   }
 
@@ -600,6 +600,55 @@
     ];
   }
 
+  // --- intentions ------------------------------------------------------------
+
+  /** Every intention and the default; absent from an old mesh-control. */
+  function intentionsOf(s) {
+    return s.intentions || { default: { action: 'deny', from: 'config', revision: 0 }, index: 0, intentions: [] };
+  }
+
+  function actionBadge(action) {
+    return badge(action, 'intent-' + action);
+  }
+
+  /** A rule in words, as meshctl prints it: "allow GET,HEAD prefix /v1/". */
+  function ruleText(rule) {
+    const path = rule.path_exact ? 'exact ' + rule.path_exact
+      : rule.path_prefix ? 'prefix ' + rule.path_prefix : 'any path';
+    return [rule.action, (rule.methods || []).join(','), path].filter((w) => w).join(' ');
+  }
+
+  function intentionsPage(s) {
+    const all = intentionsOf(s);
+    const d = all.default;
+    const heading = el('h1', {}, 'Intentions ', el('span', { class: 'count' }, '(' + all.intentions.length + ')'));
+    const fallback = el('p', { class: 'summary intentions-default' }, 'Calls no intention matches: ', actionBadge(d.action),
+      d.from === 'kv' ? ' (set in Consul KV, revision ' + d.revision + ')'
+        : ' (mesh-control\'s default_intention; not set in Consul KV)');
+    const precedence = el('p', { class: 'empty' },
+      'The most specific intention decides (two names, then one, then *); equally specific ones that disagree deny; ' +
+      'an allow with HTTP rules denies what no rule matches. Stored and checked by meshctl intentions check; ' +
+      'proxies enforce them once mTLS between nodes lands.');
+    if (!all.intentions.length) {
+      return [heading, fallback, el('p', { class: 'empty' }, 'No intentions: every call gets the default.'), precedence];
+    }
+    const rows = all.intentions.map((i) => el('tr', { class: 'intention' },
+      el('td', {}, i.source),
+      el('td', {}, i.destination),
+      el('td', {}, actionBadge(i.action)),
+      el('td', {}, (i.http || []).length
+        ? el('ul', { class: 'rules' }, i.http.map((r) => el('li', {}, el('code', {}, ruleText(r)))))
+        : 'every call'),
+      el('td', { class: 'num' }, i.revision),
+      el('td', {}, i.description || '')));
+    return [
+      heading,
+      fallback,
+      table(['Source', 'Destination', 'Action', 'HTTP', 'Revision', 'Description'], rows),
+      precedence,
+    ];
+  }
+
   // --- rendering -------------------------------------------------------------
 
   function render() {
@@ -616,6 +665,7 @@
     else if (r.page === 'rollouts') content = rolloutsPage(s);
     else if (r.page === 'deployments') content = deploymentsPage(s);
     else if (r.page === 'alerts') content = alertsPage(s);
+    else if (r.page === 'intentions') content = intentionsPage(s);
     else content = nodesPage(s);
     const main = document.getElementById('main');
     main.replaceChildren(...[content].flat(Infinity).filter((x) => x));

@@ -26,6 +26,7 @@ use crate::{
     dashboard::{ConsulSource, Dashboard, Publisher},
     deploy,
     grpc::ControlApi,
+    identity::{Identity, grpc::IdentityApi},
     leader::{Elector, LeaderInfo, LeaderState},
     metrics::ControlMetrics,
     rest,
@@ -81,6 +82,7 @@ impl ControlPlane {
         };
         let (elector, leader) =
             Elector::new(consul.clone(), me, config.leader_ttl, metrics.clone());
+        let identity = Identity::new(consul.clone(), config.identity.clone(), metrics.clone());
         let control = Control::new(ControlParts {
             consul: consul.clone(),
             nginx: config.nginx.clone(),
@@ -93,7 +95,8 @@ impl ControlPlane {
             replica: config.replica.clone(),
             leader: leader.clone(),
             metrics,
-        });
+        })
+        .with_default_intention(config.default_intention);
         let admin = Admin::new(registry);
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = JoinSet::new();
@@ -103,9 +106,18 @@ impl ControlPlane {
                 .instrument(tracing::info_span!("leader")),
         );
         tasks.spawn(readiness(admin.clone(), leader.clone(), shutdown.clone()));
+        if identity.enabled() {
+            tasks.spawn(
+                identity
+                    .clone()
+                    .prepare(shutdown.clone())
+                    .instrument(tracing::info_span!("identity")),
+            );
+        }
         tasks.spawn(serve_grpc(
             grpc,
             ControlApi::new(control.clone()),
+            IdentityApi::new(identity),
             shutdown.clone(),
         ));
         tasks.spawn(
@@ -227,15 +239,25 @@ async fn ready_names_leader(
     response
 }
 
-/// Serves `mesh.v1.Control` and grpc.health.v1 until `shutdown`.
-async fn serve_grpc(listener: TcpListener, api: ControlApi, mut shutdown: Shutdown) {
+/// Serves `mesh.v1.Control`, `mesh.v1.Identity` and grpc.health.v1 until
+/// `shutdown`.
+async fn serve_grpc(
+    listener: TcpListener,
+    api: ControlApi,
+    identity: IdentityApi,
+    mut shutdown: Shutdown,
+) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<mesh_proto::v1::control_server::ControlServer<ControlApi>>()
         .await;
+    reporter
+        .set_serving::<mesh_proto::v1::identity_server::IdentityServer<IdentityApi>>()
+        .await;
     let result = Server::builder()
         .add_service(health)
         .add_service(api.into_server())
+        .add_service(identity.into_service())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             shutdown.requested().await
         })

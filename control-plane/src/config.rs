@@ -6,10 +6,13 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use consul_client::ClientConfig;
-use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
+use mesh_runtime::{
+    config::ConfigFile, duration::HumanDuration, intentions::Action, logging::LogFormat,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    identity::IdentitySettings,
     render::{NginxApply, NginxSettings, Upstreams, nginx::verify_url_for},
     template::Template,
 };
@@ -64,7 +67,8 @@ pub struct Args {
     /// Client certificate key (PEM) for Consul.
     #[arg(long, env = "MESH_CONSUL_KEY_FILE")]
     pub consul_key_file: Option<PathBuf>,
-    /// gRPC listener: mesh.v1.Control, grpc.health.v1 [default: 127.0.0.1:8892].
+    /// gRPC listener: mesh.v1.Control, mesh.v1.Identity, grpc.health.v1
+    /// [default: 127.0.0.1:8892].
     #[arg(long, env = "MESH_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
     /// HTTP listener: the REST mirror (/v1/...), /live, /ready, /metrics
@@ -122,12 +126,36 @@ pub struct Args {
     /// [default: nginx -s reload -c {path}].
     #[arg(long, env = "MESH_NGINX_RELOAD")]
     pub nginx_reload: Option<String>,
+    /// The trust domain of every certificate the mesh CA issues
+    /// (`spiffe://<trust_domain>/...`) [default: meshwork.local].
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// An operator's CA certificate (PEM) to issue with, instead of the CA
+    /// mesh-control keeps in Consul KV; with ca_key_file.
+    #[arg(long, env = "MESH_CA_CERT_FILE")]
+    pub ca_cert_file: Option<PathBuf>,
+    /// The operator CA's private key (PKCS#8 PEM); with ca_cert_file.
+    #[arg(long, env = "MESH_CA_KEY_FILE")]
+    pub ca_key_file: Option<PathBuf>,
+    /// How long an issued certificate is valid, 1m to 720h; nodes renew
+    /// at two thirds of it [default: 24h].
+    #[arg(long, env = "MESH_CERT_TTL")]
+    pub cert_ttl: Option<HumanDuration>,
+    /// Bearer token the nodes' bridges present to have certificates
+    /// issued (mesh.v1.Identity); unset: no certificates are issued.
+    #[arg(long, env = "MESH_IDENTITY_TOKEN", hide_env_values = true)]
+    pub identity_token: Option<String>,
     /// A loopback URL through nginx the deployer asks after the reload
     /// until it answers 2xx; `{version}` is the version applied; empty: no
     /// verify [default: http://<nginx_listen>/_mesh/config/{version}, the
     /// listen address made loopback].
     #[arg(long, env = "MESH_NGINX_VERIFY_URL")]
     pub nginx_verify_url: Option<String>,
+    /// What intentions decide for a call none of them matches while
+    /// `mesh/intentions-default` is not set: allow or deny [default: deny,
+    /// the recommended one].
+    #[arg(long, env = "MESH_DEFAULT_INTENTION")]
+    pub default_intention: Option<Action>,
 }
 
 /// The checked configuration.
@@ -155,6 +183,10 @@ pub struct Config {
     pub leader_ttl: Duration,
     /// How nginx.conf is rendered.
     pub nginx: NginxSettings,
+    /// The intentions' default while Consul KV sets none.
+    pub default_intention: Action,
+    /// How certificates are issued.
+    pub identity: IdentitySettings,
 }
 
 // === impl Args ===
@@ -178,6 +210,13 @@ impl Args {
     pub fn validate(mut self) -> Result<Config, String> {
         let consul = self.consul()?;
         let nginx = self.nginx()?;
+        let identity = IdentitySettings::from_settings(
+            self.trust_domain.as_deref(),
+            self.ca_cert_file.as_deref(),
+            self.ca_key_file.as_deref(),
+            self.cert_ttl.map(HumanDuration::get),
+            self.identity_token.as_deref(),
+        )?;
         let grpc_listen = self
             .grpc_listen
             .unwrap_or_else(|| parse_default(DEFAULT_GRPC_LISTEN));
@@ -246,6 +285,8 @@ impl Args {
             monitor_addr,
             leader_ttl,
             nginx,
+            default_intention: self.default_intention.unwrap_or(Action::Deny),
+            identity,
         })
     }
 
@@ -421,6 +462,7 @@ mod tests {
         assert_eq!(c.nginx.upstreams, Upstreams::Upsync);
         assert_eq!(c.nginx.listen, "127.0.0.1:8888");
         assert_eq!(c.replica, "c1");
+        assert_eq!(c.default_intention, Action::Deny);
         let default = parse(&[]).unwrap().replica;
         assert!(
             default.ends_with(&format!("-{}", std::process::id())),
@@ -456,6 +498,18 @@ mod tests {
         }
         let e = parse(&["--nginx-upstreams", "dynamic"]).unwrap_err();
         assert!(e.contains("upsync or static"), "{e}");
+        let e = parse(&["--default-intention", "maybe"]).unwrap_err();
+        assert!(e.contains("not allow or deny"), "{e}");
+    }
+
+    #[test]
+    fn the_default_intention_is_a_flag_and_a_toml_key() {
+        let c = parse(&["--default-intention", "allow"]).unwrap();
+        assert_eq!(c.default_intention, Action::Allow);
+        let args: Args = toml::from_str("default_intention = \"allow\"\n").unwrap();
+        assert_eq!(args.validate().unwrap().default_intention, Action::Allow);
+        let e = toml::from_str::<Args>("default_intention = \"open\"\n").unwrap_err();
+        assert!(e.to_string().contains("default_intention"), "{e}");
     }
 
     #[test]

@@ -29,10 +29,11 @@ use crate::{
 
 pub mod alerts;
 pub mod deployments;
+pub mod intentions;
 pub mod rollouts;
 pub mod types;
 
-pub use self::{alerts::*, deployments::*, rollouts::*, types::*};
+pub use self::{alerts::*, deployments::*, intentions::*, rollouts::*, types::*};
 
 /// How long a connect to a node's bridge may take.
 pub const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,6 +66,7 @@ pub struct Control {
     replica: String,
     leader: watch::Receiver<LeaderState>,
     metrics: ControlMetrics,
+    default_intention: mesh_runtime::intentions::Action,
 }
 
 /// How mesh-control reaches each node's mesh-deployer.
@@ -135,6 +137,7 @@ impl Control {
             replica: parts.replica,
             leader: parts.leader,
             metrics: parts.metrics,
+            default_intention: mesh_runtime::intentions::Action::Deny,
         }
     }
 

@@ -1,7 +1,8 @@
 //! `meshctl`'s commands that talk to mesh-control over gRPC: `status`,
 //! `nodes`, `services`, `routes get|set`, `versions`, `render`,
 //! `register`, `deregister`, and `rollout …` and `deploy …` (in their
-//! own modules); and `alerts`, which asks mesh-monitor itself. Each prints a table (or JSON with
+//! own modules); `intentions …`, over mesh-control's REST API; and
+//! `alerts`, which asks mesh-monitor itself. Each prints a table (or JSON with
 //! `--output json`); a failure is one line and an exit code that says what
 //! to do about it ([`CtlError::exit_code`]).
 
@@ -9,11 +10,13 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 
 pub mod alerts;
 pub mod deploy;
+pub mod intentions;
 pub mod rollout;
 
 pub use self::{
     alerts::{AlertsCtl, DEFAULT_MONITOR_ADDR},
     deploy::DeployArgs,
+    intentions::{DEFAULT_CONTROL_HTTP, IntentionsCtl},
     rollout::{StageArgs, StartArgs},
 };
 

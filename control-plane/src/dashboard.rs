@@ -4,7 +4,7 @@
 //! | path | what |
 //! |---|---|
 //! | `GET /` | redirects to `/ui/` |
-//! | `GET /ui/` | the page (`#/nodes`, `#/nodes/{node}`, `#/nodes/{node}/versions/{n}`, `#/services`, `#/rollouts`, `#/deployments`, `#/alerts`) |
+//! | `GET /ui/` | the page (`#/nodes`, `#/nodes/{node}`, `#/nodes/{node}/versions/{n}`, `#/services`, `#/rollouts`, `#/deployments`, `#/alerts`, `#/intentions`) |
 //! | `GET /ui/app.js`, `GET /ui/app.css` | its script and style |
 //! | `GET /v1/events` | Server-Sent Events: `state` events, each the whole [`Snapshot`] as JSON |
 //!

@@ -17,6 +17,7 @@
 //! - [`deploy`]: rolling deployments of jars to the nodes' mesh-deployers, and their driver.
 //! - [`control`]: the calls, whatever the transport; [`grpc`] and [`rest`] serve them.
 //! - [`dashboard`]: the web dashboard on the HTTP listener, live over Server-Sent Events.
+//! - [`identity`]: the mesh CA and `mesh.v1.Identity`: certificates for the nodes' CSRs.
 //! - [`error`]: what a call fails with, mapped to gRPC and HTTP in one place.
 //! - [`metrics`]: mesh-control's Prometheus metrics.
 //! - [`config`]: mesh-control's flags, environment and TOML into a checked config.
@@ -40,6 +41,7 @@ pub mod dev;
 pub mod diff;
 pub mod error;
 pub mod grpc;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod model;

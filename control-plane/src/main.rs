@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use mesh_control_plane::{
     control::{Check, Registration},
     ctl::{
-        self, AlertsCtl, Ctl, CtlError, DEFAULT_CONTROL_ADDR, DEFAULT_MONITOR_ADDR, DeployArgs,
-        Output, RenderArgs, SetRoutesArgs, StageArgs, StartArgs,
+        self, AlertsCtl, Ctl, CtlError, DEFAULT_CONTROL_ADDR, DEFAULT_CONTROL_HTTP,
+        DEFAULT_MONITOR_ADDR, DeployArgs, IntentionsCtl, Output, RenderArgs, SetRoutesArgs,
+        StageArgs, StartArgs, intentions::PutArgs,
     },
     demo, dev,
     render::Format,
@@ -18,6 +19,7 @@ use mesh_control_plane::{
 use mesh_runtime::{
     config::{ConfigFile, exit_with, merge, parse_args},
     duration::HumanDuration,
+    intentions::Action,
     logging,
 };
 use serde::{Deserialize, Serialize};
@@ -77,6 +79,109 @@ enum Command {
     /// mesh-monitor's open alerts (asked of mesh-monitor itself): what its
     /// probes find down, hung, unhealthy or slow.
     Alerts(AlertsCli),
+    /// Intentions: which service may call which (allow or deny by source
+    /// and destination service, `*` for any), over mesh-control's REST API.
+    Intentions {
+        #[command(subcommand)]
+        command: IntentionsCommand,
+    },
+}
+
+/// How to reach mesh-control's REST API and how to print.
+#[derive(Debug, Args)]
+struct HttpClientArgs {
+    /// mesh-control's HTTP address (host:port or an http:// URL).
+    #[arg(long, env = "MESH_CONTROL_HTTP", default_value = DEFAULT_CONTROL_HTTP)]
+    http_addr: String,
+    /// table or json.
+    #[arg(long, env = "MESH_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum IntentionsCommand {
+    /// Every intention, and the default for calls none matches.
+    List(HttpClientArgs),
+    /// Allow calls from SOURCE to DESTINATION (replaces the intention
+    /// between them, rules included); the flags narrow it to one rule of
+    /// paths and methods, and it denies every other call between them.
+    Allow {
+        #[command(flatten)]
+        client: HttpClientArgs,
+        #[command(flatten)]
+        intention: IntentionCli,
+        /// Only paths that start with this.
+        #[arg(long, conflicts_with = "path_exact")]
+        path_prefix: Option<String>,
+        /// Only this path.
+        #[arg(long)]
+        path_exact: Option<String>,
+        /// Only these methods, comma-separated (uppercase: GET,HEAD).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+    },
+    /// Deny every call from SOURCE to DESTINATION (replaces the intention
+    /// between them).
+    Deny {
+        #[command(flatten)]
+        client: HttpClientArgs,
+        #[command(flatten)]
+        intention: IntentionCli,
+    },
+    /// Delete the intention from SOURCE to DESTINATION.
+    Delete {
+        #[command(flatten)]
+        client: HttpClientArgs,
+        /// The calling service, or `*`.
+        source: String,
+        /// The called service, or `*`.
+        destination: String,
+        /// Only if it is at this revision.
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// Set the action for calls no intention matches (deny is recommended).
+    Default {
+        #[command(flatten)]
+        client: HttpClientArgs,
+        /// allow or deny.
+        action: Action,
+        /// Only if the default is at this revision (0: not set yet).
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// What the intentions decide for a call from SOURCE to DESTINATION,
+    /// and which one decides it.
+    Check {
+        #[command(flatten)]
+        client: HttpClientArgs,
+        /// The calling service ("": a caller without a service identity).
+        source: String,
+        /// The called service.
+        destination: String,
+        /// The method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The path.
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+}
+
+/// The intention `allow` and `deny` write.
+#[derive(Debug, Args)]
+struct IntentionCli {
+    /// The calling service, or `*` for any.
+    source: String,
+    /// The called service, or `*` for any.
+    destination: String,
+    /// Why it exists.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Only if the intention is at this revision (0: only if it is new)
+    /// [default: the one it is at].
+    #[arg(long)]
+    expect_revision: Option<u64>,
 }
 
 /// How to reach mesh-control and how to print.
@@ -663,6 +768,7 @@ async fn control(command: Command) -> Result<String, CtlError> {
                 monitor.list().await
             }
         }
+        Command::Intentions { command } => intentions(command).await,
         Command::Dev { .. } | Command::Demo { .. } => unreachable!("handled by main"),
     }
 }
@@ -728,6 +834,76 @@ async fn deploy(d: DeployCli) -> Result<String, CtlError> {
             connect(&d.client)
                 .await?
                 .deploy(plan, d.watch, print_now)
+                .await
+        }
+    }
+}
+
+/// `meshctl intentions …`.
+async fn intentions(command: IntentionsCommand) -> Result<String, CtlError> {
+    fn client(c: &HttpClientArgs) -> Result<IntentionsCtl, CtlError> {
+        IntentionsCtl::new(&c.http_addr, c.output)
+    }
+    let put = |intention: IntentionCli, action: Action| PutArgs {
+        source: intention.source,
+        destination: intention.destination,
+        action,
+        path_prefix: None,
+        path_exact: None,
+        methods: Vec::new(),
+        description: intention.description,
+        expect_revision: intention.expect_revision,
+    };
+    match command {
+        IntentionsCommand::List(c) => client(&c)?.list().await,
+        IntentionsCommand::Allow {
+            client: c,
+            intention,
+            path_prefix,
+            path_exact,
+            methods,
+        } => {
+            // The input is checked first: bad input needs no mesh-control.
+            let checked = PutArgs {
+                path_prefix,
+                path_exact,
+                methods,
+                ..put(intention, Action::Allow)
+            }
+            .check()?;
+            client(&c)?.put(checked).await
+        }
+        IntentionsCommand::Deny {
+            client: c,
+            intention,
+        } => {
+            let checked = put(intention, Action::Deny).check()?;
+            client(&c)?.put(checked).await
+        }
+        IntentionsCommand::Delete {
+            client: c,
+            source,
+            destination,
+            expect_revision,
+        } => {
+            client(&c)?
+                .delete(&source, &destination, expect_revision)
+                .await
+        }
+        IntentionsCommand::Default {
+            client: c,
+            action,
+            expect_revision,
+        } => client(&c)?.set_default(action, expect_revision).await,
+        IntentionsCommand::Check {
+            client: c,
+            source,
+            destination,
+            method,
+            path,
+        } => {
+            client(&c)?
+                .check(&source, &destination, &method, &path)
                 .await
         }
     }

@@ -9,6 +9,10 @@ pub const CALLS: &str = "mesh_control_calls_total";
 pub const IS_LEADER: &str = "mesh_control_is_leader";
 /// Times this replica took or lost the leader lock.
 pub const LEADER_CHANGES: &str = "mesh_control_leader_changes_total";
+/// Certificates issued, by kind of identity.
+pub const CERTS_ISSUED: &str = "mesh_control_certificates_issued_total";
+/// Certificate requests refused, by reason.
+pub const CERTS_REFUSED: &str = "mesh_control_certificates_refused_total";
 
 /// The handles mesh-control records on.
 #[derive(Clone, Debug)]
@@ -29,6 +33,14 @@ impl ControlMetrics {
             LEADER_CHANGES,
             "Times this replica took or lost the leader lock.",
         );
+        registry.describe_counter(
+            CERTS_ISSUED,
+            "Certificates issued by kind of identity (node, service).",
+        );
+        registry.describe_counter(
+            CERTS_REFUSED,
+            "Certificate requests refused by reason (disabled, unauthenticated, invalid, denied, unavailable, internal).",
+        );
         let is_leader = registry.gauge(IS_LEADER, &[]);
         is_leader.set(0.0);
         Self {
@@ -41,6 +53,20 @@ impl ControlMetrics {
     pub fn call(&self, method: &'static str, outcome: &'static str) {
         self.registry
             .counter(CALLS, &[("method", method), ("outcome", outcome)])
+            .increment(1);
+    }
+
+    /// Counts one certificate issued for a `kind` identity.
+    pub fn certificate_issued(&self, kind: &'static str) {
+        self.registry
+            .counter(CERTS_ISSUED, &[("kind", kind)])
+            .increment(1);
+    }
+
+    /// Counts one certificate request refused for `reason`.
+    pub fn certificate_refused(&self, reason: &'static str) {
+        self.registry
+            .counter(CERTS_REFUSED, &[("reason", reason)])
             .increment(1);
     }
 

@@ -22,6 +22,12 @@
 //! | `PUT /v1/deployments/{id}/abort` | AbortDeployment (body, optional: `author`) |
 //! | `GET /v1/deployers[?service=S]` | ListNodeDeployments |
 //! | `GET /v1/alerts` | mesh-monitor's open alerts: `configured`, `error`, `alerts` (REST only) |
+//! | `GET /v1/intentions` | every intention with its `revision`, the `default` (`action`, `from`, `revision`), the KV `index` (REST only, as every intentions call) |
+//! | `GET /v1/intentions/{source}/{destination}` | one intention |
+//! | `PUT /v1/intentions/{source}/{destination}` | create or replace it (body: `action`, `http`, `description`, optional `expected_revision`) |
+//! | `DELETE /v1/intentions/{source}/{destination}[?expected_revision=N]` | delete it |
+//! | `PUT /v1/intentions-default` | the default (body: `default`, optional `expected_revision`) |
+//! | `GET /v1/intentions/check?source=&destination=&method=&path=` | what the intentions decide for that call |
 //!
 //! Deploying (uploading an artifact) is gRPC only. `/v1/alerts` relays
 //! mesh-monitor's `ListAlerts`; it answers 200 whether or not a monitor is
@@ -45,7 +51,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     control::{
-        Control, Registration, RenderQuery, RolloutAction, SetRoutes, StageVersion, StartRollout,
+        CheckQuery, Control, PutIntention, Registration, RenderQuery, RolloutAction, SetDefault,
+        SetRoutes, StageVersion, StartRollout,
     },
     error::ControlError,
 };
@@ -71,6 +78,13 @@ pub fn router(control: Control) -> Router {
         .route("/v1/deployments/{id}/abort", put(abort_deployment))
         .route("/v1/deployers", get(node_deployments))
         .route("/v1/alerts", get(alerts))
+        .route("/v1/intentions", get(intentions))
+        .route("/v1/intentions/check", get(check_intention))
+        .route(
+            "/v1/intentions/{source}/{destination}",
+            get(intention).put(put_intention).delete(delete_intention),
+        )
+        .route("/v1/intentions-default", put(set_intentions_default))
         .with_state(control)
 }
 
@@ -308,4 +322,71 @@ async fn node_deployments(
 async fn alerts(State(control): State<Control>) -> Response {
     let alerts = control.alerts().await;
     answer(&control, "ListAlerts", Ok(alerts))
+}
+
+async fn intentions(State(control): State<Control>) -> Response {
+    let result = control.intentions().await;
+    answer(&control, "ListIntentions", result)
+}
+
+async fn intention(
+    State(control): State<Control>,
+    Path((source, destination)): Path<(String, String)>,
+) -> Response {
+    let result = control.intention(&source, &destination).await;
+    answer(&control, "GetIntention", result)
+}
+
+async fn put_intention(
+    State(control): State<Control>,
+    Path((source, destination)): Path<(String, String)>,
+    put: Bytes,
+) -> Response {
+    let result = match body::<PutIntention>("body", &put) {
+        Ok(put) => control.put_intention(&source, &destination, put).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "PutIntention", result)
+}
+
+/// An optional `?expected_revision=` of a delete.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectedRevision {
+    expected_revision: Option<u64>,
+}
+
+async fn delete_intention(
+    State(control): State<Control>,
+    Path((source, destination)): Path<(String, String)>,
+    query: Result<Query<ExpectedRevision>, QueryRejection>,
+) -> Response {
+    let result = match query {
+        Ok(Query(q)) => {
+            control
+                .delete_intention(&source, &destination, q.expected_revision)
+                .await
+        }
+        Err(e) => Err(ControlError::invalid("expected_revision", e.body_text())),
+    };
+    answer(&control, "DeleteIntention", result)
+}
+
+async fn set_intentions_default(State(control): State<Control>, set: Bytes) -> Response {
+    let result = match body::<SetDefault>("body", &set) {
+        Ok(set) => control.set_intentions_default(set).await,
+        Err(e) => Err(e),
+    };
+    answer(&control, "SetIntentionsDefault", result)
+}
+
+async fn check_intention(
+    State(control): State<Control>,
+    query: Result<Query<CheckQuery>, QueryRejection>,
+) -> Response {
+    let result = match query {
+        Ok(Query(q)) => control.check_intention(q).await,
+        Err(e) => Err(ControlError::invalid("query", e.body_text())),
+    };
+    answer(&control, "CheckIntention", result)
 }

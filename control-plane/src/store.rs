@@ -15,6 +15,8 @@
 //!   `mesh/deployment-active/<service>`, `mesh/seq/deployment`: rolling
 //!   deployments of artifacts and the artifacts' bytes (see
 //!   [`deployments`]).
+//! - `mesh/intentions/<source>/<destination>`, `mesh/intentions-default`:
+//!   which service may call which, and the default (see [`intentions`]).
 //! - `mesh/leader`: the leader lock (see [`crate::leader`]).
 //! - `mesh/status/<node>`: what the node's proxy last reported (JSON
 //!   [`ProxyReport`]), written by the node's bridge, read here.
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::{model::Version, rollout::Rollout};
 
 pub mod deployments;
+pub mod intentions;
 
 /// The root of every key the control plane writes.
 pub const PREFIX: &str = "mesh/";
@@ -607,6 +610,11 @@ impl std::fmt::Display for Conflict {
         if let Some((number, author)) = &self.current {
             write!(f, " (version {number} by {author})")?;
         }
-        f.write_str("; get the routes again and retry on the new revision")
+        let what = if self.key.starts_with(intentions::INTENTIONS_ROOT) {
+            "read it again"
+        } else {
+            "get the routes again"
+        };
+        write!(f, "; {what} and retry on the new revision")
     }
 }

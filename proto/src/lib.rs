@@ -13,6 +13,8 @@
 //!   an instance of a node's agent (through its bridge), as mesh-monitor does.
 //! - [`v1::monitor_server`] / [`v1::monitor_client`]: mesh-monitor's alerts
 //!   (list, watch) and its verdict on a node or an instance.
+//! - [`v1::identity_server`] / [`v1::identity_client`]: mesh-control's CA:
+//!   signs a node's CSR for its node or service identity.
 
 /// `mesh.v1`: every message and service of version 1.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

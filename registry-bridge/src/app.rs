@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::{
     config::Config,
     discovery::DiscoveryApi,
+    identity::Keeper,
     metrics::BridgeMetrics,
     registry::RegistryApi,
     watch::{Reads, Watches},
@@ -52,6 +53,14 @@ pub enum StartError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The TLS folder could not be set up.
+    #[error("tls_dir {path}: {source}")]
+    Identity {
+        /// The folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -82,6 +91,22 @@ impl Bridge {
             wait: config.wait,
             stale: config.stale_reads,
         };
+        let keeper = match &config.identity {
+            Some(identity) => Some(
+                Keeper::new(
+                    identity,
+                    &config.node,
+                    consul.clone(),
+                    config.wait,
+                    &registry,
+                )
+                .map_err(|source| StartError::Identity {
+                    path: identity.tls_dir.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let watches = Watches::new(consul, reads, metrics.clone(), shutdown.clone());
         let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone())
             .with_node_config(&config.node);
@@ -95,6 +120,13 @@ impl Bridge {
             async move { drainer.drain(drain_shutdown).await }
                 .instrument(tracing::info_span!("queue")),
         );
+        if let Some(keeper) = keeper {
+            tasks.spawn(
+                keeper
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("identity")),
+            );
+        }
         tasks.spawn(serve_grpc(grpc, registry_api, discovery, shutdown.clone()));
         let router = admin.router(Default::default());
         tasks.spawn(admin::serve(admin_listener, router, shutdown));

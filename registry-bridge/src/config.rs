@@ -9,6 +9,8 @@ use consul_client::ClientConfig;
 use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::identity::IdentityConfig;
+
 /// The bridge's flags; each also `MESH_<NAME>` and a TOML key `<name>`.
 #[derive(Parser, Serialize, Deserialize, Default)]
 #[command(
@@ -67,6 +69,24 @@ pub struct Args {
     /// serves as `Registry.ProxyStats` [default: 127.0.0.1:8889].
     #[arg(long, env = "MESH_PROXY_ADMIN")]
     pub proxy_admin: Option<SocketAddr>,
+    /// Folder where the bridge keeps this node's mesh certificates and
+    /// keys (`ca.crt`, `node.key`/`node.crt`, `svc/<service>.key`/`.crt`)
+    /// for the proxy; unset: no certificates.
+    #[arg(long, env = "MESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// mesh-control's gRPC URL (mesh.v1.Identity), e.g.
+    /// http://10.0.0.2:8892 [default: found in Consul's catalog as the
+    /// `mesh-control` service].
+    #[arg(long, env = "MESH_CONTROL_ADDR")]
+    pub control_addr: Option<String>,
+    /// Bearer token for mesh-control's Identity service (its
+    /// identity_token); required with tls_dir.
+    #[arg(long, env = "MESH_IDENTITY_TOKEN", hide_env_values = true)]
+    pub identity_token: Option<String>,
+    /// The mesh's trust domain, as mesh-control's trust_domain
+    /// [default: meshwork.local].
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
 }
 
 /// The checked configuration.
@@ -90,6 +110,8 @@ pub struct Config {
     pub stale_reads: bool,
     /// The node's proxy's admin listener (`/stats`).
     pub proxy_admin: SocketAddr,
+    /// Where and how the node's certificates are kept; `None`: off.
+    pub identity: Option<IdentityConfig>,
 }
 
 /// Default Consul agent address.
@@ -146,9 +168,17 @@ impl Args {
                 HumanDuration(wait)
             ));
         }
+        let node = node_name(self.node)?;
+        let identity = IdentityConfig::from_settings(
+            &node,
+            self.tls_dir,
+            self.control_addr.as_deref(),
+            self.identity_token.as_deref(),
+            self.trust_domain.as_deref(),
+        )?;
         Ok(Config {
             log_format: self.log_format.unwrap_or_default(),
-            node: node_name(self.node)?,
+            node,
             consul,
             grpc_listen,
             admin_listen,
@@ -158,6 +188,7 @@ impl Args {
             proxy_admin: self
                 .proxy_admin
                 .unwrap_or_else(|| parse_default(DEFAULT_PROXY_ADMIN)),
+            identity,
         })
     }
 

@@ -7,7 +7,9 @@
 //! the proxy's admin `/stats` (`Registry.ProxyStats`, `--proxy-admin`).
 //! For mesh-monitor it sets checks on the instances of its node's agent
 //! (`mesh.v1.Checks`), so that a verdict reaches the agent that owns the
-//! instance.
+//! instance. For the node's proxy it keeps the mesh certificates of the
+//! node and of every service on it (`tls_dir`), signed by mesh-control from
+//! CSRs of keys generated here.
 //!
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`watch`]: one shared blocking-query loop per watched service, and
@@ -17,12 +19,15 @@
 //! - [`registry`]: Register/Deregister/ListInstances and the durable queue,
 //!   ReportStatus, ProxyStats from the node's proxy's `/stats`, and the
 //!   Checks service.
+//! - [`identity`]: the node's mesh certificates (node and services), kept
+//!   in the TLS folder the proxy reads, renewed at two thirds of their life.
 //! - [`metrics`]: the bridge's Prometheus metrics.
 //! - [`app`]: the running [`Bridge`]: listeners, tasks, shutdown.
 
 pub mod app;
 pub mod config;
 pub mod discovery;
+pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod watch;

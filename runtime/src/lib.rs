@@ -6,6 +6,7 @@
 //! - [`admin`]: `/live`, `/ready` and `/metrics` on an admin listener.
 //! - [`metrics`]: a Prometheus registry passed down to whoever records.
 //! - [`fs`]: atomic file writes (temp file, fsync, rename, fsync folder).
+//! - [`intentions`]: which service may call which: the decision every component makes alike.
 //! - [`queue`]: a durable on-disk FIFO for work that must not be lost.
 //! - [`backoff`]: jittered exponential backoff for every retry loop.
 //! - [`duration`]: human durations (`250ms`, `2s`, `1m`) for config values.
@@ -17,6 +18,7 @@ pub mod backoff;
 pub mod config;
 pub mod duration;
 pub mod fs;
+pub mod intentions;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

@@ -7,7 +7,7 @@ use reqwest::Method;
 use super::{Client, Request};
 use crate::{
     error::Error,
-    model::{Node, ServiceEntry},
+    model::{AgentService, Node, ServiceEntry},
     query::{QueryOptions, QueryResult},
 };
 
@@ -48,6 +48,31 @@ impl Client {
         let req = Request::new(Method::GET, &["catalog", "nodes"]).query(&opts);
         let result: QueryResult<Option<Vec<Node>>> = self.json(req).await?;
         Ok(result.map(Option::unwrap_or_default))
+    }
+
+    /// The instances registered on `node` (`/v1/catalog/node/<node>`),
+    /// sorted by instance ID; empty when the node has none or is not in the
+    /// catalog.
+    pub async fn catalog_node_services(
+        &self,
+        node: &str,
+        opts: QueryOptions,
+    ) -> Result<QueryResult<Vec<AgentService>>, Error> {
+        #[derive(serde::Deserialize)]
+        struct NodeServices {
+            #[serde(rename = "Services", default)]
+            services: Option<HashMap<String, AgentService>>,
+        }
+        let req = Request::new(Method::GET, &["catalog", "node", node]).query(&opts);
+        let result: QueryResult<Option<NodeServices>> = self.json(req).await?;
+        Ok(result.map(|found| {
+            let mut services: Vec<AgentService> = found
+                .and_then(|n| n.services)
+                .map(|s| s.into_values().collect())
+                .unwrap_or_default();
+            services.sort_by(|a, b| a.id.cmp(&b.id));
+            services
+        }))
     }
 
     /// The leader's RPC address, empty while there is none.

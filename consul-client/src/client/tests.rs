@@ -178,3 +178,31 @@ async fn kv_get_of_a_missing_key_is_none_with_the_index() {
     let head = agent.seen.lock().unwrap()[0].clone();
     assert!(head.starts_with("get /v1/kv/mesh/nodes/n1 "), "{head}");
 }
+
+#[tokio::test]
+async fn catalog_node_services_lists_a_nodes_instances_and_none_for_an_unknown_node() {
+    let body = r#"{"Node":{"Node":"n1","Address":"10.0.0.1"},"Services":{
+        "web-2":{"ID":"web-2","Service":"web","Tags":null,"Meta":null,"Port":81},
+        "api-1":{"ID":"api-1","Service":"api","Tags":[],"Meta":{},"Port":80}}}"#;
+    let agent = fake("200 OK", "X-Consul-Index: 9\r\n", body).await;
+    let r = client(&[&agent.addr], None)
+        .catalog_node_services("n1", QueryOptions::default())
+        .await
+        .unwrap();
+    let ids: Vec<_> = r
+        .value
+        .iter()
+        .map(|s| (s.id.as_str(), s.service.as_str()))
+        .collect();
+    assert_eq!(ids, [("api-1", "api"), ("web-2", "web")]);
+    assert_eq!(r.index, 9);
+    let head = agent.seen.lock().unwrap()[0].clone();
+    assert!(head.starts_with("get /v1/catalog/node/n1 "), "{head}");
+
+    let unknown = fake("200 OK", "X-Consul-Index: 9\r\n", "null").await;
+    let r = client(&[&unknown.addr], None)
+        .catalog_node_services("nope", QueryOptions::default())
+        .await
+        .unwrap();
+    assert!(r.value.is_empty());
+}

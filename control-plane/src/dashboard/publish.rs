@@ -4,8 +4,8 @@
 //! reads the state, publishes it on a watch channel when it changed, and
 //! waits for the next change. [`ConsulSource`] wakes on Consul's blocking
 //! queries (catalog nodes, catalog services, and the KV prefixes in
-//! [`WATCHED_PREFIXES`]: routes, proxy reports, rollouts, deployments and
-//! mesh-monitor's open alerts)
+//! [`WATCHED_PREFIXES`]: routes, proxy reports, rollouts, deployments,
+//! mesh-monitor's open alerts and the intentions)
 //! and on a change of the leader lock at once; a health check that flips
 //! need not move any of those indexes, so the state is also read again
 //! every [`REFRESH`]. What the nodes' deployers run is asked of each
@@ -48,14 +48,16 @@ pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// deployments (the leader writes a rollout's or a deployment's record at
 /// each of its steps, so its progress shows as it happens), and the alerts
 /// mesh-monitor keeps open (it stores one once it lists it, so the read
-/// that follows sees it). Not the artifacts' prefix: their bytes are large
-/// and never change.
-pub const WATCHED_PREFIXES: [&str; 5] = [
+/// that follows sees it), and the intentions with their default (one
+/// prefix for both). Not the artifacts' prefix: their bytes are large and
+/// never change.
+pub const WATCHED_PREFIXES: [&str; 6] = [
     "mesh/nodes/",
     "mesh/status/",
     "mesh/rollouts/",
     "mesh/deployments/",
     "mesh/monitor/alerts/",
+    crate::store::intentions::INTENTIONS_ROOT,
 ];
 
 /// Blocking queries held while a page is open: catalog nodes, catalog
@@ -284,11 +286,12 @@ impl Source for ConsulSource {
                     self.control.services(),
                     self.control.rollouts(),
                     self.control.deployments(""),
+                    self.control.intentions(),
                 )
             },
             self.control.alerts(),
         );
-        let (nodes, services, rollouts, deployments) = consul?;
+        let (nodes, services, rollouts, deployments, intentions) = consul?;
         let routes = self.histories(&nodes).await?;
         let deployers = self.deployers(&deployments).await?;
         Ok(Reading {
@@ -300,6 +303,7 @@ impl Source for ConsulSource {
             deployments,
             deployers,
             alerts,
+            intentions,
         })
     }
 

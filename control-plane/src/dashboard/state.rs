@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::{
     control::{
-        AlertView, DeploymentView, MonitorAlerts, NodeDeploymentsView, NodeInfo, NodeRoutes,
-        RolloutView, ServiceInfo, Status, VersionSummary,
+        AlertView, DeploymentView, IntentionsView, MonitorAlerts, NodeDeploymentsView, NodeInfo,
+        NodeRoutes, RolloutView, ServiceInfo, Status, VersionSummary,
     },
     model::RouteSpec,
 };
@@ -59,6 +59,9 @@ pub struct Snapshot {
     /// answer if it did not (its alerts are then none: a monitor that is
     /// not asked tells nothing).
     pub monitor: MonitorAlerts,
+    /// Every intention and the default, as `GET /v1/intentions` shows
+    /// them.
+    pub intentions: IntentionsView,
     /// Why the newest read failed; empty when it did not. The rest is then
     /// the last state read in full.
     pub error: String,
@@ -114,6 +117,8 @@ pub struct Reading {
     pub deployers: Vec<NodeDeploymentsView>,
     /// `GET /v1/alerts`: mesh-monitor's open alerts, in any order.
     pub alerts: MonitorAlerts,
+    /// `GET /v1/intentions`: every intention and the default.
+    pub intentions: IntentionsView,
 }
 
 /// Puts a reading together for the pages: nodes and services by name,
@@ -130,6 +135,7 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         mut deployments,
         mut deployers,
         mut alerts,
+        intentions,
     } = reading;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -175,6 +181,7 @@ pub fn assemble(reading: Reading, updated_at: String) -> Snapshot {
         deployments_total,
         deployers,
         monitor: alerts,
+        intentions,
         error: String::new(),
         updated_at,
     }
@@ -236,6 +243,7 @@ impl Snapshot {
             && self.deployments_total == other.deployments_total
             && self.deployers == other.deployers
             && self.monitor == other.monitor
+            && self.intentions == other.intentions
             && self.error == other.error
     }
 

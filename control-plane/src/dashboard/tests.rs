@@ -15,7 +15,7 @@ use super::{
 use crate::{
     control::{
         AlertView, CheckInfo, DeployedInstance, DeploymentNodeView, DeploymentView, InstanceInfo,
-        MonitorAlerts, NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutEventView,
+        IntentionsView, MonitorAlerts, NodeDeploymentsView, NodeInfo, NodeRoutes, RolloutEventView,
         RolloutNodeView, RolloutView, ServiceInfo, Status, StoredArtifact, VersionSummary,
     },
     error::ControlError,
@@ -118,6 +118,7 @@ fn reading(node_names: &[&str]) -> Reading {
         deployments: Vec::new(),
         deployers: Vec::new(),
         alerts: MonitorAlerts::unconfigured(),
+        intentions: IntentionsView::default(),
     }
 }
 
@@ -1002,4 +1003,98 @@ fn the_script_shows_every_field_an_alert_has() {
     }
     assert!(INDEX_HTML.contains(r##"href="#/alerts""##));
     assert!(INDEX_HTML.contains(r#"id="alert-count""#));
+}
+
+/// Intentions as the API shows them: `* -> web` denied, and `api -> web`
+/// narrowed by one rule of each kind.
+fn intentions() -> IntentionsView {
+    use mesh_runtime::intentions::{Action, HttpRule, Intention, Method, Selector};
+    let web = Selector::parse("web").expect("a service name");
+    let rule = |exact: Option<&str>, prefix: Option<&str>, action| HttpRule {
+        path_exact: exact.map(str::to_owned),
+        path_prefix: prefix.map(str::to_owned),
+        methods: vec![Method("GET".into())],
+        action,
+    };
+    IntentionsView {
+        default: crate::control::DefaultAction {
+            action: Action::Deny,
+            from: crate::control::DefaultFrom::Kv,
+            revision: 12,
+        },
+        index: 40,
+        intentions: vec![
+            crate::control::IntentionView {
+                intention: Intention {
+                    source: Selector::Any,
+                    destination: web.clone(),
+                    action: Action::Deny,
+                    http: Vec::new(),
+                    description: String::new(),
+                },
+                revision: 30,
+            },
+            crate::control::IntentionView {
+                intention: Intention {
+                    source: Selector::parse("api").expect("a service name"),
+                    destination: web,
+                    action: Action::Allow,
+                    http: vec![
+                        rule(None, Some("/v1/"), Action::Allow),
+                        rule(Some("/v1/admin"), None, Action::Deny),
+                    ],
+                    description: MARKUP.into(),
+                },
+                revision: 31,
+            },
+        ],
+    }
+}
+
+#[test]
+fn the_state_carries_the_intentions_as_the_api_shows_them_and_a_change_is_a_change() {
+    let mut r = reading(&["n1"]);
+    let none = assemble(r.clone(), "t1".into());
+    r.intentions = intentions();
+    let some = assemble(r.clone(), "t2".into());
+    assert!(!none.same_as(&some), "intentions were stored");
+    let back: serde_json::Value = serde_json::from_str(&some.to_json()).expect("JSON");
+    let api = serde_json::to_value(intentions()).expect("intentions are JSON");
+    assert_eq!(back["intentions"], api);
+    assert_eq!(back["intentions"]["intentions"][1]["description"], MARKUP);
+    r.intentions.default.action = mesh_runtime::intentions::Action::Allow;
+    assert!(
+        !some.same_as(&assemble(r, "t3".into())),
+        "the default changed"
+    );
+}
+
+#[test]
+fn the_script_shows_every_field_an_intention_has() {
+    // The page names an intention `i`, a rule `rule`, the default `d`.
+    let view = intentions();
+    let json = serde_json::to_value(&view.intentions[1]).expect("an intention is JSON");
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            APP_JS.contains(&format!("i.{key}")),
+            "app.js does not show i.{key}"
+        );
+    }
+    for rule in &view.intentions[1].intention.http {
+        let json = serde_json::to_value(rule).expect("a rule is JSON");
+        for key in json.as_object().expect("a JSON object").keys() {
+            assert!(
+                APP_JS.contains(&format!("rule.{key}")),
+                "app.js does not show rule.{key}"
+            );
+        }
+    }
+    let json = serde_json::to_value(&view.default).expect("the default is JSON");
+    for key in json.as_object().expect("a JSON object").keys() {
+        assert!(
+            APP_JS.contains(&format!("d.{key}")),
+            "app.js does not show d.{key}"
+        );
+    }
+    assert!(INDEX_HTML.contains(r##"href="#/intentions""##));
 }

@@ -1,0 +1,128 @@
+//! `mesh.v1.Identity` over gRPC, behind [`IdentityAuth`], the bearer-token
+//! check.
+
+use std::fmt;
+
+use mesh_proto::v1::{self as pb, identity_server};
+use sha2::{Digest, Sha256};
+use tonic::{
+    Request, Response, Status, service::Interceptor, service::interceptor::InterceptedService,
+};
+
+use super::{Identity, millis};
+
+/// The Identity service with its token check in front.
+pub type IdentityService =
+    InterceptedService<identity_server::IdentityServer<IdentityApi>, IdentityAuth>;
+
+/// The gRPC face of [`Identity`].
+#[derive(Clone, Debug)]
+pub struct IdentityApi {
+    identity: Identity,
+}
+
+/// Checks `authorization: Bearer <identity_token>` on every call; refuses
+/// every call when no token is set (issuance is off).
+#[derive(Clone)]
+pub struct IdentityAuth {
+    expected: Option<[u8; 32]>,
+    identity: Identity,
+}
+
+// === impl IdentityApi ===
+
+impl IdentityApi {
+    /// Serves `identity`.
+    pub fn new(identity: Identity) -> Self {
+        Self { identity }
+    }
+
+    /// The tonic service, token check included.
+    pub fn into_service(self) -> IdentityService {
+        let auth = IdentityAuth::new(self.identity.clone());
+        identity_server::IdentityServer::with_interceptor(self, auth)
+    }
+}
+
+#[tonic::async_trait]
+impl identity_server::Identity for IdentityApi {
+    async fn sign(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let pb::SignRequest {
+            node,
+            identity,
+            csr_pem,
+        } = request.into_inner();
+        let issued = self.identity.sign(&node, &identity, &csr_pem).await?;
+        Ok(Response::new(pb::SignResponse {
+            cert_pem: issued.cert_pem,
+            trust_bundle_pem: issued.trust_bundle_pem,
+            not_after_ms: millis(issued.not_after),
+            renew_at_ms: millis(issued.renew_at),
+        }))
+    }
+}
+
+// === impl IdentityAuth ===
+
+impl IdentityAuth {
+    fn new(identity: Identity) -> Self {
+        let expected = identity
+            .settings()
+            .token
+            .as_ref()
+            .map(|t| digest(format!("Bearer {}", t.0).as_bytes()));
+        Self { expected, identity }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.identity.metrics().certificate_refused(reason);
+        status
+    }
+}
+
+impl Interceptor for IdentityAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Err(self.refuse(
+                "disabled",
+                Status::failed_precondition(
+                    "this mesh-control issues no certificates: identity_token is not set",
+                ),
+            ));
+        };
+        let Some(given) = request.metadata().get("authorization") else {
+            return Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated("Identity needs authorization: Bearer <identity_token>"),
+            ));
+        };
+        if constant_time_eq(&digest(given.as_bytes()), expected) {
+            Ok(request)
+        } else {
+            Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated("wrong identity token in authorization"),
+            ))
+        }
+    }
+}
+
+impl fmt::Debug for IdentityAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityAuth")
+            .field("token", &self.expected.map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Compares every byte, whatever the first difference.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

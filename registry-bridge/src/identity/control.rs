@@ -1,0 +1,217 @@
+//! The way to mesh-control's Identity service: the configured URL, or the
+//! `grpc` address a passing `mesh-control` instance publishes in Consul's
+//! catalog.
+
+use std::{net::IpAddr, time::Duration};
+
+use consul_client::{Client, QueryOptions, ServiceEntry};
+use mesh_proto::v1::{self as pb, identity_client::IdentityClient};
+use tonic::{
+    Code, Status,
+    metadata::AsciiMetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use super::Token;
+
+/// The service every mesh-control replica registers.
+pub const CONTROL_SERVICE: &str = "mesh-control";
+
+/// How long connecting to mesh-control may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one Sign call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a certificate could not be had; `kind` is logged once per change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct SignFailure {
+    /// A short name of the kind of failure (`unreachable`, `denied`, ...).
+    pub(crate) kind: &'static str,
+    /// What happened.
+    pub(crate) message: String,
+}
+
+/// Reaches mesh-control, finding it in the catalog when not configured.
+#[derive(Debug)]
+pub(crate) struct ControlClient {
+    consul: Client,
+    configured: Option<String>,
+    authorization: AsciiMetadataValue,
+    /// The client in use and its URL; dropped after a transport failure.
+    current: Option<(String, IdentityClient<Channel>)>,
+}
+
+// === impl ControlClient ===
+
+impl ControlClient {
+    pub(crate) fn new(
+        consul: Client,
+        configured: Option<String>,
+        token: &Token,
+    ) -> Result<Self, String> {
+        let authorization = format!("Bearer {}", token.expose())
+            .parse()
+            .map_err(|_| "identity_token: not a valid header value".to_owned())?;
+        Ok(Self {
+            consul,
+            configured,
+            authorization,
+            current: None,
+        })
+    }
+
+    /// Asks mesh-control to sign `csr_pem` for `identity`.
+    pub(crate) async fn sign(
+        &mut self,
+        node: &str,
+        identity: &str,
+        csr_pem: String,
+    ) -> Result<pb::SignResponse, SignFailure> {
+        let mut client = self.client().await?;
+        let mut request = tonic::Request::new(pb::SignRequest {
+            node: node.to_owned(),
+            identity: identity.to_owned(),
+            csr_pem,
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        match client.sign(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
+                    // Find mesh-control again next time: this replica may be gone.
+                    self.current = None;
+                }
+                Err(failure(&status))
+            }
+        }
+    }
+
+    async fn client(&mut self) -> Result<IdentityClient<Channel>, SignFailure> {
+        if let Some((_, client)) = &self.current {
+            return Ok(client.clone());
+        }
+        let url = match &self.configured {
+            Some(url) => url.clone(),
+            None => self.discover().await?,
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| SignFailure {
+                kind: "control_addr",
+                message: format!("mesh-control's address {url:?} is not a URL: {e}"),
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        let client = IdentityClient::new(endpoint.connect_lazy());
+        tracing::debug!(%url, "using mesh-control");
+        self.current = Some((url, client.clone()));
+        Ok(client)
+    }
+
+    /// The gRPC URL of a passing mesh-control instance.
+    async fn discover(&self) -> Result<String, SignFailure> {
+        let entries = self
+            .consul
+            .health_service(CONTROL_SERVICE, true, QueryOptions::default())
+            .await
+            .map_err(|e| SignFailure {
+                kind: "discovery",
+                message: format!("finding {CONTROL_SERVICE} in Consul's catalog: {e}"),
+            })?
+            .value;
+        entries
+            .iter()
+            .find_map(grpc_url)
+            .ok_or_else(|| SignFailure {
+                kind: "discovery",
+                message: format!(
+                    "no passing {CONTROL_SERVICE} instance with a grpc address in Consul's \
+                     catalog (set control_addr to name one)"
+                ),
+            })
+    }
+}
+
+/// The instance's `grpc` meta, with an unspecified host (a replica
+/// listening on every address) replaced by the instance's or its node's
+/// address.
+fn grpc_url(entry: &ServiceEntry) -> Option<String> {
+    let url = entry.service.meta.get("grpc")?;
+    let rest = url.strip_prefix("http://")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    let unspecified = host
+        .trim_matches(['[', ']'])
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    if !unspecified {
+        return Some(url.clone());
+    }
+    let address = [&entry.service.address, &entry.node.address]
+        .into_iter()
+        .find(|a| !a.is_empty())?;
+    Some(match address.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("http://[{v6}]:{port}"),
+        _ => format!("http://{address}:{port}"),
+    })
+}
+
+fn failure(status: &Status) -> SignFailure {
+    let kind = match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded => "unreachable",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "denied",
+        Code::InvalidArgument => "invalid",
+        Code::FailedPrecondition => "disabled",
+        _ => "error",
+    };
+    SignFailure {
+        kind,
+        message: format!(
+            "mesh-control refused or failed ({:?}): {}",
+            status.code(),
+            status.message()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use consul_client::{AgentService, Node};
+
+    use super::*;
+
+    fn entry(grpc: &str, service_address: &str, node_address: &str) -> ServiceEntry {
+        ServiceEntry {
+            node: Node {
+                address: node_address.into(),
+                ..Default::default()
+            },
+            service: AgentService {
+                address: service_address.into(),
+                meta: [("grpc".to_owned(), grpc.to_owned())].into(),
+                ..Default::default()
+            },
+            checks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_unspecified_grpc_host_becomes_the_instance_address() {
+        assert_eq!(
+            grpc_url(&entry("http://10.0.0.2:8892", "", "10.0.0.9")).as_deref(),
+            Some("http://10.0.0.2:8892")
+        );
+        assert_eq!(
+            grpc_url(&entry("http://0.0.0.0:8892", "10.0.0.3", "10.0.0.9")).as_deref(),
+            Some("http://10.0.0.3:8892")
+        );
+        assert_eq!(
+            grpc_url(&entry("http://[::]:8892", "", "fd00::9")).as_deref(),
+            Some("http://[fd00::9]:8892")
+        );
+        assert_eq!(grpc_url(&entry("http://0.0.0.0:8892", "", "")), None);
+    }
+}
