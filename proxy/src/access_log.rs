@@ -23,7 +23,9 @@
 //! `{"ts":"2026-01-02T03:04:05.678Z","direction":"outbound","node":"n1",
 //! "service":"orders","method":"GET","path":"/x","status":200,
 //! "duration_ms":1.234,"upstream":"10.0.0.7:8080","retries":0,
-//! "bytes_out":512,"reason":""}`: see [`Entry`].
+//! "bytes_out":512,"reason":""}`, and inbound in mtls mode the calling
+//! proxy's identity last (`"peer":"spiffe://<trust domain>/svc/web"`):
+//! see [`Entry`].
 
 use std::{
     fs::{File, OpenOptions},
@@ -47,7 +49,7 @@ use http_body::{Body, Frame, SizeHint};
 use mesh_runtime::metrics::{Counter, Registry};
 use serde::Serialize;
 
-use crate::{body::ProxyBody, h1::BoxError, upstream::Upstream};
+use crate::{body::ProxyBody, h1::BoxError, tls::PeerIdentity, upstream::Upstream};
 
 /// The longest a written line waits in the buffer before it reaches the file.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -126,6 +128,8 @@ pub struct Entry {
     pub duration: Duration,
     /// Response body bytes sent.
     pub bytes_out: u64,
+    /// Inbound in mtls mode: the calling proxy's verified identity.
+    pub peer: Option<PeerIdentity>,
     /// When the response ended.
     pub at: SystemTime,
 }
@@ -145,6 +149,9 @@ struct Pending {
     start: tokio::time::Instant,
 }
 
+// Lines go by value: boxing them would allocate per request, and `Stop`
+// is sent once.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Line(Entry),
     Stop,
@@ -176,6 +183,8 @@ struct Line<'a> {
     retries: u32,
     bytes_out: u64,
     reason: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    peer: &'a str,
 }
 
 // === impl AccessLog ===
@@ -317,6 +326,7 @@ impl Entry {
             reason: "",
             duration: Duration::ZERO,
             bytes_out: 0,
+            peer: None,
             at: SystemTime::UNIX_EPOCH,
         }
     }
@@ -330,6 +340,10 @@ impl Entry {
                 format!("{}:{}", u.host(), u.port())
             }
         });
+        let peer = self
+            .peer
+            .as_ref()
+            .map_or_else(String::new, |p| p.to_string());
         let line = Line {
             ts: &rfc3339_millis(self.at),
             direction: self.direction,
@@ -344,6 +358,7 @@ impl Entry {
             retries: self.retries,
             bytes_out: self.bytes_out,
             reason: self.reason,
+            peer: &peer,
         };
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")

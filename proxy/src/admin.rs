@@ -4,8 +4,9 @@
 //! - `/routes`: what the proxy routes to right now and where it came from
 //!   (nginx-upsync's `upstream_show`), with each endpoint's load, latency
 //!   estimate and ejection, the other nodes' proxies requests to their
-//!   nodes' instances go through, and the node config version from
-//!   mesh-control in effect (or refused, and why).
+//!   nodes' instances go through, the node config version from
+//!   mesh-control in effect (or refused, and why), and in mtls mode the
+//!   identities this proxy presents (serial, expiry).
 //! - `/stats`: readiness, the node config version in effect, and the
 //!   outbound requests, errors and latency since the proxy started, as
 //!   JSON (see [`stats`](crate::stats)); the bridge serves it to
@@ -22,6 +23,7 @@ use crate::{
     peer::{PeerView, Peers},
     stats::{Stats, StatsSource},
     table::{Routes, RoutingTable, Source, now_unix_ms},
+    tls::TlsView,
 };
 
 /// `/routes` as JSON.
@@ -46,6 +48,9 @@ pub struct RoutesView {
     /// The node config from mesh-control: the version in effect, the last
     /// one refused and why, and where each route table comes from.
     pub config: node_config::Status,
+    /// mtls mode: the identities presented now; absent in direct mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsView>,
 }
 
 /// One endpoint in `/routes`.
@@ -103,6 +108,7 @@ async fn stats_json(State(stats): State<StatsSource>) -> Json<Stats> {
 async fn show(State((routes, peers, config)): State<Shown>) -> Json<RoutesView> {
     let mut view = RoutesView::of(&routes.load_full());
     view.peers = peers.view();
+    view.tls = peers.tls().map(|tls| tls.view());
     view.config = config.borrow().clone();
     Json(view)
 }
@@ -148,6 +154,7 @@ impl RoutesView {
                 source: "none",
                 ..node_config::Status::default()
             },
+            tls: None,
         }
     }
 }

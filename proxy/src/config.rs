@@ -18,7 +18,9 @@ use std::{
 };
 
 use clap::Parser;
-use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
+use mesh_runtime::{
+    config::ConfigFile, duration::HumanDuration, logging::LogFormat, pki::TrustDomain,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policies, RouteSpec};
@@ -117,6 +119,20 @@ pub struct Args {
     /// Access log format: json, the only one for now (default json).
     #[arg(long, env = "MESH_ACCESS_LOG_FORMAT")]
     pub access_log_format: Option<AccessLogFormat>,
+    /// How calls reach another node's instances: direct (straight to the
+    /// instance's address) or mtls (through that node's proxy's inbound
+    /// listener over mutual TLS; services listen on loopback) (default
+    /// direct).
+    #[arg(long, env = "MESH_MODE")]
+    pub mode: Option<MeshMode>,
+    /// The folder the node's mesh-bridge keeps the credentials in (mtls
+    /// mode): `ca.crt`, `node.key` + `node.crt`, `svc/<service>.key` + `.crt`.
+    #[arg(long, env = "MESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The mesh's trust domain (default: the one ca.crt names in its
+    /// `spiffe://<trust domain>` URI SAN).
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
     /// Per-service route policies (file only: `[routes.<service>]`).
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -138,6 +154,18 @@ pub enum LoadBalancing {
     LeastRequest,
     /// By a hash of a header or cookie on a ring of the instances.
     ConsistentHash,
+}
+
+/// How calls reach another node's instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum MeshMode {
+    /// Straight to the instance's address, in cleartext.
+    #[default]
+    Direct,
+    /// Through the instance's node's proxy, over mutual TLS with mesh
+    /// identities (see [`crate::tls`]); never straight to the instance.
+    Mtls,
 }
 
 /// How access log lines are written.
@@ -196,6 +224,19 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// The access log's format.
     pub access_log_format: AccessLogFormat,
+    /// How calls reach another node's instances.
+    pub mode: MeshMode,
+    /// The credentials of mtls mode; `Some` exactly in that mode.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Where mtls mode finds its credentials (see [`crate::tls`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The folder the node's mesh-bridge keeps up to date.
+    pub dir: PathBuf,
+    /// The trust domain; `None`: the one `ca.crt` names.
+    pub trust_domain: Option<TrustDomain>,
 }
 
 /// The inbound listener other nodes' proxies send to (see [`crate::inbound`]).
@@ -302,6 +343,14 @@ impl Args {
             }
             p => p,
         };
+        let mode = self.mode.unwrap_or_default();
+        let tls = tls(
+            mode,
+            self.tls_dir,
+            self.trust_domain,
+            &node,
+            inbound.is_some(),
+        )?;
         let config = Config {
             log_format: self.log_format.unwrap_or_default(),
             node,
@@ -333,6 +382,8 @@ impl Args {
             inbound,
             access_log,
             access_log_format: self.access_log_format.unwrap_or_default(),
+            mode,
+            tls,
         };
         // Every route's policy, checked now rather than on first use.
         Policies::from_config(&config)?;
@@ -383,6 +434,51 @@ fn inbound(
         None => {}
     }
     Ok(Some(InboundConfig { listen, address }))
+}
+
+/// The settings of mtls mode, checked: it needs the credentials' folder,
+/// an inbound listener (other nodes' proxies reach this node's services
+/// through it), and a node name that can be an identity.
+fn tls(
+    mode: MeshMode,
+    dir: Option<PathBuf>,
+    trust_domain: Option<String>,
+    node: &str,
+    inbound: bool,
+) -> Result<Option<TlsConfig>, String> {
+    let dir = dir.filter(|d| !d.as_os_str().is_empty());
+    let trust_domain = trust_domain
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    if mode == MeshMode::Direct {
+        return match (dir, trust_domain) {
+            (Some(d), _) => Err(format!(
+                "tls_dir: {} is set but mode is direct; set mode = \"mtls\" or remove it",
+                d.display()
+            )),
+            (None, Some(t)) => Err(format!(
+                "trust_domain: {t:?} is set but mode is direct; set mode = \"mtls\" or remove it"
+            )),
+            (None, None) => Ok(None),
+        };
+    }
+    let dir =
+        dir.ok_or("mode: mtls needs tls_dir, the folder with ca.crt, node.key and node.crt")?;
+    if !dir.is_dir() {
+        return Err(format!("tls_dir: {} is not a folder", dir.display()));
+    }
+    if !inbound {
+        return Err(
+            "mode: mtls needs inbound_listen: other nodes' proxies reach this node's services through it"
+                .into(),
+        );
+    }
+    let trust_domain = trust_domain
+        .map(|t| TrustDomain::new(&t).map_err(|e| format!("trust_domain: {e}")))
+        .transpose()?;
+    mesh_runtime::pki::spiffe::check_node_name(node)
+        .map_err(|e| format!("node: {node:?} cannot name the node's identity in mtls mode: {e}"))?;
+    Ok(Some(TlsConfig { dir, trust_domain }))
 }
 
 /// Whether two listen addresses would share a port.
@@ -455,6 +551,37 @@ impl TryFrom<String> for AccessLogFormat {
     fn try_from(s: String) -> Result<Self, Self::Error> {
         // The file's error names the key, as the flag's does.
         s.parse().map_err(|e| format!("access_log_format: {e}"))
+    }
+}
+
+// === impl MeshMode ===
+
+impl FromStr for MeshMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "direct" => Ok(Self::Direct),
+            "mtls" => Ok(Self::Mtls),
+            other => Err(format!("unknown mode {other:?}: expected direct or mtls")),
+        }
+    }
+}
+
+impl TryFrom<String> for MeshMode {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse().map_err(|e| format!("mode: {e}"))
+    }
+}
+
+impl fmt::Display for MeshMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Mtls => "mtls",
+        })
     }
 }
 
@@ -626,6 +753,93 @@ mod tests {
             let e = parse(argv).unwrap_err();
             assert!(e.starts_with(key) && e.contains(what), "{argv:?}: {e}");
         }
+    }
+
+    #[test]
+    fn mtls_mode_needs_its_folder_and_an_inbound_listener() {
+        let c = parse(&["--node", "n1"]).unwrap();
+        assert_eq!(
+            (c.mode, c.tls),
+            (MeshMode::Direct, None),
+            "direct by default"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tls_dir = dir.path().to_str().unwrap();
+        let c = parse(&[
+            "--mode",
+            "mtls",
+            "--tls-dir",
+            tls_dir,
+            "--inbound-listen",
+            "0.0.0.0:8443",
+            "--trust-domain",
+            "mesh.example",
+        ])
+        .unwrap();
+        assert_eq!(c.mode, MeshMode::Mtls);
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.dir, dir.path());
+        assert_eq!(tls.trust_domain.unwrap().as_str(), "mesh.example");
+        let text =
+            format!("mode = \"mtls\"\ntls_dir = {tls_dir:?}\ninbound_listen = \"0.0.0.0:8443\"");
+        let c = from_file(&text, &[]).unwrap();
+        assert_eq!(c.mode, MeshMode::Mtls);
+        assert_eq!(c.tls.unwrap().trust_domain, None, "read from ca.crt");
+
+        let missing = dir.path().join("nowhere");
+        let missing = missing.to_str().unwrap();
+        let inbound = ["--inbound-listen", "0.0.0.0:8443"];
+        for (argv, key, what) in [
+            (vec!["--mode", "mtls"], "mode", "needs tls_dir"),
+            (
+                vec!["--mode", "mtls", "--tls-dir", tls_dir],
+                "mode",
+                "needs inbound_listen",
+            ),
+            (
+                vec!["--mode", "mtls", "--tls-dir", missing],
+                "tls_dir",
+                "not a folder",
+            ),
+            (vec!["--tls-dir", tls_dir], "tls_dir", "mode is direct"),
+            (
+                vec!["--trust-domain", "mesh.example"],
+                "trust_domain",
+                "mode is direct",
+            ),
+            (
+                vec![
+                    "--mode",
+                    "mtls",
+                    "--tls-dir",
+                    tls_dir,
+                    "--trust-domain",
+                    "Mesh",
+                ],
+                "trust_domain",
+                "lowercase",
+            ),
+            (
+                vec!["--mode", "mtls", "--tls-dir", tls_dir, "--node", "bad node"],
+                "node",
+                "identity",
+            ),
+        ] {
+            let mut argv = argv;
+            if !argv.contains(&"--inbound-listen") && what != "needs inbound_listen" {
+                argv.extend(inbound);
+            }
+            let e = parse(&argv).unwrap_err();
+            assert!(e.starts_with(key) && e.contains(what), "{argv:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = from_file("mode = \"tls\"", &[]).unwrap_err();
+        assert!(
+            e.contains("mode: ") && e.contains("expected direct or mtls"),
+            "{e}"
+        );
+        let e = parse(&["--mode", "tls"]).unwrap_err();
+        assert!(e.contains("--mode") && e.contains("mtls"), "{e}");
     }
 
     #[test]

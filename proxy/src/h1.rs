@@ -20,6 +20,8 @@
 //! framed end with nothing after it, HTTP/1.1 without `Connection: close`.
 //! An interim 1xx is skipped; a `101` hands the socket to the caller with
 //! whatever the instance sent after it ([`Upgraded`]).
+//!
+//! The socket is TCP, or TLS to another node's proxy in mtls mode ([`Io`]).
 
 use std::{
     error::Error as StdError,
@@ -34,7 +36,11 @@ use http::{
     header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
 };
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamBody;
 
@@ -57,8 +63,17 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// pool, a request and its response body).
 pub struct Conn(Box<Inner>);
 
+/// The socket of a connection: TCP, or TLS to another node's proxy (mtls
+/// mode, see [`crate::tls`]).
+pub enum Io {
+    /// Cleartext.
+    Tcp(TcpStream),
+    /// mTLS with the mesh identities.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 struct Inner {
-    io: TcpStream,
+    io: Io,
     /// Bytes read and not consumed yet.
     buf: BytesMut,
     /// The request head being written; kept for its capacity.
@@ -70,7 +85,7 @@ struct Inner {
 /// A `101 Switching Protocols` response's connection, in its extensions:
 /// the socket and the bytes the instance sent after the 101, taken once.
 #[derive(Clone)]
-pub struct Upgraded(std::sync::Arc<std::sync::Mutex<Option<(TcpStream, Bytes)>>>);
+pub struct Upgraded(std::sync::Arc<std::sync::Mutex<Option<(Io, Bytes)>>>);
 
 /// A send that failed.
 pub struct SendError {
@@ -124,9 +139,9 @@ struct Broken(&'static str);
 
 impl Conn {
     /// A connection on `io`; `guard` is dropped with it (an open count).
-    pub fn new(io: TcpStream, guard: Box<dyn std::any::Any + Send + Sync>) -> Self {
+    pub fn new(io: impl Into<Io>, guard: Box<dyn std::any::Any + Send + Sync>) -> Self {
         Self(Box::new(Inner {
-            io,
+            io: io.into(),
             buf: BytesMut::new(),
             head: Vec::new(),
             _guard: guard,
@@ -141,14 +156,17 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.0.io.poll_read_ready(&mut cx) {
+        let tcp = self.0.io.tcp();
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // Readable: closed, reset or unasked bytes, unless the last
             // read filled its buffer exactly and the readiness is left over.
+            // Under TLS any record is one of the former: not reused.
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.0.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(self.0.io, Io::Tcp(_))
+                    && matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -157,7 +175,7 @@ impl Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
-            .field("peer", &self.0.io.peer_addr().ok())
+            .field("peer", &self.0.io.tcp().peer_addr().ok())
             .field("buffered", &self.0.buf.len())
             .finish()
     }
@@ -188,6 +206,10 @@ pub async fn send(conn: Conn, req: Request<UpstreamBody>) -> Result<Response<Bod
             Err(e) => return Err(failed(written, parts, body, e)),
         }
     }
+    // TLS may hold the head back; TCP has nothing to flush.
+    if let Err(e) = conn.io.flush().await {
+        return Err(failed(written, parts, body, e));
+    }
     let head_only = parts.method == Method::HEAD;
     drop(parts);
     // The body is written while the response head is awaited: an instance
@@ -197,7 +219,7 @@ pub async fn send(conn: Conn, req: Request<UpstreamBody>) -> Result<Response<Bod
     let mut upload = has_body.then(|| Upload::new(body, chunked));
     let head = std::future::poll_fn(|cx| {
         if let Some(up) = upload.as_mut()
-            && let Poll::Ready(done) = up.poll_drive(&conn.io, cx)
+            && let Poll::Ready(done) = up.poll_drive(&mut conn.io, cx)
         {
             done?;
             upload = None;
@@ -251,17 +273,19 @@ impl Upload {
     /// Writes what the body has ready; `Ready(Ok)` once it was written
     /// whole. Pulls the next frame only when the last one is out, so the
     /// client's body moves at the instance's pace.
-    fn poll_drive(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_drive(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             while !self.out.is_empty() {
-                match io.try_write(&self.out) {
-                    Ok(n) => self.out.advance(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(io.poll_write_ready(cx))?;
+                match ready!(Pin::new(&mut *io).poll_write(cx, &self.out)) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                     }
+                    Ok(n) => self.out.advance(n),
                     Err(e) => return Poll::Ready(Err(e.into())),
                 }
             }
+            // Out of TLS's buffer before waiting for more (TCP: nothing).
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
@@ -503,11 +527,75 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     })
 }
 
+// === impl Io ===
+
+impl Io {
+    /// The TCP socket under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Tcp(tcp) => tcp,
+            Self::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl From<TcpStream> for Io {
+    fn from(tcp: TcpStream) -> Self {
+        Self::Tcp(tcp)
+    }
+}
+
+impl From<TlsStream<TcpStream>> for Io {
+    fn from(tls: TlsStream<TcpStream>) -> Self {
+        Self::Tls(Box::new(tls))
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
+    }
+}
+
 // === impl Upgraded ===
 
 impl Upgraded {
     /// The socket and the bytes read past the 101; `None` once taken.
-    pub fn take(&self) -> Option<(TcpStream, Bytes)> {
+    pub fn take(&self) -> Option<(Io, Bytes)> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -553,7 +641,7 @@ impl Body {
             };
             let conn = &mut **conn;
             if let Some(up) = self.upload.as_mut()
-                && let Poll::Ready(done) = up.poll_drive(&conn.io, cx)
+                && let Poll::Ready(done) = up.poll_drive(&mut conn.io, cx)
             {
                 done?;
                 self.upload = None;

@@ -15,7 +15,14 @@
 //! them as a failed attempt on the instance and does not relay them.
 //!
 //! The accepted stream goes through an [`Acceptor`] before HTTP is spoken
-//! on it: plain TCP today, the place where mTLS wraps it.
+//! on it: plain TCP in direct mode; in mtls mode a TLS handshake (within
+//! [`crate::tls::HANDSHAKE_TIMEOUT`]) that presents the node's certificate
+//! and requires one from the peer that the mesh CA issued, naming one
+//! identity of the trust domain. A connection that speaks cleartext or
+//! fails the handshake is closed and counted
+//! (`mesh_proxy_inbound_tls_failures_total{reason}`); the peer's identity
+//! goes into each of its requests' extensions ([`PeerIdentity`]) and the
+//! access log's `peer`.
 //!
 //! On shutdown the listener closes, HTTP/2 connections get a GOAWAY, and
 //! requests and tunnels in flight finish within the owner's grace period.
@@ -61,6 +68,7 @@ use crate::{
     route,
     server::Limits,
     table::{Routes, RoutingTable},
+    tls::{MeshTls, PeerIdentity},
     upgrade::Tunnels,
     upstream::{H2_MAX_STREAMS, Upstream},
 };
@@ -71,14 +79,15 @@ const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::
 
 /// How an accepted connection is secured before HTTP is spoken on it.
 ///
-/// Plain TCP for now. mTLS between proxies adds a variant holding the TLS
-/// acceptor: its handshake (with a timeout) runs in [`Acceptor`]'s match in
-/// the connection's task, and the TLS stream is served like the TCP one.
-#[derive(Clone, Copy, Debug, Default)]
+/// The handshake runs in the connection's own task, and the TLS stream is
+/// served like the TCP one.
+#[derive(Clone, Debug, Default)]
 pub enum Acceptor {
-    /// Cleartext: h2c with prior knowledge, or HTTP/1.1.
+    /// Cleartext: h2c with prior knowledge, or HTTP/1.1 (direct mode).
     #[default]
     Plain,
+    /// mTLS with the mesh identities (mtls mode): h2 or HTTP/1.1 by ALPN.
+    Tls(Arc<MeshTls>),
 }
 
 /// The inbound side of the proxy: what every inbound request needs.
@@ -222,10 +231,10 @@ impl Inbound {
         let start = tokio::time::Instant::now();
         let protocol = protocol_of(req.version());
         // Kept for the access log only: the request is forwarded whole.
-        let head = self
-            .access_log
-            .as_ref()
-            .map(|_| (req.method().clone(), req.uri().clone()));
+        let head = self.access_log.as_ref().map(|_| {
+            let peer = req.extensions().get::<PeerIdentity>().cloned();
+            (req.method().clone(), req.uri().clone(), peer)
+        });
         let mut target = None;
         let (mut reason, mut named) = ("", None);
         let response = match self.forward(req, &mut target).await {
@@ -245,7 +254,7 @@ impl Inbound {
             }
         };
         self.metrics.record(protocol, response.status());
-        let (Some(log), Some((method, uri))) = (&self.access_log, head) else {
+        let (Some(log), Some((method, uri, peer))) = (&self.access_log, head) else {
             return response;
         };
         let (service, upstream) = target.map_or((named, None), |(s, u)| (Some(s), Some(u)));
@@ -258,6 +267,7 @@ impl Inbound {
         );
         entry.upstream = upstream;
         entry.reason = reason;
+        entry.peer = peer;
         log.wrap(response, entry, start)
     }
 
@@ -399,6 +409,15 @@ fn protocol_of(version: Version) -> Protocol {
     }
 }
 
+// === impl Acceptor ===
+
+impl Acceptor {
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+}
+
 // === impl Refusal ===
 
 impl Refusal {
@@ -516,13 +535,26 @@ pub async fn serve(
 
 /// Secures `stream` as the acceptor says, then serves it.
 async fn connection(shared: Shared, stream: TcpStream) {
-    match shared.acceptor {
-        Acceptor::Plain => serve_connection(shared, stream).await,
+    match &shared.acceptor {
+        Acceptor::Plain => serve_connection(shared, stream, None).await,
+        Acceptor::Tls(tls) => match tls.accept(stream).await {
+            Ok(Some((stream, peer))) => {
+                tracing::debug!(%peer, "inbound mTLS connection");
+                serve_connection(shared, stream, Some(peer)).await;
+            }
+            // Closed before a byte: a TCP health check.
+            Ok(None) => {}
+            Err(failure) => {
+                tracing::info!(reason = failure.kind(), error = %failure, "inbound connection refused before HTTP");
+                shared.inbound.metrics.tls_failure(failure.kind());
+            }
+        },
     }
 }
 
-/// Serves one connection until it closes, or until the listener drains.
-async fn serve_connection<IO>(shared: Shared, io: IO)
+/// Serves one connection until it closes, or until the listener drains;
+/// `peer` is the identity its TLS handshake verified.
+async fn serve_connection<IO>(shared: Shared, io: IO, peer: Option<PeerIdentity>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -534,8 +566,11 @@ where
     } = shared;
     // Counted at the first request: a health check's bare connect is none.
     let counted = Arc::new(AtomicBool::new(false));
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
         let (inbound, counted) = (inbound.clone(), counted.clone());
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         async move {
             let protocol = protocol_of(req.version());
             if !counted.swap(true, Ordering::Relaxed) {

@@ -8,6 +8,7 @@
 //! - [`server`]: the outbound listener (hyper, HTTP/1.1 + h2c), drain on shutdown.
 //! - [`inbound`]: the inbound listener other nodes' proxies send to (h2c, HTTP/1.1 upgrades).
 //! - [`peer`]: other nodes' proxies (service `mesh-proxy`) and the HTTP/2 hop through them.
+//! - [`tls`]: mtls mode: the identities from `tls_dir`, rotated; the hop's TLS.
 //! - [`proxy`]: the request path: route → prepare → balance → retry/timeout → connect.
 //! - [`route`]: which service a request names (Host, or first path segment).
 //! - [`policy`]: route policies (`[default_route]`, `[routes.<service>]`), validated and swappable.
@@ -60,6 +61,7 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 
@@ -81,7 +83,9 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-pub use crate::config::{AccessLogFormat, Args, Config, InboundConfig, LoadBalancing};
+pub use crate::config::{
+    AccessLogFormat, Args, Config, InboundConfig, LoadBalancing, MeshMode, TlsConfig,
+};
 use crate::{
     access_log::AccessLog,
     agent::Agent,
@@ -93,6 +97,7 @@ use crate::{
     proxy::Proxy,
     registrar::Registrar,
     table::{Builder, Routes, RoutingTable, Source},
+    tls::MeshTls,
 };
 
 /// How long background tasks get to stop once asked.
@@ -150,6 +155,9 @@ pub enum StartError {
     /// The access log cannot be opened.
     #[error(transparent)]
     AccessLog(#[from] access_log::OpenError),
+    /// mtls mode's credentials cannot be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The bridge address is not a valid URL.
     #[error("bridge_addr {addr:?}: {source}")]
     BridgeAddr {
@@ -167,6 +175,11 @@ impl App {
     /// the bridge and draining the registration queue. Metrics go to
     /// `registry`.
     pub async fn start(config: Config, registry: Registry) -> Result<Self, StartError> {
+        let mesh_tls = config
+            .tls
+            .as_ref()
+            .map(|tls| MeshTls::load(tls, &config.node).map(Arc::new))
+            .transpose()?;
         let queue = open_data_dir(&config.data_dir)?;
         let access_log = config
             .access_log
@@ -207,7 +220,8 @@ impl App {
                 Agent::new(registrar.clone()),
                 metrics.clone(),
             )
-            .with_access_log(logger.clone()),
+            .with_access_log(logger.clone())
+            .with_tls(mesh_tls.clone()),
         );
         let layers = {
             let proxy = proxy.clone();
@@ -328,18 +342,32 @@ impl App {
                     Inbound::new(&config, routes.clone(), metrics.inbound())
                         .with_access_log(logger),
                 );
+                let acceptor = match &mesh_tls {
+                    Some(tls) => inbound::Acceptor::Tls(tls.clone()),
+                    None => inbound::Acceptor::Plain,
+                };
                 Some(spawn(
                     "inbound",
-                    serve_inbound(bound, inbound, limits, routes.clone(), stop.clone()),
+                    serve_inbound(
+                        bound,
+                        inbound,
+                        acceptor,
+                        limits,
+                        routes.clone(),
+                        stop.clone(),
+                    ),
                 ))
             }
             _ => None,
         };
+        if let Some(tls) = mesh_tls {
+            tasks.push(spawn("tls", tls.watch(metrics.tls_reloads(), stop.clone())));
+        }
         tasks.push(spawn(
             "gauges",
             gauges(clock, registrar, metrics, registry, routes.clone(), stop),
         ));
-        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, inbound = ?inbound_addr, bridge = %config.bridge_addr, lb = %config.lb, "mesh-proxy started");
+        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, inbound = ?inbound_addr, bridge = %config.bridge_addr, lb = %config.lb, mode = %config.mode, "mesh-proxy started");
         Ok(Self {
             outbound: outbound_addr,
             admin: admin_addr,
@@ -536,6 +564,7 @@ fn listen_later(
 async fn serve_inbound(
     bound: listen::Bound,
     inbound: Arc<Inbound>,
+    acceptor: inbound::Acceptor,
     limits: server::Limits,
     routes: Arc<Routes>,
     mut stop: Shutdown,
@@ -549,8 +578,8 @@ async fn serve_inbound(
     }
     match bound.listen() {
         Ok(listener) => {
-            tracing::info!(inbound = %addr, "inbound listener for other nodes' proxies");
-            inbound::serve(listener, inbound, limits, inbound::Acceptor::Plain, stop).await;
+            tracing::info!(inbound = %addr, tls = acceptor.is_tls(), "inbound listener for other nodes' proxies");
+            inbound::serve(listener, inbound, limits, acceptor, stop).await;
         }
         Err(e) => tracing::error!(inbound = %addr, error = %e, "no inbound listener"),
     }

@@ -33,6 +33,8 @@ const PEER_CONNECTIONS: &str = "mesh_proxy_peer_connections";
 const INBOUND_REQUESTS: &str = "mesh_proxy_inbound_requests_total";
 const INBOUND_CONNECTIONS: &str = "mesh_proxy_inbound_connections_total";
 const INBOUND_REFUSED: &str = "mesh_proxy_inbound_refused_total";
+const INBOUND_TLS_FAILURES: &str = "mesh_proxy_inbound_tls_failures_total";
+const TLS_RELOADS: &str = "mesh_proxy_tls_reloads_total";
 const NODE_CONFIG_VERSION: &str = "mesh_proxy_node_config_version";
 const NODE_CONFIGS: &str = "mesh_proxy_node_configs_total";
 
@@ -92,6 +94,8 @@ pub struct InboundMetrics {
     connections: [Counter; 2],
     /// Requests the listener answered itself, by reason.
     refused: [Counter; InboundMetrics::REASONS.len()],
+    /// Connections closed before HTTP because TLS failed, by reason.
+    tls_failures: [Counter; InboundMetrics::TLS_REASONS.len()],
 }
 
 /// `mesh_proxy_registrations_total` by `outcome`.
@@ -199,6 +203,14 @@ impl ProxyMetrics {
             INBOUND_REFUSED,
             "Requests the inbound listener answered itself, by reason.",
         );
+        registry.describe_counter(
+            INBOUND_TLS_FAILURES,
+            "Inbound connections closed before HTTP (mtls mode), by reason: plaintext, timeout, no_certificate, untrusted, expired, identity, handshake.",
+        );
+        registry.describe_counter(
+            TLS_RELOADS,
+            "Changes of the TLS folder (mtls mode), by outcome: applied, or refused and the last good credentials kept.",
+        );
         registry.describe_gauge(
             NODE_CONFIG_VERSION,
             "The node's config version from mesh-control in effect; 0: none.",
@@ -273,6 +285,11 @@ impl ProxyMetrics {
     pub fn inbound(&self) -> InboundMetrics {
         InboundMetrics::new(&self.registry)
     }
+
+    /// `mesh_proxy_tls_reloads_total`: applied, refused.
+    pub fn tls_reloads(&self) -> [Counter; 2] {
+        ["applied", "refused"].map(|o| self.registry.counter(TLS_RELOADS, &[("outcome", o)]))
+    }
 }
 
 // === impl PeerMetrics ===
@@ -316,6 +333,18 @@ impl InboundMetrics {
         "upstream_failed",
     ];
 
+    /// Why an inbound connection was closed before HTTP in mtls mode:
+    /// the `reason` label (see [`crate::tls::HandshakeFailure`]).
+    pub const TLS_REASONS: [&'static str; 7] = [
+        "plaintext",
+        "timeout",
+        "no_certificate",
+        "untrusted",
+        "expired",
+        "identity",
+        "handshake",
+    ];
+
     fn new(registry: &Registry) -> Self {
         let class = |p: &str, c: &str| {
             registry.counter(INBOUND_REQUESTS, &[("protocol", p), ("code_class", c)])
@@ -334,6 +363,8 @@ impl InboundMetrics {
             requests: [classes("http1"), classes("h2")],
             connections: [connections("http1"), connections("h2")],
             refused: Self::REASONS.map(|r| registry.counter(INBOUND_REFUSED, &[("reason", r)])),
+            tls_failures: Self::TLS_REASONS
+                .map(|r| registry.counter(INBOUND_TLS_FAILURES, &[("reason", r)])),
         }
     }
 
@@ -354,6 +385,14 @@ impl InboundMetrics {
     pub fn refused(&self, reason: &str) {
         if let Some(i) = Self::REASONS.iter().position(|r| *r == reason) {
             self.refused[i].increment(1);
+        }
+    }
+
+    /// Counts a connection closed because its TLS failed for `reason`, one
+    /// of [`InboundMetrics::TLS_REASONS`].
+    pub fn tls_failure(&self, reason: &str) {
+        if let Some(i) = Self::TLS_REASONS.iter().position(|r| *r == reason) {
+            self.tls_failures[i].increment(1);
         }
     }
 }

@@ -26,6 +26,13 @@
 //! ([`REFUSED_HEADER`]: the instance is not on its node, or it could not
 //! reach it) a failed attempt on the instance.
 //!
+//! In mtls mode ([`crate::tls`]) the hop is TLS with mesh identities: the
+//! calling side presents the identity of the service it speaks for (or
+//! the node's) and accepts only `node/<peer node>`, so a peer keeps one
+//! connection per identity it speaks for. An instance on another node is
+//! then never called directly: a node without a peer is unreachable
+//! ([`NoPeer`]).
+//!
 //! `mesh-proxy` names no service a caller may call: the outbound listener
 //! answers 404 for it, and the agent API refuses the name and its IDs.
 //!
@@ -46,7 +53,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Response, header::UPGRADE};
-use mesh_runtime::shutdown::Shutdown;
+use mesh_runtime::{pki::SpiffeId, shutdown::Shutdown};
 use serde::Serialize;
 use tokio::sync::watch as tokio_watch;
 
@@ -56,6 +63,7 @@ use crate::{
     metrics::{PeerMetrics, ProxyMetrics},
     protocol::Protocol,
     table::{Endpoint, RoutingTable, Service},
+    tls::{Identity, MeshTls, TlsTarget},
     upstream::{Lease, Upstream},
 };
 
@@ -82,6 +90,8 @@ pub struct Peers {
     own_id: String,
     map: ArcSwap<PeerMap>,
     metrics: Arc<ProxyMetrics>,
+    /// The credentials of mtls mode; `None`: direct mode.
+    tls: Option<Arc<MeshTls>>,
 }
 
 type PeerMap = HashMap<Box<str>, Arc<Peer>>;
@@ -91,8 +101,28 @@ type PeerMap = HashMap<Box<str>, Arc<Peer>>;
 pub struct Peer {
     node: Box<str>,
     id: String,
+    /// Its inbound listener, from the routing table: the connection of
+    /// direct mode, and the address of mtls mode's.
     upstream: Arc<Upstream>,
     metrics: Arc<PeerMetrics>,
+    tls: Option<Arc<MeshTls>>,
+    /// mtls mode: one connection state per identity spoken for, made at
+    /// its first request.
+    by_source: ArcSwap<BySource>,
+}
+
+/// Connection states by the identity they speak for.
+type BySource = HashMap<SpiffeId, (Arc<Identity>, Arc<Upstream>)>;
+
+/// mtls mode: an instance on another node whose proxy is not known (not
+/// registered, or not passing), which is never called directly.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "node {node} has no proxy registered (service mesh-proxy); in mtls mode its instances are reached only through it"
+)]
+pub struct NoPeer {
+    /// The instance's node.
+    pub node: String,
 }
 
 /// One peer in `/routes`.
@@ -120,7 +150,15 @@ impl Peers {
             own_id: registration_id(node),
             map: ArcSwap::from_pointee(PeerMap::new()),
             metrics,
+            tls: None,
         }
+    }
+
+    /// mtls mode with `tls`: peers are reached over mTLS, and only
+    /// through them.
+    pub fn with_tls(mut self, tls: Option<Arc<MeshTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// This proxy's node.
@@ -128,14 +166,26 @@ impl Peers {
         &self.node
     }
 
+    /// The credentials of mtls mode; `None` in direct mode.
+    pub fn tls(&self) -> Option<&Arc<MeshTls>> {
+        self.tls.as_ref()
+    }
+
     /// The peer that carries a request to `endpoint`: its node's proxy,
-    /// unless that is this node or the node has none. Lock-free.
-    pub fn hop(&self, endpoint: &Endpoint) -> Option<Arc<Peer>> {
-        let map = self.map.load();
-        if map.is_empty() || *endpoint.node == *self.node {
-            return None;
+    /// unless that is this node or the node has none (called directly; in
+    /// mtls mode, refused). Lock-free.
+    pub fn hop(&self, endpoint: &Endpoint) -> Result<Option<Arc<Peer>>, NoPeer> {
+        if *endpoint.node == *self.node || endpoint.node.is_empty() {
+            return Ok(None);
         }
-        map.get(endpoint.node.as_str()).cloned()
+        let map = self.map.load();
+        match map.get(endpoint.node.as_str()) {
+            Some(peer) => Ok(Some(peer.clone())),
+            None if self.tls.is_some() => Err(NoPeer {
+                node: endpoint.node.to_string(),
+            }),
+            None => Ok(None),
+        }
     }
 
     /// The peers now, by node.
@@ -168,13 +218,20 @@ impl Peers {
             }) {
                 continue;
             }
-            let peer = Peer {
-                node: e.node.as_str().into(),
-                id: e.id.clone(),
-                upstream: e.upstream.clone(),
-                metrics: self.metrics.peer(&e.node),
+            // The same registration keeps its peer, and with it mtls
+            // mode's connections.
+            let peer = match old.get(e.node.as_str()) {
+                Some(o) if o.id == e.id && Arc::ptr_eq(&o.upstream, &e.upstream) => o.clone(),
+                _ => Arc::new(Peer {
+                    node: e.node.as_str().into(),
+                    id: e.id.clone(),
+                    upstream: e.upstream.clone(),
+                    metrics: self.metrics.peer(&e.node),
+                    tls: self.tls.clone(),
+                    by_source: ArcSwap::default(),
+                }),
             };
-            map.insert(e.node.as_str().into(), Arc::new(peer));
+            map.insert(e.node.as_str().into(), peer);
         }
         for (node, peer) in &map {
             if !old
@@ -194,8 +251,7 @@ impl Peers {
 
     fn update_gauges(&self) {
         for peer in self.map.load().values() {
-            let h2 = usize::from(peer.upstream.has_h2());
-            let h1 = peer.upstream.connections().saturating_sub(h2);
+            let (h1, h2) = peer.connections();
             peer.metrics.set_connections(h1, h2);
         }
     }
@@ -250,9 +306,19 @@ impl Peer {
 
     /// A connection to the peer's inbound listener for a request with
     /// `headers`: a stream of the HTTP/2 connection, or for an upgrade an
-    /// HTTP/1.1 connection of its own.
-    pub async fn checkout(&self, headers: &HeaderMap, timeout: Duration) -> io::Result<Lease> {
-        self.upstream
+    /// HTTP/1.1 connection of its own. In mtls mode, the connection that
+    /// speaks for `source`.
+    pub async fn checkout(
+        &self,
+        headers: &HeaderMap,
+        source: Option<&Arc<Identity>>,
+        timeout: Duration,
+    ) -> io::Result<Lease> {
+        let upstream = match (&self.tls, source) {
+            (Some(tls), Some(source)) => self.upstream_for(tls, source),
+            _ => self.upstream.clone(),
+        };
+        upstream
             .checkout(hop_protocol(headers), timeout)
             .await
             .map_err(|e| {
@@ -303,13 +369,54 @@ impl Peer {
         })
     }
 
+    /// The connection state that speaks for `source`, made at its first
+    /// request (and anew when the identity was removed and came back with
+    /// other credentials). Lock-free once made.
+    fn upstream_for(&self, tls: &Arc<MeshTls>, source: &Arc<Identity>) -> Arc<Upstream> {
+        let current = |map: &BySource| {
+            map.get(source.id())
+                .filter(|(who, _)| Arc::ptr_eq(who, source))
+                .map(|(_, upstream)| upstream.clone())
+        };
+        if let Some(upstream) = current(&self.by_source.load()) {
+            return upstream;
+        }
+        let made = Arc::new(
+            Upstream::new(self.upstream.host(), self.upstream.port()).with_tls(TlsTarget {
+                mesh: tls.clone(),
+                source: source.clone(),
+                node: self.node.clone(),
+            }),
+        );
+        self.by_source.rcu(|map| {
+            let mut map = BySource::clone(map);
+            if current(&map).is_none() {
+                map.insert(source.id().clone(), (source.clone(), made.clone()));
+            }
+            map
+        });
+        current(&self.by_source.load()).unwrap_or(made)
+    }
+
+    /// Connections open to the peer: HTTP/1.1 and HTTP/2.
+    fn connections(&self) -> (usize, usize) {
+        let by_source = self.by_source.load();
+        std::iter::once(&self.upstream)
+            .chain(by_source.values().map(|(_, upstream)| upstream))
+            .fold((0, 0), |(h1, h2), u| {
+                let up_h2 = usize::from(u.has_h2());
+                (h1 + u.connections().saturating_sub(up_h2), h2 + up_h2)
+            })
+    }
+
     fn view(&self) -> PeerView {
+        let (h1, h2) = self.connections();
         PeerView {
             id: self.id.clone(),
             address: self.upstream.host().to_owned(),
             port: self.upstream.port(),
-            h2_connected: self.upstream.has_h2(),
-            connections: self.upstream.connections(),
+            h2_connected: h2 > 0,
+            connections: h1 + h2,
         }
     }
 }

@@ -58,6 +58,7 @@ use crate::{
     retry::{self, Captured, REPLAY_LIMIT, RetryBody},
     route::{self, Route},
     table::{Endpoint, Routes, Service, Source},
+    tls::{Identity, MeshTls, SOURCE_HEADER},
     upgrade::Tunnels,
     upstream::PooledBody,
 };
@@ -78,6 +79,8 @@ pub struct Proxy {
     tunnels: Tunnels,
     /// Other nodes' proxies, which carry requests to their nodes' instances.
     peers: Arc<Peers>,
+    /// The identities of mtls mode; `None`: direct mode.
+    tls: Option<Arc<MeshTls>>,
     /// Where each answered request is logged, when `access_log` is set.
     access_log: Option<Arc<Logger>>,
 }
@@ -134,8 +137,19 @@ impl Proxy {
             .into(),
             connect_timeout: config.connect_timeout,
             tunnels: Tunnels::default(),
+            tls: None,
             access_log: None,
         }
+    }
+
+    /// mtls mode with `tls` (see [`crate::tls`]): requests to another
+    /// node's instances go through its proxy over mTLS, speaking for the
+    /// calling service.
+    pub fn with_tls(mut self, tls: Option<Arc<MeshTls>>) -> Self {
+        let node = self.peers.node().to_owned();
+        self.peers = Arc::new(Peers::new(&node, self.metrics.clone()).with_tls(tls.clone()));
+        self.tls = tls;
+        self
     }
 
     /// Logs every answered request with `logger` (see [`crate::access_log`]).
@@ -363,14 +377,23 @@ impl Proxy {
             return Err(e);
         }
         let hash = policy.hash.as_ref().and_then(|h| h.hash(req.headers()));
+        // Read before `prepare` strips it with every `x-mesh-*` header.
+        let source = self
+            .tls
+            .as_ref()
+            .map(|tls| tls.source(req.headers().get(SOURCE_HEADER)));
         let (req, replay) = self.prepare(req, strip, client, &policy)?;
         let now = Instant::now();
         service.state.budget.deposit(&policy.budget, now);
         let deadline = now + policy.timeout;
-        self.attempts(
-            service, &policy, req, replay, hash, permit, deadline, attempted,
-        )
-        .await
+        let sent = Sent {
+            source,
+            hash,
+            deadline,
+            permit,
+        };
+        self.attempts(service, &policy, req, replay, sent, attempted)
+            .await
     }
 
     /// Hygiene and the upstream URI; keeps a replay copy when it may be used.
@@ -434,18 +457,21 @@ impl Proxy {
     /// out, or was answered 502, 503 or 504) only when it is replayable and
     /// the retry budget allows. Every outcome feeds the instance's latency
     /// estimate and failure record.
-    #[allow(clippy::too_many_arguments)] // one request's parts, passed once
     async fn attempts(
         &self,
         service: &Arc<Service>,
         policy: &RoutePolicy,
         req: Request<UpstreamBody>,
         replay: Option<Replay>,
-        hash: Option<u64>,
-        permit: Permit,
-        deadline: Instant,
+        sent: Sent,
         attempted: &mut Attempted,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Sent {
+            source,
+            hash,
+            deadline,
+            permit,
+        } = sent;
         let mut now = deadline - policy.timeout;
         let mut tried = Tried::default();
         let mut next = Some(req);
@@ -479,8 +505,11 @@ impl Proxy {
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
             let endpoint = &service.endpoints()[i];
-            let outcome =
-                tokio::time::timeout(limit, self.attempt(service, policy, endpoint, req)).await;
+            let outcome = tokio::time::timeout(
+                limit,
+                self.attempt(service, policy, endpoint, source.as_ref(), req),
+            )
+            .await;
             let started = now;
             now = Instant::now();
             let elapsed = now - started;
@@ -559,12 +588,14 @@ impl Proxy {
     }
 
     /// One attempt on `endpoint`: a connection within the service's
-    /// limits, the request sent, the response headers.
+    /// limits, the request sent, the response headers. `source`: who the
+    /// request speaks for towards another node (mtls mode).
     async fn attempt(
         &self,
         service: &Service,
         policy: &RoutePolicy,
         endpoint: &Endpoint,
+        source: Option<&Arc<Identity>>,
         mut req: Request<UpstreamBody>,
     ) -> Attempt {
         let upstream = &endpoint.upstream;
@@ -574,10 +605,20 @@ impl Proxy {
         let Some(pending) = service.state.counters.try_pending(limits.max_pending) else {
             return self.refuse(service, Limit::Pending, limits.max_pending);
         };
-        // Through the instance's node's proxy when it has one (see `peer`).
-        let hop = self.peers.hop(endpoint);
+        // Through the instance's node's proxy when it has one (see `peer`);
+        // in mtls mode, only through it.
+        let hop = match self.peers.hop(endpoint) {
+            Ok(hop) => hop,
+            Err(no_peer) => {
+                drop(pending);
+                return self.unreachable(service, req, no_peer);
+            }
+        };
         let checkout = match &hop {
-            Some(peer) => peer.checkout(req.headers(), self.connect_timeout).await,
+            Some(peer) => {
+                peer.checkout(req.headers(), source, self.connect_timeout)
+                    .await
+            }
             None => upstream.checkout(protocol, self.connect_timeout).await,
         };
         drop(pending);
@@ -649,6 +690,25 @@ impl Proxy {
                     None => Attempt::Failed { error, stale },
                 }
             }
+        }
+    }
+
+    /// mtls mode: the instance's node has no proxy, and the instance is
+    /// never called directly; a failed connect to it.
+    fn unreachable(
+        &self,
+        service: &Service,
+        req: Request<UpstreamBody>,
+        no_peer: peer::NoPeer,
+    ) -> Attempt {
+        service.metrics.connect_errors.increment(1);
+        Attempt::Unsent {
+            req: Box::new(req),
+            error: ProxyError::Connect {
+                service: service.name().clone(),
+                source: std::io::Error::other(no_peer),
+            },
+            stale: false,
         }
     }
 
@@ -731,6 +791,18 @@ fn screen<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         *req.uri_mut() = uri;
     }
     Ok(())
+}
+
+/// What every attempt of a request shares.
+struct Sent {
+    /// Who it speaks for towards another node (mtls mode).
+    source: Option<Arc<Identity>>,
+    /// Its consistent-hash key, if its route hashes.
+    hash: Option<u64>,
+    /// When its route's timeout ends.
+    deadline: Instant,
+    /// Its limit counts, held until its response body ends.
+    permit: Permit,
 }
 
 /// How one attempt ended.

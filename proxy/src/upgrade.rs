@@ -19,11 +19,15 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::Instrument;
 
-use crate::{body::ProxyBody, error::json_error, h1::Upgraded};
+use crate::{
+    body::ProxyBody,
+    error::json_error,
+    h1::{Io, Upgraded},
+};
 
 /// Time the client's side gets to complete its switch after the 101.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,7 +124,7 @@ impl Tunnels {
 
 /// Copies bytes both ways; `early`, what the instance sent right after
 /// its 101, goes to the client first.
-async fn copy(client: hyper::upgrade::Upgraded, mut upstream: TcpStream, early: Bytes) {
+async fn copy(client: hyper::upgrade::Upgraded, mut upstream: Io, early: Bytes) {
     let mut client = TokioIo::new(client);
     if !early.is_empty()
         && let Err(e) = client.write_all(&early).await

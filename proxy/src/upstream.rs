@@ -22,6 +22,10 @@
 //! within the request's deadline rather than queueing without limit inside
 //! hyper. A closed connection is replaced on the next checkout, one connect
 //! at a time.
+//!
+//! An upstream may be another node's proxy in mtls mode
+//! ([`Upstream::with_tls`]): its connections, HTTP/2 and HTTP/1.1 alike,
+//! are then TLS with the mesh identities ([`crate::tls`]).
 
 use std::{
     io,
@@ -42,6 +46,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
@@ -52,6 +57,7 @@ use crate::{
     h1::{self, BoxError},
     limits::Permit,
     protocol::Protocol,
+    tls::TlsTarget,
 };
 
 /// Idle connections kept per instance; more are closed. Enough for the
@@ -96,6 +102,8 @@ pub struct Upstream {
     // Open connections (HTTP/1.1 and HTTP/2), for the service's
     // `max_connections`: each connection task holds one count.
     connections: Arc<AtomicUsize>,
+    // Another node's proxy in mtls mode: connections are TLS.
+    tls: Option<TlsTarget>,
 }
 
 #[derive(Debug)]
@@ -225,7 +233,15 @@ impl Upstream {
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
             connections: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Secures every connection with `target`'s mesh identities: an
+    /// upstream that is another node's proxy in mtls mode.
+    pub fn with_tls(mut self, target: TlsTarget) -> Self {
+        self.tls = Some(target);
+        self
     }
 
     /// The host part of the address.
@@ -372,27 +388,33 @@ impl Upstream {
 
     async fn connect_h1(&self, timeout: Duration) -> io::Result<h1::Conn> {
         let stream = self.tcp(timeout).await?;
+        let io = match &self.tls {
+            None => h1::Io::from(stream),
+            Some(tls) => tls_handshake(tls, Protocol::Http1, stream, timeout)
+                .await?
+                .into(),
+        };
         // Counted open until dropped: pool full, instance gone, closed
         // after a broken exchange, or handed to a tunnel by a 101.
-        Ok(h1::Conn::new(stream, Box::new(self.count_open())))
+        Ok(h1::Conn::new(io, Box::new(self.count_open())))
     }
 
-    /// Opens the instance's HTTP/2 connection, unless a concurrent
-    /// checkout just did.
-    async fn connect_h2(&self, timeout: Duration) -> io::Result<Arc<H2Conn>> {
-        let _one_at_a_time = tokio::time::timeout(timeout, self.h2_connecting.lock())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?;
-        if let Some(conn) = self.open_h2() {
-            return Ok(conn);
-        }
-        let stream = self.tcp(timeout).await?;
+    /// The HTTP/2 handshake on `io`; the connection runs in a task of its
+    /// own, counted open until it ends.
+    async fn h2_handshake<IO>(
+        &self,
+        io: IO,
+        timeout: Duration,
+    ) -> io::Result<http2::SendRequest<UpstreamBody>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let handshake = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
             .keep_alive_interval(H2_KEEP_ALIVE.0)
             .keep_alive_timeout(H2_KEEP_ALIVE.1)
-            .handshake(TokioIo::new(stream));
+            .handshake(TokioIo::new(io));
         let (sender, conn) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"))?
@@ -408,6 +430,26 @@ impl Upstream {
             }
             .instrument(span),
         );
+        Ok(sender)
+    }
+
+    /// Opens the instance's HTTP/2 connection, unless a concurrent
+    /// checkout just did.
+    async fn connect_h2(&self, timeout: Duration) -> io::Result<Arc<H2Conn>> {
+        let _one_at_a_time = tokio::time::timeout(timeout, self.h2_connecting.lock())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?;
+        if let Some(conn) = self.open_h2() {
+            return Ok(conn);
+        }
+        let stream = self.tcp(timeout).await?;
+        let sender = match &self.tls {
+            None => self.h2_handshake(stream, timeout).await?,
+            Some(tls) => {
+                let stream = tls_handshake(tls, Protocol::Http2, stream, timeout).await?;
+                self.h2_handshake(stream, timeout).await?
+            }
+        };
         let conn = Arc::new(H2Conn {
             sender,
             streams: Arc::new(Semaphore::new(H2_MAX_STREAMS)),
@@ -419,6 +461,19 @@ impl Upstream {
         }
         Ok(conn)
     }
+}
+
+/// The TLS handshake of a connection to another node's proxy, within
+/// `timeout`.
+async fn tls_handshake(
+    tls: &TlsTarget,
+    protocol: Protocol,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tokio::time::timeout(timeout, tls.connect(protocol, tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 // === impl InFlight ===

@@ -61,14 +61,14 @@ fn instances_on_other_nodes_with_a_proxy_go_through_it() {
     peers.rebuild(t.get(SERVICE).map(|s| &**s));
     let orders = t.get("orders").unwrap().endpoints();
     // This node's instance: called directly.
-    assert!(peers.hop(&orders[0]).is_none());
+    assert!(peers.hop(&orders[0]).unwrap().is_none());
     // Node 2 has a proxy: through it, on the peer endpoint's own upstream.
-    let hop = peers.hop(&orders[1]).unwrap();
+    let hop = peers.hop(&orders[1]).unwrap().unwrap();
     assert_eq!(hop.node(), "n2");
     let n2 = &t.get(SERVICE).unwrap().endpoints()[1];
     assert!(Arc::ptr_eq(&hop.upstream, &n2.upstream));
     // Node 4 has none: called directly.
-    assert!(peers.hop(&orders[2]).is_none());
+    assert!(peers.hop(&orders[2]).unwrap().is_none());
     assert_eq!(
         peers.view().keys().collect::<Vec<_>>(),
         vec!["n2", "n3"],
@@ -88,6 +88,7 @@ fn instances_on_other_nodes_with_a_proxy_go_through_it() {
     assert!(
         peers
             .hop(&t2.get("orders").unwrap().endpoints()[0])
+            .unwrap()
             .is_none()
     );
     peers.rebuild(None);
@@ -121,7 +122,7 @@ fn a_request_through_a_peer_names_its_instance_and_protocol() {
     );
     peers.rebuild(t.get(SERVICE).map(|s| &**s));
     let endpoint = &t.get("orders").unwrap().endpoints()[0];
-    let hop = peers.hop(endpoint).unwrap();
+    let hop = peers.hop(endpoint).unwrap().unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(ENDPOINT_HEADER, HeaderValue::from_static("forged/x"));
     hop.mark(&mut headers, "orders", endpoint, Protocol::Http2);
@@ -149,6 +150,7 @@ fn what_the_calling_proxy_marks_the_peer_resolves() {
     let mut headers = HeaderMap::new();
     let endpoint = &orders.endpoints()[0];
     n1.hop(endpoint)
+        .unwrap()
         .unwrap()
         .mark(&mut headers, orders.name(), endpoint, Protocol::Http1);
     let target = crate::inbound::resolve(&t, "n2", &headers).unwrap();
