@@ -319,14 +319,19 @@ async fn answer(port: u16) -> String {
     }
 }
 
-/// Polls until nginx answers `want` or 5 s pass.
+/// Polls until nginx answers `want` on 20 new connections in a row, or
+/// 10 s pass: after a reload, old workers may take a few more connections
+/// with the old file before they stop accepting.
 async fn wait_for(port: u16, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
         let got = answer(port).await;
         if got == want {
-            return;
+            in_a_row += 1;
+            continue;
         }
+        in_a_row = 0;
         assert!(
             Instant::now() < deadline,
             "nginx answers {got:?}, not {want:?}"
