@@ -91,6 +91,7 @@ impl Discovery for Api {
             })),
             stale: false,
             config: None,
+            intentions: None,
         };
         // The stream stays open: a closed one would make the proxy resubscribe.
         let updates = stream::once(async move { Ok(update) }).chain(stream::pending());

@@ -87,6 +87,12 @@ key "mesh/nodes/{node}/routes" {
 key "mesh/status/{node}" {
   policy = "write"
 }
+# Discovery: the intentions the node's proxy enforces, one blocking
+# GET /v1/kv/mesh/intentions?recurse (mesh/intentions/<source>/<destination>
+# and mesh/intentions-default).
+key_prefix "mesh/intentions" {
+  policy = "read"
+}
 "#;
 
 /// The rule added to [`BRIDGE_POLICY`] for each service `{service}` its

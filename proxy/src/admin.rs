@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
+    intentions::{Enforcer, IntentionsView},
     node_config,
     peer::{PeerView, Peers},
     stats::{Stats, StatsSource},
@@ -51,6 +52,11 @@ pub struct RoutesView {
     /// mtls mode: the identities presented now; absent in direct mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsView>,
+    /// mtls mode: the intentions in force on the inbound listener (no
+    /// `revision`: none, every request is denied); absent in direct mode,
+    /// which enforces none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intentions: Option<IntentionsView>,
 }
 
 /// One endpoint in `/routes`.
@@ -82,6 +88,7 @@ type Shown = (
     Arc<Routes>,
     Arc<Peers>,
     watch::Receiver<node_config::Status>,
+    Option<Arc<Enforcer>>,
 );
 
 /// The router serving `/routes` and `/stats`.
@@ -89,11 +96,12 @@ pub fn router(
     routes: Arc<Routes>,
     peers: Arc<Peers>,
     config: watch::Receiver<node_config::Status>,
+    intentions: Option<Arc<Enforcer>>,
     stats: StatsSource,
 ) -> Router {
     Router::new()
         .route("/routes", get(show))
-        .with_state((routes, peers, config))
+        .with_state((routes, peers, config, intentions))
         .merge(
             Router::new()
                 .route("/stats", get(stats_json))
@@ -105,11 +113,12 @@ async fn stats_json(State(stats): State<StatsSource>) -> Json<Stats> {
     Json(stats.snapshot())
 }
 
-async fn show(State((routes, peers, config)): State<Shown>) -> Json<RoutesView> {
+async fn show(State((routes, peers, config, intentions)): State<Shown>) -> Json<RoutesView> {
     let mut view = RoutesView::of(&routes.load_full());
     view.peers = peers.view();
     view.tls = peers.tls().map(|tls| tls.view());
     view.config = config.borrow().clone();
+    view.intentions = intentions.map(|i| i.view());
     Json(view)
 }
 
@@ -155,6 +164,7 @@ impl RoutesView {
                 ..node_config::Status::default()
             },
             tls: None,
+            intentions: None,
         }
     }
 }

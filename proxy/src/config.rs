@@ -121,8 +121,9 @@ pub struct Args {
     pub access_log_format: Option<AccessLogFormat>,
     /// How calls reach another node's instances: direct (straight to the
     /// instance's address) or mtls (through that node's proxy's inbound
-    /// listener over mutual TLS; services listen on loopback) (default
-    /// direct).
+    /// listener over mutual TLS; services listen on loopback, and the
+    /// inbound listener enforces intentions, which direct mode does not)
+    /// (default direct).
     #[arg(long, env = "MESH_MODE")]
     pub mode: Option<MeshMode>,
     /// The folder the node's mesh-bridge keeps the credentials in (mtls

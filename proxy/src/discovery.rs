@@ -9,7 +9,8 @@
 //! loaded from the dump: a fresh snapshot follows when Consul is back.
 //!
 //! A message may also carry the node's config version from mesh-control:
-//! it goes to the [`Layers`], which check it before it takes effect.
+//! it goes to the [`Layers`], which check it before it takes effect; and
+//! the mesh's intentions, which go to the [`Enforcer`] (mtls mode).
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,6 +19,7 @@ use mesh_runtime::{backoff::Backoff, shutdown::Shutdown};
 use tonic::transport::Channel;
 
 use crate::{
+    intentions::Enforcer,
     metrics::ProxyMetrics,
     node_config::Layers,
     table::{Builder, Routes, Source, now_unix_ms},
@@ -40,6 +42,7 @@ pub struct Discovery {
     routes: Arc<Routes>,
     metrics: Arc<ProxyMetrics>,
     node_config: Option<Arc<Layers>>,
+    intentions: Option<Arc<Enforcer>>,
 }
 
 // === impl Discovery ===
@@ -62,12 +65,19 @@ impl Discovery {
             routes,
             metrics,
             node_config: None,
+            intentions: None,
         }
     }
 
     /// Hands each node config the bridge sends to `layers`.
     pub fn with_node_config(mut self, layers: Arc<Layers>) -> Self {
         self.node_config = Some(layers);
+        self
+    }
+
+    /// Hands the intentions the bridge sends to `enforcer`.
+    pub fn with_intentions(mut self, enforcer: Option<Arc<Enforcer>>) -> Self {
+        self.intentions = enforcer;
         self
     }
 
@@ -130,6 +140,9 @@ impl Discovery {
         self.metrics.discovery_updates.increment(1);
         if let (Some(layers), Some(config)) = (&self.node_config, update.config.take()) {
             layers.offer(config);
+        }
+        if let (Some(enforcer), Some(intentions)) = (&self.intentions, update.intentions.take()) {
+            enforcer.offer(intentions);
         }
         let current = self.routes.load_full();
         let builder = Builder::new(&current, &self.metrics);

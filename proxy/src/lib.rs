@@ -9,6 +9,7 @@
 //! - [`inbound`]: the inbound listener other nodes' proxies send to (h2c, HTTP/1.1 upgrades).
 //! - [`peer`]: other nodes' proxies (service `mesh-proxy`) and the HTTP/2 hop through them.
 //! - [`tls`]: mtls mode: the identities from `tls_dir`, rotated; the hop's TLS.
+//! - [`intentions`]: mtls mode: which service may call which, judged on the inbound listener, saved.
 //! - [`proxy`]: the request path: route → prepare → balance → retry/timeout → connect.
 //! - [`route`]: which service a request names (Host, or first path segment).
 //! - [`policy`]: route policies (`[default_route]`, `[routes.<service>]`), validated and swappable.
@@ -46,6 +47,7 @@ pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod inbound;
+pub mod intentions;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
@@ -205,6 +207,13 @@ impl App {
         let dump_path = config.data_dir.join(dump::FILE_NAME);
         let clock = Arc::new(DumpClock::default());
         load_dump(&dump_path, &routes, &metrics, &clock);
+        // Intentions are judged on the peer's certificate: mtls mode only.
+        let intentions_path = config.data_dir.join(intentions::FILE_NAME);
+        let enforcer = mesh_tls.as_ref().map(|_| {
+            let enforcer = Arc::new(intentions::Enforcer::new(&registry));
+            enforcer.load(&intentions_path);
+            enforcer
+        });
 
         let channel = bridge_channel(&config)?;
         let registrar = Arc::new(Registrar::new(
@@ -238,6 +247,7 @@ impl App {
         let subscribe = {
             let (node, routes, metrics) = (config.node.clone(), routes.clone(), metrics.clone());
             let layers = layers.clone();
+            let enforcer = enforcer.clone();
             let open_timeout = config.connect_timeout + config.registration_timeout;
             move |services: Vec<String>, stop: Shutdown| {
                 let discovery = Discovery::new(
@@ -248,7 +258,8 @@ impl App {
                     routes.clone(),
                     metrics.clone(),
                 )
-                .with_node_config(layers.clone());
+                .with_node_config(layers.clone())
+                .with_intentions(enforcer.clone());
                 discovery.run(stop)
             }
         };
@@ -265,6 +276,7 @@ impl App {
             routes.clone(),
             proxy.peers().clone(),
             layers.status(),
+            enforcer.clone(),
             stats,
         ));
         // Listen now, or, taking over from another process, once the
@@ -340,7 +352,8 @@ impl App {
                 ));
                 let inbound = Arc::new(
                     Inbound::new(&config, routes.clone(), metrics.inbound())
-                        .with_access_log(logger),
+                        .with_access_log(logger)
+                        .with_intentions(enforcer.clone()),
                 );
                 let acceptor = match &mesh_tls {
                     Some(tls) => inbound::Acceptor::Tls(tls.clone()),
@@ -360,6 +373,12 @@ impl App {
             }
             _ => None,
         };
+        if let Some(enforcer) = enforcer {
+            tasks.push(spawn(
+                "intentions",
+                enforcer.run_writer(intentions_path, stop.clone()),
+            ));
+        }
         if let Some(tls) = mesh_tls {
             tasks.push(spawn("tls", tls.watch(metrics.tls_reloads(), stop.clone())));
         }

@@ -322,12 +322,13 @@ impl PeerMetrics {
 
 impl InboundMetrics {
     /// Why the inbound listener answers a request itself: the `reason` label.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "bad_request",
         "missing_endpoint",
         "bad_endpoint",
         "unknown_instance",
         "foreign_instance",
+        "intention",
         "overloaded",
         "connect_failed",
         "upstream_failed",

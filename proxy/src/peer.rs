@@ -24,7 +24,10 @@
 //! instance, exactly as for a direct call: a peer that cannot be reached is
 //! a failed connect to the instance, and an answer the peer made itself
 //! ([`REFUSED_HEADER`]: the instance is not on its node, or it could not
-//! reach it) a failed attempt on the instance.
+//! reach it) a failed attempt on the instance. The exception is a refusal
+//! by intentions ([`INTENTION_REFUSAL`]): another instance would be
+//! refused alike and this one did nothing wrong, so the caller gets the
+//! 403 as it is.
 //!
 //! In mtls mode ([`crate::tls`]) the hop is TLS with mesh identities: the
 //! calling side presents the identity of the service it speaks for (or
@@ -66,6 +69,11 @@ use crate::{
     tls::{Identity, MeshTls, TlsTarget},
     upstream::{Lease, Upstream},
 };
+
+/// The `x-mesh-refused` value of a request the intentions deny: the one
+/// refusal the calling proxy relays to its caller (a 403), neither retried
+/// on another instance nor held against the instance.
+pub const INTENTION_REFUSAL: &str = "intention";
 
 /// The service name proxies with an inbound listener register under.
 pub const SERVICE: &str = "mesh-proxy";
@@ -356,8 +364,13 @@ impl Peer {
 
     /// When `response` is the peer's own answer (it refused the request, or
     /// could not reach the instance), the failed attempt it stands for.
+    /// An intention's refusal is none: it is the answer (see
+    /// [`is_intention_refusal`]).
     pub fn refused<B>(&self, response: &Response<B>, service: &Arc<str>) -> Option<ProxyError> {
         let kind = response.headers().get(REFUSED_HEADER)?;
+        if kind == INTENTION_REFUSAL {
+            return None;
+        }
         let kind = String::from_utf8_lossy(kind.as_bytes());
         Some(ProxyError::Connect {
             service: service.clone(),
@@ -425,6 +438,15 @@ impl Peer {
 pub fn unmark(headers: &mut HeaderMap) {
     headers.remove(ENDPOINT_HEADER);
     headers.remove(PROTOCOL_HEADER);
+}
+
+/// Whether `response` is a peer's refusal by intentions, which the caller
+/// gets as it is.
+pub fn is_intention_refusal<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get(REFUSED_HEADER)
+        .is_some_and(|kind| kind == INTENTION_REFUSAL)
 }
 
 /// The protocol of the hop itself: HTTP/1.1 for an upgrade, HTTP/2 else.

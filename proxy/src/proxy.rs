@@ -662,7 +662,7 @@ impl Proxy {
                     error,
                     stale: false,
                 },
-                None => Attempt::Answered(respond(response)),
+                None => Attempt::Answered(relay(response, hop.is_some())),
             },
             Err(e) => {
                 service.metrics.send_errors.increment(1);
@@ -827,6 +827,21 @@ enum Attempt {
 fn hold(mut response: Response<ProxyBody>, permit: Permit) -> Response<ProxyBody> {
     if let ProxyBody::Upstream(body) = response.body_mut() {
         body.hold(permit);
+    }
+    response
+}
+
+/// [`respond`], keeping a peer's refusal by intentions marked as such
+/// (`x-mesh-refused: intention`) for the caller; `hop`: the answer came
+/// through a peer, the only one who may mark it.
+fn relay(response: Response<PooledBody>, hop: bool) -> Response<ProxyBody> {
+    let refused = hop && peer::is_intention_refusal(&response);
+    let mut response = respond(response);
+    if refused {
+        response.headers_mut().insert(
+            peer::REFUSED_HEADER,
+            HeaderValue::from_static(peer::INTENTION_REFUSAL),
+        );
     }
     response
 }

@@ -109,7 +109,8 @@ impl Bridge {
         };
         let watches = Watches::new(consul, reads, metrics.clone(), shutdown.clone());
         let discovery = DiscoveryApi::new(watches.clone(), metrics, shutdown.clone())
-            .with_node_config(&config.node);
+            .with_node_config(&config.node)
+            .with_default_intention(config.default_intention);
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
         let hub = discovery.clone();

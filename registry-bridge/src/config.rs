@@ -87,6 +87,12 @@ pub struct Args {
     /// [default: meshwork.local].
     #[arg(long, env = "MESH_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
+    /// What intentions decide for a call none of them matches while
+    /// `mesh/intentions-default` is not set: allow or deny; keep it equal
+    /// to mesh-control's default_intention [default: deny, the
+    /// recommended one].
+    #[arg(long, env = "MESH_DEFAULT_INTENTION")]
+    pub default_intention: Option<mesh_runtime::intentions::Action>,
 }
 
 /// The checked configuration.
@@ -112,6 +118,8 @@ pub struct Config {
     pub proxy_admin: SocketAddr,
     /// Where and how the node's certificates are kept; `None`: off.
     pub identity: Option<IdentityConfig>,
+    /// The intentions' default while `mesh/intentions-default` is unset.
+    pub default_intention: mesh_runtime::intentions::Action,
 }
 
 /// Default Consul agent address.
@@ -189,6 +197,9 @@ impl Args {
                 .proxy_admin
                 .unwrap_or_else(|| parse_default(DEFAULT_PROXY_ADMIN)),
             identity,
+            default_intention: self
+                .default_intention
+                .unwrap_or(mesh_runtime::intentions::Action::Deny),
         })
     }
 

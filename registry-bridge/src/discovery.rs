@@ -20,6 +20,13 @@
 //! naming another node get none: a bridge serves its own node's proxies,
 //! and a query per foreign name would spend the agent's connections.
 //!
+//! The streams of the bridge's own node carry the mesh's intentions the
+//! same way (`mesh/intentions`, one blocking query while one of them is
+//! open): in every snapshot once they were read, and in the next message
+//! after they change. The node's config and the intentions travel as one
+//! piece: when either changes, both go again (the proxy applies the same
+//! config version or intentions revision twice as once).
+//!
 //! Each change is worked out once for every stream: one hub records it,
 //! encoded, in a shared ledger, and each stream only picks from the
 //! ledger what it follows and changed since its last message (a stream
@@ -34,14 +41,14 @@ use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream};
 use mesh_proto::v1::WatchRequest;
-use mesh_runtime::shutdown::Shutdown;
+use mesh_runtime::{intentions::Action, shutdown::Shutdown};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Request, Status};
 use tracing::Instrument;
 
 use crate::{
     metrics::BridgeMetrics,
-    watch::{NodeConfigView, Watches},
+    watch::{IntentionsEntry, IntentionsView, NodeConfigEntry, NodeConfigView, Watches},
 };
 
 mod grpc;
@@ -70,6 +77,8 @@ struct Inner {
     hub: Hub,
     /// The node whose streams carry its config; `None`: no stream does.
     node: Option<String>,
+    /// The intentions' default while `mesh/intentions-default` is unset.
+    default_intention: Action,
     watches: Watches,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
@@ -84,10 +93,23 @@ struct Feed {
     changes: watch::Receiver<u64>,
     /// The node's config; `None` for a stream of another node.
     config: Option<watch::Receiver<NodeConfigView>>,
+    /// The mesh's intentions; `None` for a stream of another node.
+    intentions: Option<watch::Receiver<IntentionsView>>,
+    /// The node's config and intentions as last encoded together.
+    node_piece: NodePiece,
     watches: Watches,
     reachability: watch::Receiver<bool>,
     shutdown: Shutdown,
     metrics: BridgeMetrics,
+}
+
+/// The `config` and `intentions` fields of a message, encoded together,
+/// with what they were made from.
+#[derive(Debug, Default)]
+struct NodePiece {
+    config: Option<Arc<NodeConfigEntry>>,
+    intentions: Option<Arc<IntentionsEntry>>,
+    bytes: Option<bytes::Bytes>,
 }
 
 /// Counts a stream in `mesh_bridge_subscribers` while it lives.
@@ -102,6 +124,7 @@ impl DiscoveryApi {
         let inner = Inner {
             hub: Hub::new(watches.clone()),
             node: None,
+            default_intention: Action::Deny,
             watches,
             metrics,
             shutdown,
@@ -118,6 +141,24 @@ impl DiscoveryApi {
         let inner = Inner {
             hub: i.hub.clone(),
             node: Some(node.to_owned()),
+            default_intention: i.default_intention,
+            watches: i.watches.clone(),
+            metrics: i.metrics.clone(),
+            shutdown: i.shutdown.clone(),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The same service, with `action` as the intentions' default while
+    /// `mesh/intentions-default` is not set (deny unless told).
+    pub fn with_default_intention(self, action: Action) -> Self {
+        let i = &self.inner;
+        let inner = Inner {
+            hub: i.hub.clone(),
+            node: i.node.clone(),
+            default_intention: action,
             watches: i.watches.clone(),
             metrics: i.metrics.clone(),
             shutdown: i.shutdown.clone(),
@@ -151,9 +192,13 @@ impl DiscoveryApi {
         // the ledger is first read goes unnoticed.
         let changes = inner.hub.changes();
         let node = req.node.trim();
-        let config = (inner.node.as_deref() == Some(node)).then(|| inner.watches.node_config(node));
+        let own = inner.node.as_deref() == Some(node);
+        let config = own.then(|| inner.watches.node_config(node));
+        let intentions = own.then(|| inner.watches.intentions(inner.default_intention));
         let feed = Feed {
             config,
+            intentions,
+            node_piece: NodePiece::default(),
             registration: inner.hub.register(follow),
             hub: inner.hub.clone(),
             cursor: Cursor::default(),
@@ -233,7 +278,12 @@ impl Feed {
             let (all, any) = self
                 .hub
                 .read(|l| (l.all_answered(follow), l.any_answered(follow)));
-            let all = all && self.config.as_ref().is_none_or(|c| c.borrow().answered());
+            let all = all
+                && self.config.as_ref().is_none_or(|c| c.borrow().answered())
+                && self
+                    .intentions
+                    .as_ref()
+                    .is_none_or(|c| c.borrow().answered());
             let late = Instant::now() >= deadline;
             if all || (late && any) {
                 return Some(());
@@ -251,18 +301,25 @@ impl Feed {
         }
     }
 
-    /// Hands the node's config as it is now to the cursor.
+    /// Hands the node's config and the intentions as they are now to the
+    /// cursor.
     fn take_config(&mut self) {
-        if let Some(rx) = &mut self.config {
-            let view = rx.borrow_and_update();
-            self.cursor.set_config(view.entry().map(|e| &e.piece));
-        }
+        let config = self
+            .config
+            .as_mut()
+            .and_then(|rx| rx.borrow_and_update().entry().cloned());
+        let intentions = self
+            .intentions
+            .as_mut()
+            .and_then(|rx| rx.borrow_and_update().entry().cloned());
+        let piece = self.node_piece.update(config, intentions);
+        self.cursor.set_config(piece);
     }
 
     fn sent(&self, update: Update) -> Vec<bytes::Bytes> {
         self.metrics.update_sent(update.snapshot);
         if update.config {
-            tracing::info!(update = update.version, "node config sent");
+            tracing::info!(update = update.version, "node config and intentions sent");
         }
         if update.snapshot {
             tracing::info!(
@@ -283,20 +340,56 @@ impl Feed {
         tokio::select! {
             alive = self.changes.changed() => alive.is_ok().then_some(()),
             () = config_changed(&mut self.config) => Some(()),
+            () = config_changed(&mut self.intentions) => Some(()),
             _ = self.reachability.changed(), if stale => Some(()),
             _ = self.shutdown.requested() => None,
         }
     }
 }
 
-/// Resolves when the node's config view changes; never without one.
-async fn config_changed(config: &mut Option<watch::Receiver<NodeConfigView>>) {
+/// Resolves when the node's config view (or the intentions) changes;
+/// never without one.
+async fn config_changed<T>(config: &mut Option<watch::Receiver<T>>) {
     let Some(rx) = config else {
         return std::future::pending().await;
     };
     if rx.changed().await.is_err() {
         // The loop outlives every receiver; no sender means shutdown.
         std::future::pending::<()>().await;
+    }
+}
+
+// === impl NodePiece ===
+
+impl NodePiece {
+    /// The encoded fields for `config` and `intentions`, encoded anew only
+    /// when one of them changed.
+    fn update(
+        &mut self,
+        config: Option<Arc<NodeConfigEntry>>,
+        intentions: Option<Arc<IntentionsEntry>>,
+    ) -> Option<&bytes::Bytes> {
+        if !same(&self.config, &config)
+            || !same(&self.intentions, &intentions)
+            || (self.bytes.is_none() && (config.is_some() || intentions.is_some()))
+        {
+            let pieces = config.iter().map(|c| &c.piece);
+            let pieces = pieces.chain(intentions.iter().map(|i| &i.piece));
+            let bytes = wire::concat(pieces);
+            self.bytes = (!bytes.is_empty()).then_some(bytes);
+            self.config = config;
+            self.intentions = intentions;
+        }
+        self.bytes.as_ref()
+    }
+}
+
+/// Whether `a` and `b` are the same entry (or both none).
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -319,6 +412,38 @@ impl Drop for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_and_the_intentions_go_as_one_piece_made_anew_on_a_change() {
+        use mesh_runtime::intentions::Intentions;
+        use prost::Message;
+
+        let mut piece = NodePiece::default();
+        assert_eq!(piece.update(None, None), None, "nothing to carry");
+        let config = Arc::new(NodeConfigEntry::new(3, "x = 1\n".into()));
+        let first = Arc::new(IntentionsEntry::new(Intentions::empty(Action::Deny), 7));
+        let both = piece
+            .update(Some(config.clone()), Some(first.clone()))
+            .cloned()
+            .expect("a piece");
+        let decoded = mesh_proto::v1::RouteUpdate::decode(both.as_ref()).unwrap();
+        assert_eq!(decoded.config.as_ref(), Some(&config.config));
+        assert_eq!(decoded.intentions.as_ref().map(|i| i.revision), Some(7));
+        let again = piece.update(Some(config.clone()), Some(first)).cloned();
+        assert_eq!(again.as_ref(), Some(&both), "unchanged entries, same piece");
+
+        let second = Arc::new(IntentionsEntry::new(Intentions::empty(Action::Allow), 8));
+        let changed = piece.update(Some(config), Some(second)).cloned().unwrap();
+        let decoded = mesh_proto::v1::RouteUpdate::decode(changed.as_ref()).unwrap();
+        assert_eq!(
+            decoded.config.map(|c| c.version),
+            Some(3),
+            "the config goes again"
+        );
+        assert_eq!(decoded.intentions.map(|i| i.revision), Some(8));
+        let alone = piece.update(None, None);
+        assert_eq!(alone, None);
+    }
 
     #[test]
     fn requested_names_are_cleaned() {

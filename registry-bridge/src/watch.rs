@@ -1,8 +1,9 @@
 //! Consul watches shared by every subscriber: one blocking-query loop per
 //! watched service (`/v1/health/service/<name>?passing`), one on the
-//! catalog (`/v1/catalog/services`) and one per subscribed node on its
-//! config version (`mesh/nodes/<node>/routes`), each publishing its latest
-//! trusted answer on a `tokio::sync::watch` channel.
+//! catalog (`/v1/catalog/services`), one per subscribed node on its
+//! config version (`mesh/nodes/<node>/routes`) and one on the intentions
+//! (`mesh/intentions`), each publishing its latest trusted answer on a
+//! `tokio::sync::watch` channel.
 //!
 //! [`Watches::service`] starts a service's loop on its first subscriber and
 //! the loop stops itself when its last receiver is dropped. Every applied
@@ -12,7 +13,8 @@
 //! - `topics`: the map of shared channels and the last-receiver rule.
 //! - `blocking`: Consul's blocking-query rules and the loop that runs them.
 //! - `trust`: which answers may replace what is known.
-//! - `service` / `catalog` / `node_config`: the kinds of watched data.
+//! - `service` / `catalog` / `node_config` / `intentions`: the kinds of
+//!   watched data.
 
 use std::{
     collections::BTreeSet,
@@ -30,6 +32,7 @@ use crate::metrics::BridgeMetrics;
 
 mod blocking;
 mod catalog;
+mod intentions;
 mod node_config;
 mod service;
 mod topics;
@@ -38,6 +41,7 @@ mod trust;
 use blocking::Source;
 use topics::Topics;
 
+pub use intentions::{IntentionsEntry, IntentionsView};
 pub use node_config::{NodeConfigEntry, NodeConfigView};
 
 /// A service's passing endpoints, sorted by node then instance ID.
@@ -73,6 +77,7 @@ pub(crate) struct Hub {
     services: Topics<ServiceView>,
     catalog: Topics<CatalogView>,
     configs: Topics<NodeConfigView>,
+    intentions: Topics<IntentionsView>,
     changes: watch::Sender<u64>,
     /// Whether the last Consul read of any loop got an answer.
     reachable: watch::Sender<bool>,
@@ -93,6 +98,7 @@ impl Watches {
             services: Topics::default(),
             catalog: Topics::default(),
             configs: Topics::default(),
+            intentions: Topics::default(),
             changes: watch::channel(0).0,
             reachable: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
@@ -126,6 +132,20 @@ impl Watches {
         let (rx, new) = self.hub.configs.subscribe(node);
         if let Some(tx) = new {
             self.spawn(node_config::NodeConfigSource::new(node), tx);
+        }
+        rx
+    }
+
+    /// Subscribes to the mesh's intentions, with `default` while
+    /// `mesh/intentions-default` is not set, starting their loop if no
+    /// stream watches them yet; the loop stops with the last receiver.
+    pub fn intentions(
+        &self,
+        default: mesh_runtime::intentions::Action,
+    ) -> watch::Receiver<IntentionsView> {
+        let (rx, new) = self.hub.intentions.subscribe(intentions::INTENTIONS_ROOT);
+        if let Some(tx) = new {
+            self.spawn(intentions::IntentionsSource::new(default), tx);
         }
         rx
     }

@@ -11,6 +11,7 @@ mod drain;
 mod dump;
 mod hardening;
 mod hygiene;
+mod intentions;
 mod mtls;
 mod node_config;
 mod peers;

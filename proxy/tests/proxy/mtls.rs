@@ -48,7 +48,7 @@ use crate::upstreams::{UpgradeReply, UpgradeUpstream};
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn td() -> TrustDomain {
+pub fn td() -> TrustDomain {
     TrustDomain::new("mesh.test").unwrap()
 }
 
@@ -60,12 +60,12 @@ fn node(name: &str) -> SpiffeId {
     SpiffeId::node(&td(), name).unwrap()
 }
 
-fn on(node: &str, mut e: pb::Endpoint) -> pb::Endpoint {
+pub fn on(node: &str, mut e: pb::Endpoint) -> pb::Endpoint {
     e.node = node.into();
     e
 }
 
-fn metric(proxy: &TestProxy, line_start: &str) -> f64 {
+pub fn metric(proxy: &TestProxy, line_start: &str) -> f64 {
     proxy
         .registry
         .render()
@@ -94,12 +94,12 @@ fn replace(path: &Path, text: &str) {
 }
 
 /// A node's `tls_dir`: the trust bundle, the node's pair, one per service.
-struct TlsDir {
+pub struct TlsDir {
     dir: tempfile::TempDir,
 }
 
 impl TlsDir {
-    fn new(ca: &Ca, node_name: &str, services: &[&str]) -> Self {
+    pub fn new(ca: &Ca, node_name: &str, services: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("svc")).unwrap();
         let this = Self { dir };
@@ -111,7 +111,7 @@ impl TlsDir {
         this
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
@@ -127,7 +127,7 @@ impl TlsDir {
     }
 }
 
-async fn mtls_proxy(
+pub async fn mtls_proxy(
     node_name: &'static str,
     bridge: SocketAddr,
     data: &Path,
@@ -171,6 +171,8 @@ impl Mesh {
         let up = TestUpstream::start("orders-1", Behaviour::Echo).await;
         let orders = service("orders", vec![on("node-b", endpoint("orders-1", up.addr))]);
         let bridge = FakeBridge::start(vec![orders.clone()]).await;
+        // These tests are about the hop, not about who may call whom.
+        bridge.set_intentions(1, serde_json::json!({"default": "allow"}));
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let (tls_a, tls_b) = (
             TlsDir::new(&ca, "node-a", a_services),

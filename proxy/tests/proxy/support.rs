@@ -87,6 +87,8 @@ pub struct BridgeState {
     pub reply: Mutex<Reply>,
     /// Config statuses the proxy reported.
     pub reports: Mutex<Vec<pb::ReportStatusRequest>>,
+    /// The intentions every snapshot carries, once set.
+    intentions: Mutex<Option<pb::Intentions>>,
 }
 
 /// A tonic server implementing `mesh.v1.Registry` and `mesh.v1.Discovery`.
@@ -115,6 +117,7 @@ impl FakeBridge {
             deregistered: Mutex::new(Vec::new()),
             reply: Mutex::new(Reply::Applied),
             reports: Mutex::new(Vec::new()),
+            intentions: Mutex::new(None),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -162,6 +165,27 @@ impl FakeBridge {
             kind: Some(Kind::Delta(pb::Delta::default())),
             stale: false,
             config: Some(config),
+            intentions: None,
+        };
+        let mut subs = self.state.subscribers.lock().unwrap();
+        subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
+    }
+
+    /// Makes `json` (runtime::intentions' form) at `revision` the
+    /// intentions: in every snapshot from now on, and sent now in a delta
+    /// without services, as the bridge does when only they changed.
+    pub fn set_intentions(&self, revision: u64, json: serde_json::Value) {
+        let intentions = pb::Intentions {
+            revision,
+            json: json.to_string(),
+        };
+        *self.state.intentions.lock().unwrap() = Some(intentions.clone());
+        let update = pb::RouteUpdate {
+            version: self.state.version.fetch_add(1, Ordering::SeqCst) + 1,
+            kind: Some(Kind::Delta(pb::Delta::default())),
+            stale: false,
+            config: None,
+            intentions: Some(intentions),
         };
         let mut subs = self.state.subscribers.lock().unwrap();
         subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
@@ -216,6 +240,7 @@ impl BridgeState {
             kind: Some(kind),
             stale: self.stale.load(Ordering::SeqCst),
             config: None,
+            intentions: None,
         };
         let mut subs = self.subscribers.lock().unwrap();
         subs.retain(|s| s.try_send(Ok(update.clone())).is_ok());
@@ -299,6 +324,7 @@ impl Discovery for BridgeState {
             kind: Some(Kind::Snapshot(pb::Snapshot { services })),
             stale: self.stale.load(Ordering::SeqCst),
             config: None,
+            intentions: self.intentions.lock().unwrap().clone(),
         };
         tx.try_send(Ok(first)).unwrap();
         self.subscribers.lock().unwrap().push(tx);

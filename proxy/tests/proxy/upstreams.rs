@@ -350,6 +350,7 @@ impl Discovery for GrpcApi {
                     })),
                     stale: false,
                     config: None,
+                    intentions: None,
                 };
                 if tx.send(Ok(update)).await.is_err() {
                     return;

@@ -167,6 +167,7 @@ pub(crate) mod tests {
                 kind: Some(Kind::Snapshot(Snapshot { services })),
                 stale,
                 config: None,
+                intentions: None,
             };
             assert_eq!(concat(&chunks), prost_framed(&expected));
         }
@@ -184,6 +185,7 @@ pub(crate) mod tests {
             kind: Some(Kind::Delta(Delta { upserted, removed })),
             stale: false,
             config: None,
+            intentions: None,
         };
         assert_eq!(concat(&chunks), prost_framed(&expected));
     }
@@ -214,6 +216,7 @@ pub(crate) mod tests {
                 kind: Some(kind),
                 stale,
                 config: Some(entry.config.clone()),
+                intentions: None,
             };
             assert_eq!(concat(&chunks), prost_framed(&expected));
         }
