@@ -1,7 +1,10 @@
 //! mesh-control in a test mesh: replicas on nodes whose bridges other
 //! nodes can reach, and the calls tests make to them (REST, meshctl).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
@@ -66,6 +69,18 @@ pub async fn control_mesh() -> Result<Mesh> {
 /// and waits until it is ready. In a mesh with ACLs it gets its node's
 /// mesh-control token.
 pub async fn start_replica(mesh: &mut Mesh, k: usize, env: &[(&str, &str)]) -> Result<()> {
+    start_replica_on(mesh, k, Ipv4Addr::LOCALHOST, env).await
+}
+
+/// [`start_replica`] with its gRPC listener on `grpc_ip` (`0.0.0.0`:
+/// every address of its node, as other nodes' bridges reach it for
+/// certificates; its catalog entry then names the node's address).
+pub async fn start_replica_on(
+    mesh: &mut Mesh,
+    k: usize,
+    grpc_ip: Ipv4Addr,
+    env: &[(&str, &str)],
+) -> Result<()> {
     let control = bins::workspace_bin("mesh-control")?;
     let dir = mesh.dir().to_path_buf();
     let acl_token = mesh
@@ -83,7 +98,7 @@ pub async fn start_replica(mesh: &mut Mesh, k: usize, env: &[(&str, &str)]) -> R
             "--consul-addr",
             "http://127.0.0.1:8500",
             "--grpc-listen",
-            &format!("127.0.0.1:{CONTROL_GRPC}"),
+            &SocketAddr::from((grpc_ip, CONTROL_GRPC)).to_string(),
             "--http-listen",
             &format!("127.0.0.1:{CONTROL_HTTP}"),
         ],

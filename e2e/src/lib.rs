@@ -28,7 +28,10 @@
 //! `MeshOptions::nodes(2).with_acl(&[("n1", &["svc"])])` runs the cluster
 //! with ACLs (default deny) and gives every component its own
 //! least-privilege token ([`acl`]); the harness's own calls to Consul then
-//! carry the management token.
+//! carry the management token. `MeshOptions::nodes(2).with_mtls(None)`
+//! turns on mesh identities ([`mesh::Mtls`]): mesh-control on `n1` is the
+//! CA, each bridge keeps its node's certificates, and the proxies reach
+//! other nodes through their inbound listeners over mutual TLS.
 //!
 //! Modules:
 //! - [`acl`]: Consul ACLs (default deny) and a least-privilege policy and token per component.

@@ -63,7 +63,37 @@ pub struct MeshOptions {
     /// With `acl`: the services each node (by name, `n1`) may run, which
     /// its bridge's token may register.
     pub acl_services: BTreeMap<String, Vec<String>>,
+    /// Mesh identities and mutual TLS between the proxies ([`Mtls`]);
+    /// `None`: the proxies call other nodes' instances directly.
+    pub mtls: Option<Mtls>,
 }
+
+/// A mesh whose proxies reach other nodes' instances through those nodes'
+/// proxies over mutual TLS: a mesh-control replica (`c1`) on `n1` is the
+/// CA (`identity_token` [`IDENTITY_TOKEN`], trust domain [`TRUST_DOMAIN`]),
+/// listening for gRPC on every address of its node so the bridges find it
+/// in Consul's catalog; every bridge keeps its node's certificates in
+/// [`Node::tls_dir`]; every proxy runs `mode = mtls` with that folder, an
+/// inbound listener on `0.0.0.0:`[`INBOUND_PORT`] and an access log
+/// ([`Node::access_log`]). [`Mesh::start`] returns once every proxy
+/// presents its node's certificate. (`proxy_args` must not set the inbound
+/// listener, the mode or the access log then.)
+#[derive(Clone, Debug, Default)]
+pub struct Mtls {
+    /// mesh-control's `cert_ttl` (1m at least); `None`: its default (24h).
+    pub cert_ttl: Option<Duration>,
+}
+
+/// The bearer token the bridges present to mesh-control in a mesh with
+/// [`Mtls`].
+pub const IDENTITY_TOKEN: &str = "e2e-identity-token-0123456789";
+
+/// The trust domain of a mesh with [`Mtls`] (not the default, so that a
+/// component left on its default would show).
+pub const TRUST_DOMAIN: &str = "e2e.meshwork.test";
+
+/// The proxies' inbound listener's port in a mesh with [`Mtls`].
+pub const INBOUND_PORT: u16 = 8443;
 
 /// One Consul server.
 #[derive(Debug)]
@@ -105,6 +135,17 @@ impl MeshOptions {
             reachable_bridges: false,
             acl: false,
             acl_services: BTreeMap::new(),
+            mtls: None,
+        }
+    }
+
+    /// The same options with mesh identities and mutual TLS between the
+    /// proxies ([`Mtls`]), certificates valid for `cert_ttl` (`None`:
+    /// mesh-control's default).
+    pub fn with_mtls(self, cert_ttl: Option<Duration>) -> Self {
+        Self {
+            mtls: Some(Mtls { cert_ttl }),
+            ..self
         }
     }
 
@@ -245,17 +286,51 @@ impl Mesh {
             leader + 1
         );
         if opts.mesh {
-            for node in &mut mesh.nodes {
-                node.bridge.start()?;
-                node.proxy.start()?;
+            match &opts.mtls {
+                None => {
+                    for node in &mut mesh.nodes {
+                        node.bridge.start()?;
+                        node.proxy.start()?;
+                    }
+                }
+                Some(mtls) => mesh.start_identities(mtls).await?,
             }
             for node in &mut mesh.nodes {
                 node.wait_bridge_live(Duration::from_secs(20)).await?;
                 node.wait_proxy_live(Duration::from_secs(20)).await?;
             }
+            if opts.mtls.is_some() {
+                for node in &mesh.nodes {
+                    node.wait_node_identity(Duration::from_secs(20)).await?;
+                }
+            }
             eprintln!("e2e: {} mesh up in {:?}", mesh.id(), started.elapsed());
         }
         Ok(mesh)
+    }
+
+    /// With [`Mtls`]: the CA replica on n1 first (the bridges find it in
+    /// the catalog, and retry with a growing backoff while they cannot),
+    /// then the bridges, and each proxy once its bridge has written the
+    /// node's certificate (a proxy in mtls mode does not start without).
+    async fn start_identities(&mut self, mtls: &Mtls) -> Result<()> {
+        let ttl = mtls.cert_ttl.map(|t| format!("{}s", t.as_secs()));
+        let mut env = vec![
+            ("MESH_IDENTITY_TOKEN", IDENTITY_TOKEN),
+            ("MESH_TRUST_DOMAIN", TRUST_DOMAIN),
+        ];
+        if let Some(ttl) = &ttl {
+            env.push(("MESH_CERT_TTL", ttl));
+        }
+        crate::control::start_replica_on(self, 0, Ipv4Addr::UNSPECIFIED, &env).await?;
+        for node in &mut self.nodes {
+            node.bridge.start()?;
+        }
+        for node in &mut self.nodes {
+            node.wait_tls_files(Duration::from_secs(30)).await?;
+            node.proxy.start()?;
+        }
+        Ok(())
     }
 
     /// This mesh's id (`mwe-<pid>-<n>`): prefix of its namespaces and temp dir.
@@ -532,7 +607,18 @@ fn plan_acl(opts: &MeshOptions) -> Result<Option<Acl>> {
     }
     let servers: Vec<String> = (1..=3).map(|k| format!("s{k}")).collect();
     let nodes: Vec<String> = (1..=opts.nodes).map(|k| format!("n{k}")).collect();
-    Acl::plan(&servers, &nodes, &opts.acl_services).map(Some)
+    let mut services = opts.acl_services.clone();
+    if opts.mtls.is_some() {
+        // A proxy with an inbound listener registers itself, through its
+        // bridge, as the node's `mesh-proxy` instance (its peers find it so).
+        for node in &nodes {
+            services
+                .entry(node.clone())
+                .or_default()
+                .push("mesh-proxy".into());
+        }
+    }
+    Acl::plan(&servers, &nodes, &services).map(Some)
 }
 
 /// A Consul agent (server or client) in `ns`, with its data dir and log in

@@ -15,7 +15,7 @@ use crate::{
     acl::Secret,
     bins::Binaries,
     http::{HttpClient, RawResponse, Response, raw_exchange},
-    mesh::{CONSUL_HTTP, MeshOptions},
+    mesh::{CONSUL_HTTP, IDENTITY_TOKEN, INBOUND_PORT, MeshOptions, TRUST_DOMAIN},
     netns::Netns,
     process::Process,
     wait::eventually,
@@ -29,6 +29,8 @@ pub const PROXY_ADMIN_PORT: u16 = 8889;
 pub const BRIDGE_GRPC_PORT: u16 = 8890;
 /// The bridge's admin port.
 pub const BRIDGE_ADMIN_PORT: u16 = 8891;
+/// The proxy's access log in its data dir (in a mesh with mtls).
+const ACCESS_LOG: &str = "access.log";
 /// First port handed to test services on a node.
 const FIRST_SERVICE_PORT: u16 = 9100;
 
@@ -98,6 +100,15 @@ impl Node {
             "--data-dir".into(),
             bridge_data.display().to_string(),
         ];
+        let tls_dir = dir.join("tls");
+        if opts.mtls.is_some() {
+            bridge_args.extend([
+                "--tls-dir".into(),
+                tls_dir.display().to_string(),
+                "--trust-domain".into(),
+                TRUST_DOMAIN.into(),
+            ]);
+        }
         bridge_args.extend(opts.bridge_args.iter().cloned());
         let mut proxy_args = vec![
             "--node".to_owned(),
@@ -111,15 +122,33 @@ impl Node {
             "--data-dir".into(),
             proxy_data.display().to_string(),
         ];
+        if opts.mtls.is_some() {
+            // The trust domain is left for the proxy to read from ca.crt.
+            proxy_args.extend([
+                "--mode".into(),
+                "mtls".into(),
+                "--tls-dir".into(),
+                tls_dir.display().to_string(),
+                "--inbound-listen".into(),
+                format!("0.0.0.0:{INBOUND_PORT}"),
+                "--access-log".into(),
+                proxy_data.join(ACCESS_LOG).display().to_string(),
+            ]);
+        }
         proxy_args.extend(opts.proxy_args.iter().cloned());
+        let mut bridge = Process::new(
+            format!("{name}/bridge"),
+            &ns,
+            &bins.bridge,
+            bridge_args,
+            root.join(format!("{name}-bridge.log")),
+        );
+        if opts.mtls.is_some() {
+            // In the environment, not the arguments: `ps` shows no token.
+            bridge.set_env("MESH_IDENTITY_TOKEN", IDENTITY_TOKEN);
+        }
         Ok(Self {
-            bridge: Process::new(
-                format!("{name}/bridge"),
-                &ns,
-                &bins.bridge,
-                bridge_args,
-                root.join(format!("{name}-bridge.log")),
-            ),
+            bridge,
             proxy: Process::new(
                 format!("{name}/proxy"),
                 &ns,
@@ -146,6 +175,101 @@ impl Node {
     /// The proxy's data dir.
     pub fn proxy_data_dir(&self) -> PathBuf {
         self.dir.join("proxy")
+    }
+
+    /// The folder the bridge keeps the node's certificates in, and the
+    /// proxy reads them from (in a mesh with mtls).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// The proxy's access log so far, one JSON object per line (in a mesh
+    /// with mtls; empty before the first line).
+    pub fn access_log(&self) -> Result<Vec<serde_json::Value>> {
+        let path = self.proxy_data_dir().join(ACCESS_LOG);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        text.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("access log line {l:?}")))
+            .collect()
+    }
+
+    /// The identities the proxy presents now (`/routes`' `tls` section):
+    /// SPIFFE ID and certificate serial, the node's first.
+    pub async fn tls_identities(&self) -> Result<Vec<(String, String)>> {
+        let routes = self.routes().await?;
+        let identities = routes["tls"]["identities"].as_array().ok_or_else(|| {
+            anyhow!(
+                "{} /routes has no tls identities: {}",
+                self.name,
+                routes["tls"]
+            )
+        })?;
+        identities
+            .iter()
+            .map(|i| match (i["id"].as_str(), i["serial"].as_str()) {
+                (Some(id), Some(serial)) => Ok((id.to_owned(), serial.to_owned())),
+                _ => bail!(
+                    "{} /routes: a tls identity without id or serial: {i}",
+                    self.name
+                ),
+            })
+            .collect()
+    }
+
+    /// The node's SPIFFE ID in a mesh with mtls.
+    pub fn spiffe_id(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/node/{}", self.name)
+    }
+
+    /// Waits until the bridge has written the trust bundle and the node's
+    /// key and certificate (fails at once if the bridge exited).
+    pub async fn wait_tls_files(&mut self, deadline: Duration) -> Result<()> {
+        let dir = self.tls_dir();
+        let start = std::time::Instant::now();
+        let files = ["ca.crt", "node.key", "node.crt"];
+        loop {
+            let missing: Vec<&str> = files
+                .into_iter()
+                .filter(|f| !dir.join(f).exists())
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if !self.bridge.is_running() {
+                bail!(
+                    "{} exited before writing its node's certificate; its log:\n{}",
+                    self.bridge.name(),
+                    self.bridge.log_tail(30)
+                );
+            }
+            if start.elapsed() > deadline {
+                bail!(
+                    "{}'s bridge wrote no {missing:?} in {} within {deadline:?}; its log:\n{}",
+                    self.name,
+                    dir.display(),
+                    self.bridge.log_tail(30)
+                );
+            }
+            tokio::time::sleep(crate::wait::POLL).await;
+        }
+    }
+
+    /// Waits until the proxy presents the node's identity (`/routes`).
+    pub async fn wait_node_identity(&self, deadline: Duration) -> Result<()> {
+        let want = self.spiffe_id();
+        let what = format!("{}'s proxy presents {want}", self.name);
+        eventually(&what, deadline, || async {
+            let identities = self.tls_identities().await?;
+            if !identities.iter().any(|(id, _)| *id == want) {
+                bail!("identities {identities:?}");
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The proxy's dump file (`<data-dir>/routes.dump`).

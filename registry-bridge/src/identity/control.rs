@@ -68,7 +68,7 @@ impl ControlClient {
         identity: &str,
         csr_pem: String,
     ) -> Result<pb::SignResponse, SignFailure> {
-        let mut client = self.client().await?;
+        let mut client = self.client(node).await?;
         let mut request = tonic::Request::new(pb::SignRequest {
             node: node.to_owned(),
             identity: identity.to_owned(),
@@ -90,13 +90,13 @@ impl ControlClient {
         }
     }
 
-    async fn client(&mut self) -> Result<IdentityClient<Channel>, SignFailure> {
+    async fn client(&mut self, node: &str) -> Result<IdentityClient<Channel>, SignFailure> {
         if let Some((_, client)) = &self.current {
             return Ok(client.clone());
         }
         let url = match &self.configured {
             Some(url) => url.clone(),
-            None => self.discover().await?,
+            None => self.discover(node).await?,
         };
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| SignFailure {
@@ -111,8 +111,9 @@ impl ControlClient {
         Ok(client)
     }
 
-    /// The gRPC URL of a passing mesh-control instance.
-    async fn discover(&self) -> Result<String, SignFailure> {
+    /// The gRPC URL of a passing mesh-control instance that the bridge of
+    /// `node` can reach.
+    async fn discover(&self, node: &str) -> Result<String, SignFailure> {
         let entries = self
             .consul
             .health_service(CONTROL_SERVICE, true, QueryOptions::default())
@@ -124,12 +125,13 @@ impl ControlClient {
             .value;
         entries
             .iter()
-            .find_map(grpc_url)
+            .find_map(|e| grpc_url(e, node))
             .ok_or_else(|| SignFailure {
                 kind: "discovery",
                 message: format!(
-                    "no passing {CONTROL_SERVICE} instance with a grpc address in Consul's \
-                     catalog (set control_addr to name one)"
+                    "no passing {CONTROL_SERVICE} instance in Consul's catalog with a grpc \
+                     address node {node:?} can reach (a replica on another node must listen \
+                     on an address other than loopback; or set control_addr)"
                 ),
             })
     }
@@ -137,25 +139,42 @@ impl ControlClient {
 
 /// The instance's `grpc` meta, with an unspecified host (a replica
 /// listening on every address) replaced by the instance's or its node's
-/// address.
-fn grpc_url(entry: &ServiceEntry) -> Option<String> {
+/// address, whichever is not loopback: a replica registers its HTTP
+/// listener's address, often 127.0.0.1, which names another host for
+/// every bridge but its own node's.
+///
+/// `None` when the bridge of `node` cannot reach it: a loopback URL names
+/// the replica only for a bridge on the replica's node (or in a mesh on
+/// one host, whose node address is loopback itself); elsewhere it would
+/// name the bridge's own host.
+fn grpc_url(entry: &ServiceEntry, node: &str) -> Option<String> {
     let url = entry.service.meta.get("grpc")?;
     let rest = url.strip_prefix("http://")?;
     let (host, port) = rest.rsplit_once(':')?;
-    let unspecified = host
-        .trim_matches(['[', ']'])
-        .parse::<IpAddr>()
-        .is_ok_and(|ip| ip.is_unspecified());
-    if !unspecified {
-        return Some(url.clone());
-    }
-    let address = [&entry.service.address, &entry.node.address]
-        .into_iter()
-        .find(|a| !a.is_empty())?;
-    Some(match address.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("http://[{v6}]:{port}"),
-        _ => format!("http://{address}:{port}"),
-    })
+    let ip = host.trim_matches(['[', ']']).parse::<IpAddr>().ok();
+    let url = if ip.is_some_and(|ip| ip.is_unspecified()) {
+        let known: Vec<&String> = [&entry.service.address, &entry.node.address]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
+        let address = known.iter().find(|a| !is_loopback(a)).or(known.first())?;
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("http://[{v6}]:{port}"),
+            _ => format!("http://{address}:{port}"),
+        }
+    } else {
+        url.clone()
+    };
+    let loopback = url
+        .strip_prefix("http://")
+        .and_then(|r| r.rsplit_once(':'))
+        .is_some_and(|(host, _)| is_loopback(host.trim_matches(['[', ']'])) || host == "localhost");
+    let same_host = entry.node.node.eq_ignore_ascii_case(node) || is_loopback(&entry.node.address);
+    (!loopback || same_host).then_some(url)
+}
+
+fn is_loopback(address: &str) -> bool {
+    address.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn failure(status: &Status) -> SignFailure {
@@ -186,6 +205,7 @@ mod tests {
     fn entry(grpc: &str, service_address: &str, node_address: &str) -> ServiceEntry {
         ServiceEntry {
             node: Node {
+                node: "n1".into(),
                 address: node_address.into(),
                 ..Default::default()
             },
@@ -201,17 +221,55 @@ mod tests {
     #[test]
     fn an_unspecified_grpc_host_becomes_the_instance_address() {
         assert_eq!(
-            grpc_url(&entry("http://10.0.0.2:8892", "", "10.0.0.9")).as_deref(),
+            grpc_url(&entry("http://10.0.0.2:8892", "", "10.0.0.9"), "n2").as_deref(),
             Some("http://10.0.0.2:8892")
         );
         assert_eq!(
-            grpc_url(&entry("http://0.0.0.0:8892", "10.0.0.3", "10.0.0.9")).as_deref(),
+            grpc_url(&entry("http://0.0.0.0:8892", "10.0.0.3", "10.0.0.9"), "n2").as_deref(),
             Some("http://10.0.0.3:8892")
         );
         assert_eq!(
-            grpc_url(&entry("http://[::]:8892", "", "fd00::9")).as_deref(),
+            grpc_url(&entry("http://[::]:8892", "", "fd00::9"), "n2").as_deref(),
             Some("http://[fd00::9]:8892")
         );
-        assert_eq!(grpc_url(&entry("http://0.0.0.0:8892", "", "")), None);
+        assert_eq!(grpc_url(&entry("http://0.0.0.0:8892", "", ""), "n2"), None);
+    }
+
+    #[test]
+    fn a_loopback_instance_address_gives_way_to_the_node_address() {
+        // A replica with its HTTP listener on loopback and gRPC on every
+        // address: other nodes reach it at its node's address.
+        assert_eq!(
+            grpc_url(&entry("http://0.0.0.0:8892", "127.0.0.1", "10.0.0.9"), "n2").as_deref(),
+            Some("http://10.0.0.9:8892")
+        );
+        // A single-host mesh (a dev agent) has nothing else.
+        assert_eq!(
+            grpc_url(
+                &entry("http://0.0.0.0:8892", "127.0.0.1", "127.0.0.1"),
+                "n2"
+            )
+            .as_deref(),
+            Some("http://127.0.0.1:8892")
+        );
+    }
+
+    #[test]
+    fn a_loopback_grpc_address_serves_only_the_replicas_own_node() {
+        let on_n1 = entry("http://127.0.0.1:8892", "127.0.0.1", "10.0.0.9");
+        assert_eq!(
+            grpc_url(&on_n1, "n1").as_deref(),
+            Some("http://127.0.0.1:8892")
+        );
+        // From n2, 127.0.0.1 is n2 itself: that replica is out of reach.
+        assert_eq!(grpc_url(&on_n1, "n2"), None);
+        let localhost = entry("http://localhost:8892", "", "10.0.0.9");
+        assert_eq!(grpc_url(&localhost, "n2"), None);
+        // A mesh on one host: its node address is loopback too.
+        let single = entry("http://127.0.0.1:8892", "", "127.0.0.1");
+        assert_eq!(
+            grpc_url(&single, "dev").as_deref(),
+            Some("http://127.0.0.1:8892")
+        );
     }
 }
