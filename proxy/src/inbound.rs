@@ -42,7 +42,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use http::{
@@ -578,11 +578,12 @@ pub async fn serve(
 /// Secures `stream` as the acceptor says, then serves it.
 async fn connection(shared: Shared, stream: TcpStream) {
     match &shared.acceptor {
-        Acceptor::Plain => serve_connection(shared, stream, None).await,
+        Acceptor::Plain => serve_connection(shared, stream, None, None).await,
         Acceptor::Tls(tls) => match tls.accept(stream).await {
-            Ok(Some((stream, peer))) => {
+            Ok(Some(accepted)) => {
+                let peer = accepted.peer;
                 tracing::debug!(%peer, "inbound mTLS connection");
-                serve_connection(shared, stream, Some(peer)).await;
+                serve_connection(shared, accepted.stream, Some(peer), accepted.expires).await;
             }
             // Closed before a byte: a TCP health check.
             Ok(None) => {}
@@ -594,10 +595,16 @@ async fn connection(shared: Shared, stream: TcpStream) {
     }
 }
 
-/// Serves one connection until it closes, or until the listener drains;
-/// `peer` is the identity its TLS handshake verified.
-async fn serve_connection<IO>(shared: Shared, io: IO, peer: Option<PeerIdentity>)
-where
+/// Serves one connection until it closes, until the listener drains, or
+/// until `expires` (its peer's certificate expires: the calling proxy
+/// opens a new connection with its renewed certificate); `peer` is the
+/// identity its TLS handshake verified. The last two end it gracefully.
+async fn serve_connection<IO>(
+    shared: Shared,
+    io: IO,
+    peer: Option<PeerIdentity>,
+    expires: Option<SystemTime>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Shared {
@@ -637,9 +644,23 @@ where
             tracing::debug!(error = %e, "inbound connection ended with an error");
         }
     };
+    let expiry = async {
+        match expires {
+            Some(at) => {
+                let left = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         result = conn.as_mut() => return done(result),
         _ = closing.wait_for(|c| *c) => {}
+        () = expiry => {
+            tracing::debug!("inbound connection ends: its peer's certificate expired");
+        }
     }
     conn.as_mut().graceful_shutdown();
     done(conn.await);

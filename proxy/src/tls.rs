@@ -32,7 +32,7 @@ use std::{
     fmt, io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -85,10 +85,32 @@ pub struct Identity {
     certs: Arc<CertResolver>,
 }
 
+/// The mesh components that register as services: a request that names
+/// no source never speaks as one of them.
+const COMPONENTS: [&str; 5] = [
+    "mesh-bridge",
+    "mesh-control",
+    "mesh-deployer",
+    "mesh-monitor",
+    "mesh-proxy",
+];
+
 /// The verified identity of the proxy at the other end of an inbound
 /// connection, in each of its requests' extensions.
 #[derive(Clone, Debug)]
 pub struct PeerIdentity(pub Arc<SpiffeId>);
+
+/// An inbound connection whose handshake succeeded.
+pub struct Accepted {
+    /// The connection.
+    pub stream: server::TlsStream<TcpStream>,
+    /// Who is at the other end.
+    pub peer: PeerIdentity,
+    /// When the certificate it was authenticated with expires: the
+    /// connection ends then (gracefully), so that an identity never
+    /// outlives its certificate on a connection kept open.
+    pub expires: Option<SystemTime>,
+}
 
 /// The credentials of mtls mode, kept up to date from `tls_dir`.
 pub struct MeshTls {
@@ -329,7 +351,8 @@ impl MeshTls {
 
     /// Who a request to another node speaks for: the service `named` (the
     /// request's [`SOURCE_HEADER`]) when it has credentials here, else the
-    /// only service with credentials here, else the node. Lock-free.
+    /// only service with credentials here that is no mesh component, else
+    /// the node. Lock-free.
     pub fn source(&self, named: Option<&HeaderValue>) -> Arc<Identity> {
         let services = self.services.load();
         if let Some(name) = named.and_then(|v| v.to_str().ok()) {
@@ -342,20 +365,25 @@ impl MeshTls {
                 return identity.clone();
             }
         }
-        match services.values().next() {
-            Some(only) if services.len() == 1 => only.clone(),
+        // The mesh's own components register as services too (mesh-control
+        // gets a certificate like any service): they are not what the
+        // node's applications speak as.
+        let mut apps = services
+            .iter()
+            .filter(|(name, _)| !COMPONENTS.contains(&&***name))
+            .map(|(_, identity)| identity);
+        match (apps.next(), apps.next()) {
+            (Some(only), None) => only.clone(),
             _ => self.node.clone(),
         }
     }
 
     /// Secures an inbound connection: the node's certificate presented, a
     /// client certificate the bundle trusts required, within
-    /// [`HANDSHAKE_TIMEOUT`]. `Ok(None)`: the peer closed before sending
-    /// a byte (a TCP health check), which is no failure.
-    pub async fn accept(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<Option<(server::TlsStream<TcpStream>, PeerIdentity)>, HandshakeFailure> {
+    /// [`HANDSHAKE_TIMEOUT`]; with the peer's identity and when its
+    /// certificate expires. `Ok(None)`: the peer closed before sending a
+    /// byte (a TCP health check), which is no failure.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<Option<Accepted>, HandshakeFailure> {
         let acceptor = TlsAcceptor::from(self.server.load_full());
         let handshake = async {
             let mut first = [0u8; 1];
@@ -368,9 +396,19 @@ impl MeshTls {
                 Err(e) => return Err(HandshakeFailure::Handshake(e)),
             }
             let stream = acceptor.accept(tcp).await.map_err(HandshakeFailure::of)?;
-            let identity = pki::peer_identity(stream.get_ref().1.peer_certificates())
-                .map_err(|e| HandshakeFailure::Identity(e.to_string()))?;
-            Ok(Some((stream, PeerIdentity(Arc::new(identity)))))
+            let certs = stream.get_ref().1.peer_certificates();
+            let identity =
+                pki::peer_identity(certs).map_err(|e| HandshakeFailure::Identity(e.to_string()))?;
+            // Verified by the handshake, so readable; the leaf comes first.
+            let expires = certs
+                .and_then(<[CertificateDer<'_>]>::first)
+                .and_then(|leaf| pki::CertDetails::from_der(leaf).ok())
+                .map(|d| d.not_after);
+            Ok(Some(Accepted {
+                stream,
+                peer: PeerIdentity(Arc::new(identity)),
+                expires,
+            }))
         };
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await

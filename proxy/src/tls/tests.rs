@@ -160,3 +160,27 @@ fn a_half_written_pair_is_never_used_and_the_whole_one_is() {
     write(dir.path(), CA_FILE, &both);
     assert_eq!(tls.reload(), (1, 0));
 }
+
+#[test]
+fn a_mesh_component_beside_the_only_service_does_not_take_its_place() {
+    let (dir, _ca) = tls_dir(&["mesh-control", "web"]);
+    let tls = MeshTls::load(&config(dir.path()), "n1").unwrap();
+    assert_eq!(
+        tls.source(None).id().to_string(),
+        "spiffe://mesh.test/svc/web"
+    );
+    // Named, a component still speaks.
+    assert_eq!(
+        tls.source(Some(&HeaderValue::from_static("mesh-control")))
+            .id()
+            .to_string(),
+        "spiffe://mesh.test/svc/mesh-control"
+    );
+    // A component alone: the node speaks.
+    let (dir, _ca) = tls_dir(&["mesh-control"]);
+    let tls = MeshTls::load(&config(dir.path()), "n1").unwrap();
+    assert_eq!(
+        tls.source(None).id().to_string(),
+        "spiffe://mesh.test/node/n1"
+    );
+}

@@ -767,3 +767,97 @@ async fn rotating_certificates_under_steady_load_fails_no_request() {
     assert!(sent.load(Ordering::SeqCst) > 100);
     mesh.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_ends_when_its_peers_certificate_expires_and_no_request_fails() {
+    let mesh = Mesh::start(&["web"], vec![]).await;
+    // node-a's web gets a certificate that expires in a few seconds before
+    // it calls node-b at all: its connection to node-b is made with it.
+    let web = svc("web");
+    let short_key = LocalKey::generate().unwrap();
+    let short = mesh
+        .ca
+        .sign(
+            &short_key.csr_pem(&web).unwrap(),
+            &web,
+            Duration::from_secs(4),
+        )
+        .unwrap();
+    mesh.tls_a
+        .write_service("web", &(short_key.to_pem(), short.clone()));
+    let presents = |serial: String| {
+        let a = &mesh.a;
+        async move {
+            let routes = a.routes().await;
+            (routes["tls"]["identities"][1]["serial"] == serial.as_str()).then_some(())
+        }
+    };
+    eventually("node-a presenting the short-lived certificate", || {
+        presents(serial_of(&short))
+    })
+    .await;
+    let connections = r#"mesh_proxy_inbound_connections_total{protocol="h2"}"#;
+    let before = metric(&mesh.b, connections);
+
+    // A steady load, bounded, across the expiry.
+    const MAX_REQUESTS: usize = 20_000;
+    let (stop, sent, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::<String>::new())),
+    );
+    let outbound = mesh.a.addr;
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) && sent.fetch_add(1, Ordering::SeqCst) < MAX_REQUESTS
+            {
+                let r = get(outbound, "/orders/x", &[]).await;
+                if r.status != StatusCode::OK {
+                    failed.lock().unwrap().push(format!(
+                        "{}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    ));
+                }
+            }
+        }));
+    }
+    eventually("the load running", || async {
+        (sent.load(Ordering::SeqCst) > 50).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&mesh.b, connections), before + 1.0, "one connection");
+    // Renewed before it expires, as the bridge does at two thirds.
+    let renewed = issue(&mesh.ca, &web);
+    mesh.tls_a.write_service("web", &renewed);
+    eventually("node-a presenting the renewed certificate", || {
+        presents(serial_of(&renewed.1))
+    })
+    .await;
+    // At the old certificate's end, node-b ends the connection made with
+    // it; node-a carries on over a new one, with the renewed certificate.
+    eventually("a second connection from node-a", || async {
+        (metric(&mesh.b, connections) >= before + 2.0).then_some(())
+    })
+    .await;
+    let at_reconnect = sent.load(Ordering::SeqCst);
+    eventually("more requests over the new connection", || async {
+        (sent.load(Ordering::SeqCst) > at_reconnect + 50).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        sent.load(Ordering::SeqCst),
+        &failed[..failed.len().min(5)]
+    );
+    mesh.stop().await;
+}
