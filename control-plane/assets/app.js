@@ -705,7 +705,55 @@
     });
   }
 
+  // --- sign-in ----------------------------------------------------------------
+  // With an api_token set, /v1/... answers 401 until the browser holds the
+  // session cookie POST /ui/login sets (HttpOnly: this script never sees it).
+
+  function signIn() {
+    const main = document.getElementById('main');
+    main.textContent = '';
+    const box = document.createElement('div');
+    box.className = 'login';
+    const label = document.createElement('label');
+    label.textContent = 'API token ';
+    const input = document.createElement('input');
+    input.type = 'password';
+    input.id = 'api-token';
+    input.autocomplete = 'current-password';
+    label.appendChild(input);
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.id = 'sign-in';
+    button.textContent = 'Sign in';
+    const note = document.createElement('p');
+    note.className = 'error';
+    const submit = () => {
+      fetch('/ui/login', { method: 'POST', body: input.value, cache: 'no-store' })
+        .then((r) => {
+          if (!r.ok) throw new Error('wrong token');
+          start();
+        })
+        .catch((e) => { note.textContent = String((e && e.message) || e); });
+    };
+    button.addEventListener('click', submit);
+    input.addEventListener('keydown', (e) => { if (e.key === 'Enter') submit(); });
+    box.append(label, button, note);
+    main.appendChild(box);
+    setConnection('signed-out');
+    input.focus();
+  }
+
+  function start() {
+    fetch('/ui/session', { cache: 'no-store' })
+      .then((r) => {
+        if (r.status === 401) return signIn();
+        render();
+        connect();
+      })
+      .catch(() => { render(); connect(); });
+  }
+
   window.addEventListener('hashchange', render);
   render();
-  connect();
+  start();
 })();

@@ -17,12 +17,15 @@ use mesh_runtime::{
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tracing::Instrument;
 
 use crate::{
     config::Config,
-    control::{Control, ControlParts, DeployerSettings},
+    control::{Control, ControlParts, DeployerSettings, OwnIdentity},
     dashboard::{ConsulSource, Dashboard, Publisher},
     deploy,
     grpc::ControlApi,
@@ -90,6 +93,9 @@ impl ControlPlane {
             deployers: DeployerSettings {
                 port: config.deployer_port,
                 token: config.deployer_token.clone(),
+                tls: config
+                    .deployer_mtls
+                    .then(|| OwnIdentity::new(identity.clone())),
             },
             monitor: config.monitor_addr.clone(),
             replica: config.replica.clone(),
@@ -114,9 +120,11 @@ impl ControlPlane {
                     .instrument(tracing::info_span!("identity")),
             );
         }
+        let api = rest::ApiAuth::new(config.api_token.as_ref());
         tasks.spawn(serve_grpc(
             grpc,
             ControlApi::new(control.clone()),
+            api.clone(),
             IdentityApi::new(identity),
             shutdown.clone(),
         ));
@@ -140,7 +148,7 @@ impl ControlPlane {
         );
         let dashboard = Dashboard::new(subscriptions, shutdown.clone());
         let router = admin
-            .router(rest::router(control).merge(dashboard.router()))
+            .router(api.protect(rest::router(control).merge(dashboard.router())))
             .layer(middleware::from_fn_with_state(
                 leader.clone(),
                 ready_names_leader,
@@ -148,7 +156,8 @@ impl ControlPlane {
         tasks.spawn(admin::serve(http, router, shutdown));
         tracing::info!(
             replica = %config.replica, grpc = %grpc_addr, http = %http_addr,
-            consul = ?config.consul.addrs, "mesh-control started"
+            consul = ?config.consul.addrs, api_token = config.api_token.is_some(),
+            "mesh-control started"
         );
         Ok(Self {
             grpc_addr,
@@ -239,11 +248,12 @@ async fn ready_names_leader(
     response
 }
 
-/// Serves `mesh.v1.Control`, `mesh.v1.Identity` and grpc.health.v1 until
-/// `shutdown`.
+/// Serves `mesh.v1.Control` (behind `auth`), `mesh.v1.Identity` (its own
+/// token) and grpc.health.v1 until `shutdown`.
 async fn serve_grpc(
     listener: TcpListener,
     api: ControlApi,
+    auth: rest::ApiAuth,
     identity: IdentityApi,
     mut shutdown: Shutdown,
 ) {
@@ -256,7 +266,7 @@ async fn serve_grpc(
         .await;
     let result = Server::builder()
         .add_service(health)
-        .add_service(api.into_server())
+        .add_service(InterceptedService::new(api.into_server(), auth))
         .add_service(identity.into_service())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             shutdown.requested().await

@@ -84,9 +84,20 @@ pub struct Args {
     #[arg(long, env = "MESH_DEPLOYER_PORT")]
     pub deployer_port: Option<u16>,
     /// Bearer token sent to the nodes' deployers (those that listen beyond
-    /// loopback require one).
+    /// loopback without tls_dir require one).
     #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
     pub deployer_token: Option<String>,
+    /// Call the nodes' deployers over mTLS (those started with tls_dir):
+    /// mesh-control presents its own identity, svc/mesh-control, issued
+    /// with the mesh CA, and accepts only the node's identity; needs
+    /// identity_token [default: false].
+    #[arg(long, env = "MESH_DEPLOYER_MTLS", num_args = 0..=1, default_missing_value = "true")]
+    pub deployer_mtls: Option<bool>,
+    /// Bearer token every REST call (`/v1/...`), the dashboard's data and
+    /// every mesh.v1.Control gRPC call must carry; at least 16 printable
+    /// characters. Unset: the HTTP listener must be on a loopback address.
+    #[arg(long, env = "MESH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// mesh-monitor's gRPC address (mesh.v1.Monitor), e.g.
     /// http://127.0.0.1:8896: rollout gates ask it for each node's verdict
     /// and the dashboard shows its alerts; unset: no monitor.
@@ -177,6 +188,10 @@ pub struct Config {
     pub deployer_port: u16,
     /// Token for the nodes' deployers.
     pub deployer_token: Option<Secret>,
+    /// Whether deployers are called over mTLS.
+    pub deployer_mtls: bool,
+    /// Token the REST API, the dashboard's data and Control gRPC calls need.
+    pub api_token: Option<Secret>,
     /// mesh-monitor's gRPC URL, if there is one.
     pub monitor_addr: Option<String>,
     /// Leader lock session TTL.
@@ -236,16 +251,22 @@ impl Args {
         if deployer_port == 0 {
             return Err("deployer_port: 0 is not a port".into());
         }
-        let deployer_token = match self.deployer_token.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
-                return Err(
-                    "deployer_token: must be at least 16 printable characters without spaces"
-                        .into(),
-                );
-            }
-            Some(t) => Some(Secret(t.to_owned())),
-        };
+        let deployer_token = secret("deployer_token", self.deployer_token.as_deref())?;
+        let api_token = secret("api_token", self.api_token.as_deref())?;
+        let deployer_mtls = self.deployer_mtls.unwrap_or(false);
+        if deployer_mtls && identity.token.is_none() {
+            return Err(
+                "deployer_mtls: needs identity_token (mesh-control's own certificate \
+                        comes from the mesh CA, which issues only with identity_token set)"
+                    .into(),
+            );
+        }
+        if api_token.is_none() && !http_listen.ip().to_canonical().is_loopback() {
+            return Err(format!(
+                "http_listen: {http_listen} is not a loopback address; the REST API and the \
+                 dashboard beyond this host need api_token (MESH_API_TOKEN)"
+            ));
+        }
         let monitor_addr = match self.monitor_addr.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(a) => {
@@ -282,6 +303,8 @@ impl Args {
             bridge_port,
             deployer_port,
             deployer_token,
+            deployer_mtls,
+            api_token,
             monitor_addr,
             leader_ttl,
             nginx,
@@ -410,6 +433,18 @@ pub struct Secret(pub String);
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// A token setting: unset or blank is none; else at least 16 printable
+/// ASCII characters without spaces (it travels in a header).
+fn secret(key: &str, value: Option<&str>) -> Result<Option<Secret>, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => Err(format!(
+            "{key}: must be at least 16 printable characters without spaces"
+        )),
+        Some(t) => Ok(Some(Secret(t.to_owned()))),
     }
 }
 
@@ -599,9 +634,56 @@ mod tests {
     }
 
     #[test]
-    fn the_token_never_shows_in_debug() {
-        let c = parse(&["--consul-token", "s3cr3t"]).unwrap();
-        assert_eq!(c.consul.token.as_deref(), Some("s3cr3t"));
-        assert!(!format!("{c:?}").contains("s3cr3t"));
+    fn no_token_shows_in_debug() {
+        let argv = [
+            "--consul-token",
+            "consul-s3cr3t",
+            "--deployer-token",
+            "deployer-0123456789-s3cr3t",
+            "--api-token",
+            "api-0123456789-s3cr3t",
+            "--identity-token",
+            "identity-0123456789-s3cr3t",
+        ];
+        let c = parse(&argv).unwrap();
+        assert_eq!(c.consul.token.as_deref(), Some("consul-s3cr3t"));
+        assert_eq!(
+            c.api_token.as_ref().map(|t| t.0.as_str()),
+            Some("api-0123456789-s3cr3t")
+        );
+        assert!(c.deployer_token.is_some());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let mut full = vec!["mesh-control"];
+        full.extend_from_slice(&argv);
+        let args = Args::try_parse_from(full).unwrap();
+        assert!(!format!("{args:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_remote_http_listener_needs_an_api_token() {
+        let e = parse(&["--http-listen", "0.0.0.0:8893"]).unwrap_err();
+        assert!(
+            e.starts_with("http_listen: 0.0.0.0:8893 is not a loopback"),
+            "{e}"
+        );
+        assert!(e.contains("api_token"), "{e}");
+        let c = parse(&[
+            "--http-listen",
+            "0.0.0.0:8893",
+            "--api-token",
+            "0123456789abcdef",
+        ])
+        .unwrap();
+        assert_eq!(c.http_listen.to_string(), "0.0.0.0:8893");
+        assert!(
+            parse(&["--http-listen", "[::1]:8893"])
+                .unwrap()
+                .api_token
+                .is_none()
+        );
+        let e = parse(&["--api-token", "short"]).unwrap_err();
+        assert!(e.starts_with("api_token: must be at least 16"), "{e}");
+        assert!(parse(&["--api-token", " "]).unwrap().api_token.is_none());
     }
 }

@@ -6,20 +6,31 @@
 //! check-and-set transactions ([`crate::store`]), so no call needs the
 //! leader.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
 
 use consul_client::{Client, QueryOptions, ServiceEntry};
 use futures::{StreamExt as _, TryStreamExt as _};
+use hyper_util::rt::TokioIo;
 use mesh_proto::v1::{
     self as pb, deployer_client, monitor_client::MonitorClient, registry_client::RegistryClient,
 };
-use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use mesh_runtime::pki::{self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle};
+use tokio::{net::TcpStream, sync::watch};
+use tonic::{
+    codegen::{BoxFuture, Service, http::Uri},
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     config::Secret,
     diff,
     error::ControlError,
+    identity::Identity,
     leader::LeaderState,
     metrics::ControlMetrics,
     model::{self, Catalog, Routes, Version, check_node_name, check_service_name, now_ms, rfc3339},
@@ -76,6 +87,37 @@ pub struct DeployerSettings {
     pub port: u16,
     /// The bearer token it wants, if any.
     pub token: Option<Secret>,
+    /// mTLS: mesh-control's own identity, presented to deployers whose
+    /// node identity is verified; `None`: plaintext.
+    pub tls: Option<OwnIdentity>,
+}
+
+/// The service name of mesh-control's own identity, the one deployers
+/// with `tls_dir` let change their node.
+pub const CONTROL_SERVICE: &str = "mesh-control";
+
+/// mesh-control's own certificate (`spiffe://<trust domain>/svc/mesh-control`),
+/// from a key made here and signed by the mesh CA it holds: issued when
+/// first needed, and again once two thirds of its lifetime have passed.
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct OwnIdentity {
+    identity: Identity,
+    current: Arc<tokio::sync::Mutex<Option<Arc<OwnCert>>>>,
+}
+
+/// One issued certificate of [`OwnIdentity`].
+#[derive(Debug)]
+struct OwnCert {
+    resolver: Arc<CertResolver>,
+    bundle: TrustBundle,
+    renew_at: SystemTime,
+}
+
+/// Dials a deployer over TLS with a mesh client config.
+#[derive(Clone)]
+struct MeshConnector {
+    config: Arc<rustls::ClientConfig>,
 }
 
 /// A client of one node's deployer, sending the token when there is one.
@@ -83,9 +125,17 @@ pub type DeployerClient = deployer_client::DeployerClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
 >;
 
-/// Adds `authorization: Bearer <token>` to every call, when set.
-#[derive(Clone, Debug)]
+/// Adds `authorization: Bearer <token>` to every call, when set; its
+/// `Debug` shows no token.
+#[derive(Clone)]
 pub struct BearerToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.0.as_ref().map(|_| "<redacted>");
+        f.debug_tuple("BearerToken").field(&shown).finish()
+    }
+}
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(
@@ -98,6 +148,109 @@ impl tonic::service::Interceptor for BearerToken {
                 .insert("authorization", value.clone());
         }
         Ok(request)
+    }
+}
+
+// === impl OwnIdentity ===
+
+impl OwnIdentity {
+    /// Issues with `identity`'s CA and `cert_ttl`.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            identity,
+            current: Arc::default(),
+        }
+    }
+
+    /// A client config presenting the current certificate and accepting
+    /// only `node`'s identity (`node/<node>`).
+    pub async fn client_config(
+        &self,
+        node: &str,
+    ) -> Result<Arc<rustls::ClientConfig>, ControlError> {
+        let cert = self.current().await?;
+        let expected = SpiffeId::node(cert.bundle.trust_domain(), node)
+            .map_err(|e| ControlError::Internal(format!("node {node:?}: {e}")))?;
+        let mut config = pki::client_config(&cert.bundle, cert.resolver.clone(), expected)
+            .map_err(|e| ControlError::Internal(format!("a TLS config: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The certificate to present, issued anew when none is or it is due.
+    async fn current(&self) -> Result<Arc<OwnCert>, ControlError> {
+        let mut current = self.current.lock().await;
+        if let Some(cert) = current.as_ref().filter(|c| SystemTime::now() < c.renew_at) {
+            return Ok(cert.clone());
+        }
+        let cert = Arc::new(self.issue().await?);
+        *current = Some(cert.clone());
+        Ok(cert)
+    }
+
+    async fn issue(&self) -> Result<OwnCert, ControlError> {
+        let unavailable =
+            |e: String| ControlError::Unavailable(format!("mesh-control's own certificate: {e}"));
+        let ca = self
+            .identity
+            .authority()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let id = SpiffeId::service(ca.trust_domain(), CONTROL_SERVICE)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let key = LocalKey::generate().map_err(|e| unavailable(e.to_string()))?;
+        let csr = key.csr_pem(&id).map_err(|e| unavailable(e.to_string()))?;
+        let ttl = self.identity.settings().cert_ttl;
+        let pem = ca
+            .sign(&csr, &id, ttl)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let credentials =
+            Credentials::new(&key, &pem, &id).map_err(|e| unavailable(e.to_string()))?;
+        let bundle = ca.trust_bundle().map_err(|e| unavailable(e.to_string()))?;
+        let renew_at = credentials.renew_at();
+        tracing::info!(
+            identity = %id, serial = %credentials.details().serial,
+            "issued mesh-control's own certificate"
+        );
+        Ok(OwnCert {
+            resolver: Arc::new(CertResolver::new(credentials)),
+            bundle,
+            renew_at,
+        })
+    }
+}
+
+// === impl MeshConnector ===
+
+impl Service<Uri> for MeshConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}"));
+            let host = uri.host().ok_or_else(bad)?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().ok_or_else(bad)?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            // The name is not checked (nor sent): the node identity is.
+            let name =
+                rustls::pki_types::ServerName::try_from("mesh-deployer").map_err(|_| bad())?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
     }
 }
 
@@ -493,7 +646,16 @@ impl Control {
             .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
             .http2_keep_alive_interval(DEPLOYER_KEEPALIVE)
             .keep_alive_timeout(DEPLOYER_KEEPALIVE);
-        let channel = endpoint.connect().await.map_err(|e| {
+        let connected = match &self.deployers.tls {
+            Some(own) => {
+                let config = own.client_config(node).await?;
+                endpoint
+                    .connect_with_connector(MeshConnector { config })
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| {
             ControlError::Unavailable(format!(
                 "node {node}'s deployer at {url} is unreachable: {}",
                 error_chain(&e)
@@ -501,9 +663,14 @@ impl Control {
         })?;
         let token = match &self.deployers.token {
             None => None,
-            Some(Secret(t)) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                ControlError::Internal("deployer_token is not a valid header value".into())
-            })?),
+            Some(Secret(t)) => {
+                let mut value: tonic::metadata::AsciiMetadataValue =
+                    format!("Bearer {t}").parse().map_err(|_| {
+                        ControlError::Internal("deployer_token is not a valid header value".into())
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
         };
         let client = deployer_client::DeployerClient::with_interceptor(channel, BearerToken(token))
             .max_decoding_message_size(DEPLOYER_MAX_MESSAGE)

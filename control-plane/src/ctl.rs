@@ -22,7 +22,10 @@ pub use self::{
 
 use mesh_proto::v1::{self as pb, control_client::ControlClient};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     control::{
@@ -64,13 +67,23 @@ pub struct CtlError {
     pub exit_code: i32,
 }
 
+/// A client of `mesh.v1.Control` sending mesh-control's `api_token`.
+pub type Client = ControlClient<InterceptedService<Channel, ApiToken>>;
+
 /// A connected client and how to print.
 #[derive(Debug)]
 pub struct Ctl {
-    client: ControlClient<Channel>,
+    client: Client,
+    channel: Channel,
+    token: ApiToken,
     output: Output,
     addr: String,
 }
+
+/// Adds `authorization: Bearer <api_token>` to every call, when set; its
+/// `Debug` shows no token.
+#[derive(Clone, Default)]
+pub struct ApiToken(Option<tonic::metadata::AsciiMetadataValue>);
 
 /// `meshctl routes set` input.
 #[derive(Clone, Debug)]
@@ -142,10 +155,25 @@ impl Ctl {
             )
         })?;
         Ok(Self {
-            client: ControlClient::new(channel),
+            client: ControlClient::with_interceptor(channel.clone(), ApiToken::default()),
+            channel,
+            token: ApiToken::default(),
             output,
             addr: addr.to_owned(),
         })
+    }
+
+    /// Sends `token` (mesh-control's `api_token`) with every call; none or
+    /// blank: no header.
+    pub fn with_api_token(mut self, token: Option<&str>) -> Result<Self, CtlError> {
+        self.token = ApiToken::new(token)?;
+        self.client = ControlClient::with_interceptor(self.channel.clone(), self.token.clone());
+        Ok(self)
+    }
+
+    /// The token sent, for a client on another channel.
+    pub(crate) fn api_token(&self) -> ApiToken {
+        self.token.clone()
     }
 
     pub(crate) fn print<T: Serialize>(
@@ -352,13 +380,53 @@ impl Ctl {
 
     pub(crate) async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, CtlError>
     where
-        F: FnOnce(ControlClient<Channel>) -> Fut,
+        F: FnOnce(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         call(self.client.clone())
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| CtlError::from_status(&s))
+    }
+}
+
+// === impl ApiToken ===
+
+impl ApiToken {
+    /// `Bearer <token>` as a metadata value marked sensitive.
+    pub fn new(token: Option<&str>) -> Result<Self, CtlError> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(Self(None));
+        };
+        let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CtlError::new("api_token: only printable ASCII may be used", 64))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for ApiToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiToken(<redacted>)"
+        } else {
+            "ApiToken(None)"
+        })
     }
 }
 
@@ -724,5 +792,21 @@ mod tests {
         assert_eq!(e.exit_code, 69);
         assert!(e.message.contains(&addr), "{}", e.message);
         assert!(e.message.contains("refused"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_api_token_is_sent_but_never_shown() {
+        use tonic::service::Interceptor as _;
+        let mut token = ApiToken::new(Some(" api-0123456789-s3cr3t ")).unwrap();
+        assert_eq!(format!("{token:?}"), "ApiToken(<redacted>)");
+        let request = token.call(tonic::Request::new(())).unwrap();
+        let sent = request.metadata().get("authorization").unwrap();
+        assert_eq!(sent.to_str().unwrap(), "Bearer api-0123456789-s3cr3t");
+        assert!(!format!("{:?}", request.metadata()).contains("s3cr3t"));
+        let mut none = ApiToken::new(Some("  ")).unwrap();
+        let request = none.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+        let e = ApiToken::new(Some("line\nbreak-0123456789")).unwrap_err();
+        assert!(e.message.starts_with("api_token:"), "{}", e.message);
     }
 }

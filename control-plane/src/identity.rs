@@ -408,6 +408,12 @@ impl Identity {
         }
     }
 
+    /// The CA, as [`Identity::sign`] uses it: for the certificates
+    /// mesh-control issues itself (its own `svc/mesh-control`).
+    pub async fn authority(&self) -> Result<Arc<Ca>, SignError> {
+        self.ca().await
+    }
+
     /// The CA, loaded once (from the operator's files, or from Consul KV,
     /// created there if missing) with its bundle published.
     async fn ca(&self) -> Result<Arc<Ca>, SignError> {

@@ -88,14 +88,39 @@ enum Command {
 }
 
 /// How to reach mesh-control's REST API and how to print.
-#[derive(Debug, Args)]
+#[derive(Args)]
 struct HttpClientArgs {
     /// mesh-control's HTTP address (host:port or an http:// URL).
     #[arg(long, env = "MESH_CONTROL_HTTP", default_value = DEFAULT_CONTROL_HTTP)]
     http_addr: String,
+    /// mesh-control's api_token, sent as `Authorization: Bearer <token>`.
+    #[arg(long, env = "MESH_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// table or json.
     #[arg(long, env = "MESH_OUTPUT", value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+impl std::fmt::Debug for ClientArgs {
+    // The token stays out of any debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientArgs")
+            .field("control_addr", &self.control_addr)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("output", &self.output)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for HttpClientArgs {
+    // The token stays out of any debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClientArgs")
+            .field("http_addr", &self.http_addr)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("output", &self.output)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,11 +210,14 @@ struct IntentionCli {
 }
 
 /// How to reach mesh-control and how to print.
-#[derive(Debug, Args)]
+#[derive(Args)]
 struct ClientArgs {
     /// mesh-control's gRPC address.
     #[arg(long, env = "MESH_CONTROL_ADDR", default_value = DEFAULT_CONTROL_ADDR)]
     control_addr: String,
+    /// mesh-control's api_token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "MESH_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// table or json.
     #[arg(long, env = "MESH_OUTPUT", value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -631,7 +659,9 @@ async fn main() -> anyhow::Result<()> {
 /// The commands that talk to mesh-control; the text to print.
 async fn control(command: Command) -> Result<String, CtlError> {
     async fn connect(client: &ClientArgs) -> Result<Ctl, CtlError> {
-        Ctl::connect(&client.control_addr, client.output).await
+        Ctl::connect(&client.control_addr, client.output)
+            .await?
+            .with_api_token(client.api_token.as_deref())
     }
     match command {
         Command::Status(c) => connect(&c).await?.status().await,
@@ -784,7 +814,9 @@ fn print_now(line: &str) {
 /// `meshctl deploy …`.
 async fn deploy(d: DeployCli) -> Result<String, CtlError> {
     async fn connect(client: &ClientArgs) -> Result<Ctl, CtlError> {
-        Ctl::connect(&client.control_addr, client.output).await
+        Ctl::connect(&client.control_addr, client.output)
+            .await?
+            .with_api_token(client.api_token.as_deref())
     }
     match d.command_ {
         Some(DeployCommand::Status {
@@ -842,7 +874,7 @@ async fn deploy(d: DeployCli) -> Result<String, CtlError> {
 /// `meshctl intentions …`.
 async fn intentions(command: IntentionsCommand) -> Result<String, CtlError> {
     fn client(c: &HttpClientArgs) -> Result<IntentionsCtl, CtlError> {
-        IntentionsCtl::new(&c.http_addr, c.output)
+        IntentionsCtl::new(&c.http_addr, c.output)?.with_api_token(c.api_token.as_deref())
     }
     let put = |intention: IntentionCli, action: Action| PutArgs {
         source: intention.source,
@@ -914,6 +946,7 @@ async fn change(c: RolloutChangeCli, action: &str) -> Result<String, CtlError> {
     let author = author_or_user(c.author);
     Ctl::connect(&c.client.control_addr, c.client.output)
         .await?
+        .with_api_token(c.client.api_token.as_deref())?
         .rollout_change(c.version, action, author)
         .await
 }

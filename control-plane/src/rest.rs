@@ -36,26 +36,62 @@
 //! Errors are JSON `{"error", "kind", …}` with the status of
 //! [`ControlError::http_status`]: 400 naming the field, 404, 409 naming the
 //! key and revision, 422, 503.
+//!
+//! [`ApiAuth`] guards every `/v1/...` path (the dashboard's event stream
+//! included) when `api_token` is set: a call carries
+//! `Authorization: Bearer <token>`, or the dashboard's cookie, which
+//! `POST /ui/login` (the token as the body) sets (`HttpOnly`,
+//! `SameSite=Strict`, a digest of the token rather than the token);
+//! `GET /ui/session` says whether the caller is signed in. Anything else
+//! gets 401 naming the header. The dashboard's page itself and `/live`,
+//! `/ready`, `/metrics` stay open. Without a token, configuration keeps the
+//! listener on a loopback address.
+
+use std::{fmt, sync::Arc};
 
 use axum::{
     Json, Router,
     body::Bytes,
     extract::{
-        Path, Query, State,
+        Path, Query, Request, State,
         rejection::{PathRejection, QueryRejection},
     },
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
 use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
 
 use crate::{
+    config::Secret,
     control::{
         CheckQuery, Control, PutIntention, Registration, RenderQuery, RolloutAction, SetDefault,
         SetRoutes, StageVersion, StartRollout,
     },
     error::ControlError,
 };
+
+/// The dashboard's cookie: a digest of the API token.
+pub const SESSION_COOKIE: &str = "mesh_api_session";
+
+/// The access check of the REST API and the dashboard's data. Cheap to
+/// clone; its `Debug` shows no token.
+#[derive(Clone, Default)]
+pub struct ApiAuth {
+    expected: Option<Arc<Expected>>,
+}
+
+/// Digests of what a caller must present: comparing digests takes the same
+/// time whatever the value given.
+struct Expected {
+    /// SHA-256 of the whole `Authorization` value, `Bearer <token>`.
+    bearer: [u8; 32],
+    /// The cookie's value (hex of a digest of the token), and its SHA-256.
+    session: String,
+    session_digest: [u8; 32],
+}
 
 /// The REST routes over `control`.
 pub fn router(control: Control) -> Router {
@@ -389,4 +425,259 @@ async fn check_intention(
         Err(e) => Err(ControlError::invalid("query", e.body_text())),
     };
     answer(&control, "CheckIntention", result)
+}
+
+// === impl ApiAuth ===
+
+impl ApiAuth {
+    /// Checks for `token` when there is one; lets every call through
+    /// otherwise.
+    pub fn new(token: Option<&Secret>) -> Self {
+        let expected = token.map(|t| {
+            let session = hex::encode(digest(format!("mesh-dashboard:{}", t.0).as_bytes()));
+            Arc::new(Expected {
+                bearer: digest(format!("Bearer {}", t.0).as_bytes()),
+                session_digest: digest(session.as_bytes()),
+                session,
+            })
+        });
+        Self { expected }
+    }
+
+    /// Whether a token is required.
+    pub fn enabled(&self) -> bool {
+        self.expected.is_some()
+    }
+
+    /// `router` (the REST API and the dashboard) with `POST /ui/login` and
+    /// the check in front of every `/v1/...` path.
+    pub fn protect(self, router: Router) -> Router {
+        router
+            .route("/ui/login", post(login).with_state(self.clone()))
+            .route("/ui/session", get(session).with_state(self.clone()))
+            .layer(middleware::from_fn_with_state(self, check))
+    }
+
+    /// Whether `headers` carry the token or the dashboard's cookie.
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.expected else {
+            return true;
+        };
+        let bearer = headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .any(|v| constant_time_eq(&digest(v.as_bytes()), &expected.bearer));
+        bearer
+            || cookies(headers, SESSION_COOKIE)
+                .any(|v| constant_time_eq(&digest(v.as_bytes()), &expected.session_digest))
+    }
+
+    /// Whether `given` is the token itself (the login form's body).
+    fn is_token(&self, given: &[u8]) -> bool {
+        let Some(expected) = &self.expected else {
+            return false;
+        };
+        let mut bearer = b"Bearer ".to_vec();
+        bearer.extend_from_slice(given.trim_ascii());
+        constant_time_eq(&digest(&bearer), &expected.bearer)
+    }
+}
+
+/// The same check on mesh.v1.Control's gRPC calls (metadata
+/// `authorization: Bearer <token>`).
+impl tonic::service::Interceptor for ApiAuth {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        match request.metadata().get("authorization") {
+            Some(v) if constant_time_eq(&digest(v.as_bytes()), &expected.bearer) => Ok(request),
+            Some(_) => Err(tonic::Status::unauthenticated(
+                "wrong api_token in authorization",
+            )),
+            None => Err(tonic::Status::unauthenticated(
+                "mesh.v1.Control needs authorization: Bearer <api_token>",
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for ApiAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiAuth")
+            .field("token", &self.expected.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The middleware: `/v1/...` needs the token, when there is one.
+async fn check(State(auth): State<ApiAuth>, request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/v1/") || auth.allows(request.headers()) {
+        return next.run(request).await;
+    }
+    unauthorized("this API needs Authorization: Bearer <api_token>")
+}
+
+/// `POST /ui/login`: the token as the body; right, it sets the dashboard's
+/// cookie.
+async fn login(State(auth): State<ApiAuth>, body: Bytes) -> Response {
+    let Some(expected) = auth.expected.as_ref().filter(|_| auth.is_token(&body)) else {
+        if !auth.enabled() {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        return unauthorized("wrong api_token");
+    };
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        expected.session
+    );
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// `GET /ui/session`: 204 when the caller may use the API, 401 when it
+/// must sign in first; asks nothing of Consul, so the page knows at once.
+async fn session(State(auth): State<ApiAuth>, headers: HeaderMap) -> Response {
+    if auth.allows(&headers) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        unauthorized("this API needs Authorization: Bearer <api_token>")
+    }
+}
+
+/// 401 with a JSON body as every REST error, naming what is missing.
+fn unauthorized(message: &str) -> Response {
+    let body = serde_json::json!({ "error": message, "kind": "unauthenticated" });
+    let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"meshwork\""),
+    );
+    response
+}
+
+/// The values of the cookies named `name`.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(move |pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Compares every byte, whatever the first difference.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef-s3cr3t";
+
+    /// `/v1/echo`, a page and `/live` behind `auth`, served on a free port.
+    async fn serve(auth: ApiAuth) -> String {
+        mesh_runtime::install_crypto_provider();
+        let inner = Router::new()
+            .route("/v1/echo", get(|| async { "echo" }))
+            .route("/ui/", get(|| async { "page" }));
+        let router = Router::new()
+            .route("/live", get(|| async { "live" }))
+            .merge(auth.protect(inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+
+    async fn get_with(base: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let mut request = reqwest::Client::new().get(format!("{base}{path}"));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let answer = request.send().await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn with_a_token_every_api_call_needs_it() {
+        let base = serve(ApiAuth::new(Some(&Secret(TOKEN.into())))).await;
+        for headers in [
+            &[][..],
+            &[("authorization", "Bearer wrong-token-0123456789")],
+            &[("authorization", TOKEN)],
+            &[("cookie", "mesh_api_session=0123")],
+        ] {
+            let (status, body) = get_with(&base, "/v1/echo", headers).await;
+            assert_eq!(status, 401, "{headers:?}");
+            assert!(body.contains("Authorization: Bearer <api_token>"), "{body}");
+            assert!(!body.contains("s3cr3t"), "{body}");
+        }
+        let bearer = format!("Bearer {TOKEN}");
+        let ok = get_with(&base, "/v1/echo", &[("authorization", &bearer)]).await;
+        assert_eq!(ok, (200, "echo".into()));
+        // The page and the admin endpoints stay open.
+        assert_eq!(get_with(&base, "/ui/", &[]).await, (200, "page".into()));
+        assert_eq!(get_with(&base, "/live", &[]).await, (200, "live".into()));
+    }
+
+    #[tokio::test]
+    async fn the_dashboard_signs_in_with_an_http_only_cookie() {
+        let base = serve(ApiAuth::new(Some(&Secret(TOKEN.into())))).await;
+        let client = reqwest::Client::new();
+        let login = |body: &'static str| client.post(format!("{base}/ui/login")).body(body).send();
+        let refused = login("not-the-token-0123456789").await.unwrap();
+        assert_eq!(refused.status().as_u16(), 401);
+        assert!(refused.headers().get("set-cookie").is_none());
+
+        let signed_in = login(TOKEN).await.unwrap();
+        assert_eq!(signed_in.status().as_u16(), 204);
+        let cookie = signed_in.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        assert!(
+            !cookie.contains(TOKEN),
+            "the cookie carries a digest: {cookie}"
+        );
+        let pair = cookie.split(';').next().unwrap();
+        assert_eq!(get_with(&base, "/ui/session", &[]).await.0, 401);
+        assert_eq!(
+            get_with(&base, "/ui/session", &[("cookie", pair)]).await.0,
+            204
+        );
+        let other = format!("theme=dark; {pair}");
+        let ok = get_with(&base, "/v1/echo", &[("cookie", &other)]).await;
+        assert_eq!(ok, (200, "echo".into()));
+    }
+
+    #[tokio::test]
+    async fn without_a_token_the_api_is_open() {
+        let auth = ApiAuth::new(None);
+        assert!(!format!("{auth:?}").contains("s3cr3t"));
+        let base = serve(auth).await;
+        assert_eq!(get_with(&base, "/v1/echo", &[]).await, (200, "echo".into()));
+        let debug = format!("{:?}", ApiAuth::new(Some(&Secret(TOKEN.into()))));
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("redacted"),
+            "{debug}"
+        );
+    }
 }

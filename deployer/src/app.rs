@@ -23,6 +23,7 @@ use crate::{
     grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
     store::{Limits, Store, StoreError},
     supervisor::{AdoptReport, Supervisor, SupervisorConfig, SupervisorError},
+    tls::{Authorization, NodeTls, TlsError},
 };
 
 /// Where the process records live, under the data folder.
@@ -53,6 +54,9 @@ pub enum StartError {
     /// The supervisor could not start or read its records.
     #[error("supervisor: {0}")]
     Supervisor(#[from] SupervisorError),
+    /// The credentials in `tls_dir` could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -95,6 +99,10 @@ impl Deployer {
             config.proxy_admin,
             &config.data_dir,
         );
+        let tls = match &config.tls {
+            Some(settings) => Some(Arc::new(NodeTls::load(settings, &config.node)?)),
+            None => None,
+        };
         let reconciled = deployments.reconcile().await;
         log_reconciled(&reconciled);
         let grpc = bind(config.grpc_listen, "gRPC").await?;
@@ -107,7 +115,8 @@ impl Deployer {
             .with_in_use(Arc::new(move |service: &str| in_use.in_use(service)))
             .with_deployments(deployments.clone())
             .with_applier(ConfigApplier::new(config.config_roots.clone()));
-        let service = api.into_service(BearerAuth::new(config.token.as_ref()));
+        let authz = Authorization::new(tls.as_deref())?;
+        let service = api.into_service(BearerAuth::new(config.token.as_ref()), &authz);
         let admin = Admin::new(registry);
         let mut tasks = JoinSet::new();
         if !reconciled.pending.is_empty() {
@@ -118,8 +127,16 @@ impl Deployer {
                     .instrument(tracing::info_span!("deregister_later")),
             );
         }
+        if let Some(tls) = &tls {
+            tasks.spawn(
+                tls.clone()
+                    .watch(shutdown.clone())
+                    .instrument(tracing::info_span!("tls_dir")),
+            );
+        }
         tasks.spawn(
-            serve_grpc(grpc, service, shutdown.clone()).instrument(tracing::info_span!("grpc")),
+            serve_grpc(grpc, service, tls, shutdown.clone())
+                .instrument(tracing::info_span!("grpc")),
         );
         tasks.spawn(
             admin::serve(admin_listener, admin.router(Default::default()), shutdown)
@@ -130,6 +147,7 @@ impl Deployer {
         tracing::info!(
             node = %config.node, grpc = %grpc_addr, admin = %admin_addr,
             data_dir = %config.data_dir.display(), token = config.token.is_some(),
+            mtls = config.tls.is_some(),
             proxy = %config.proxy_addr, proxy_admin = %config.proxy_admin,
             "mesh-deployer started"
         );
@@ -219,20 +237,38 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
     })
 }
 
-/// Serves Deployer and grpc.health.v1 until `shutdown`.
-async fn serve_grpc(listener: TcpListener, deployer: DeployerService, mut shutdown: Shutdown) {
+/// Serves Deployer and grpc.health.v1 until `shutdown`, over TLS when
+/// `tls` is given.
+async fn serve_grpc(
+    listener: TcpListener,
+    deployer: DeployerService,
+    tls: Option<Arc<NodeTls>>,
+    mut shutdown: Shutdown,
+) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DeployerServer<DeployerApi>>().await;
-    let result = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)
-        .add_service(deployer)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move { shutdown.requested().await },
-        )
-        .await;
+        .add_service(deployer);
+    let stop = shutdown.clone();
+    let requested = async move { shutdown.requested().await };
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener, stop), requested)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    requested,
+                )
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

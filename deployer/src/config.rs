@@ -2,9 +2,10 @@
 //! environment, TOML file; every key in all three), and [`Config`], the
 //! checked values with defaults applied by [`Args::validate`].
 //!
-//! Until calls between nodes are authenticated with mTLS, the gRPC
-//! listener stays on a loopback address; listening beyond the host takes
-//! `--allow-remote` and a token every call must carry.
+//! The gRPC listener stays on a loopback address unless `--allow-remote`
+//! is given with a way to authenticate callers: `tls_dir` (mTLS with the
+//! node's mesh identity; only mesh-control may change anything) or a token
+//! every call must carry, or both.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +16,7 @@ use std::{
 };
 
 use clap::Parser;
-use mesh_runtime::{config::ConfigFile, logging::LogFormat};
+use mesh_runtime::{config::ConfigFile, logging::LogFormat, pki::TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::supervisor::INHERITED_ENV;
@@ -59,14 +60,23 @@ pub struct Args {
     /// removed when a new one is stored; at least 1 [default: 5].
     #[arg(long, env = "MESH_KEEP_VERSIONS")]
     pub keep_versions: Option<usize>,
-    /// Allow a gRPC listener beyond this host; needs --token
+    /// Allow a gRPC listener beyond this host; needs --tls-dir or --token
     /// [default: false].
     #[arg(long, env = "MESH_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true")]
     pub allow_remote: Option<bool>,
     /// Token every gRPC call must carry as `authorization: Bearer <token>`;
-    /// at least 16 characters.
+    /// at least 16 characters. With --tls-dir, a second factor.
     #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The node's mesh credentials, as mesh-bridge keeps them: the gRPC
+    /// listener then speaks TLS only, presents `node.key`/`node.crt`,
+    /// requires a client certificate from the CA in `ca.crt`, and lets
+    /// only mesh-control deploy, stop, upload or apply config.
+    #[arg(long, env = "MESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The mesh's trust domain, as mesh-control's [default: meshwork.local].
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
     /// The local mesh-proxy, whose Consul agent API registers the instances
     /// deployed [default: 127.0.0.1:8888].
     #[arg(long, env = "MESH_PROXY_ADDR")]
@@ -103,6 +113,8 @@ pub struct Config {
     pub allow_remote: bool,
     /// The token every gRPC call must carry, if any.
     pub token: Option<Token>,
+    /// mTLS on the gRPC listener, with the node's credentials.
+    pub tls: Option<TlsSettings>,
     /// The local mesh-proxy's agent API.
     pub proxy_addr: SocketAddr,
     /// The local mesh-proxy's admin listener (`/routes`).
@@ -112,6 +124,15 @@ pub struct Config {
     /// The deployer's own environment passed on to the processes it runs
     /// (only the variables in [`INHERITED_ENV`]).
     pub inherited_env: BTreeMap<String, String>,
+}
+
+/// mTLS on the gRPC listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The folder with `ca.crt`, `node.key` and `node.crt`.
+    pub dir: PathBuf,
+    /// The trust domain every peer's identity must be in.
+    pub trust_domain: TrustDomain,
 }
 
 /// A bearer token; its `Debug` never shows it.
@@ -132,6 +153,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/meshwork/deployer";
 pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 512 * 1024 * 1024;
 /// Default versions kept per service.
 pub const DEFAULT_KEEP_VERSIONS: usize = 5;
+/// Default trust domain, as mesh-control's.
+pub const DEFAULT_TRUST_DOMAIN: &str = "meshwork.local";
 /// The shortest token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -167,7 +190,8 @@ impl Args {
         }
         let token = self.token.map(Token::new).transpose()?;
         let allow_remote = self.allow_remote.unwrap_or(false);
-        check_remote(grpc_listen, allow_remote, token.is_some())?;
+        let tls = tls_settings(self.tls_dir, self.trust_domain.as_deref())?;
+        check_remote(grpc_listen, allow_remote, token.is_some() || tls.is_some())?;
         let max_artifact_size = self.max_artifact_size.unwrap_or(DEFAULT_MAX_ARTIFACT_SIZE);
         if max_artifact_size == 0 {
             return Err("max_artifact_size: must be more than 0 bytes".into());
@@ -198,6 +222,7 @@ impl Args {
             keep_versions,
             allow_remote,
             token,
+            tls,
             proxy_addr,
             proxy_admin,
             config_roots,
@@ -207,24 +232,39 @@ impl Args {
 }
 
 /// The gRPC listener stays on this host unless remote calls are both
-/// allowed and authenticated: uploads start processes on the node.
-fn check_remote(listen: SocketAddr, allow_remote: bool, token: bool) -> Result<(), String> {
+/// allowed and authenticated (a token, mTLS or both): uploads start
+/// processes on the node.
+fn check_remote(listen: SocketAddr, allow_remote: bool, authn: bool) -> Result<(), String> {
     if listen.ip().to_canonical().is_loopback() {
         return Ok(());
     }
-    let why = match (allow_remote, token) {
+    let why = match (allow_remote, authn) {
         (true, true) => return Ok(()),
         (false, _) => {
-            "is not a loopback address; listening beyond this host needs --allow-remote and --token"
+            "is not a loopback address; listening beyond this host needs --allow-remote and \
+             --tls-dir or --token"
         }
         (true, false) => {
-            "is not a loopback address and --allow-remote needs --token (every call must carry it)"
+            "is not a loopback address and --allow-remote needs --tls-dir or --token \
+             (every call must be authenticated)"
         }
     };
     Err(format!("grpc_listen: {listen} {why}"))
 }
 
-/// The variables of [`INHERITED_ENV`] this process has.
+/// mTLS when `tls_dir` is given; the trust domain alone is no use.
+fn tls_settings(
+    dir: Option<PathBuf>,
+    trust_domain: Option<&str>,
+) -> Result<Option<TlsSettings>, String> {
+    let trust_domain = TrustDomain::new(trust_domain.unwrap_or(DEFAULT_TRUST_DOMAIN).trim())
+        .map_err(|e| format!("trust_domain: {e}"))?;
+    let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(None);
+    };
+    Ok(Some(TlsSettings { dir, trust_domain }))
+}
+
 fn config_roots(given: Option<Vec<PathBuf>>) -> Result<Vec<PathBuf>, String> {
     let roots = given
         .filter(|r| !r.is_empty())
@@ -403,6 +443,24 @@ mod tests {
             let c = parse(&["--grpc-listen", loopback]).unwrap();
             assert_eq!(c.grpc_listen.to_string(), loopback);
         }
+    }
+
+    #[test]
+    fn tls_dir_alone_authenticates_a_remote_listener() {
+        let c = parse(&[
+            "--grpc-listen",
+            "0.0.0.0:8894",
+            "--allow-remote",
+            "--tls-dir",
+            "/var/lib/meshwork/tls",
+        ])
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.dir, PathBuf::from("/var/lib/meshwork/tls"));
+        assert_eq!(tls.trust_domain.to_string(), DEFAULT_TRUST_DOMAIN);
+        assert_eq!(parse(&["--node", "n1"]).unwrap().tls, None);
+        let e = parse(&["--tls-dir", "/t", "--trust-domain", "Not A Domain"]).unwrap_err();
+        assert!(e.starts_with("trust_domain:"), "{e}");
     }
 
     #[test]

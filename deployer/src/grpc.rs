@@ -1,7 +1,8 @@
 //! `mesh.v1.Deployer` over the [`Store`]: Upload (a client stream, its
 //! bytes written on the blocking pool as they come), UploadOffset and
 //! ListArtifacts; over [`Deployments`]: Deploy, Rollback, Status, Stop and
-//! LogTail; [`BearerAuth`], the token check in front of it; and the upload
+//! LogTail; [`BearerAuth`], the token check in front of it (then
+//! [`Authorize`], who may call which method under mTLS); and the upload
 //! metrics. Store errors become status codes in one place ([`status`]),
 //! deploy errors in another ([`deploy_status`]).
 
@@ -36,6 +37,7 @@ use crate::{
     },
     store::{ArtifactMeta, Begin, Store, StoreError, Upload, UploadStart},
     supervisor::{InstanceState, LogStream, SupervisorError},
+    tls::{Authorization, Authorize},
 };
 
 /// Lines LogTail gives when asked for 0.
@@ -51,8 +53,9 @@ const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// pruning keeps whatever their age.
 pub type InUse = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
-/// The Deployer service, with the token check in front.
-pub type DeployerService = InterceptedService<DeployerServer<DeployerApi>, BearerAuth>;
+/// The Deployer service, with the token check in front, then the per-method
+/// authorization of mTLS callers.
+pub type DeployerService = InterceptedService<Authorize<DeployerServer<DeployerApi>>, BearerAuth>;
 
 /// The Deployer service. Cheap to clone.
 #[derive(Clone)]
@@ -147,9 +150,10 @@ impl DeployerApi {
         self
     }
 
-    /// The service, with `auth` checking every call.
-    pub fn into_service(self, auth: BearerAuth) -> DeployerService {
-        DeployerServer::with_interceptor(self, auth)
+    /// The service, with `auth` checking every call's token, then `authz`
+    /// its caller's identity.
+    pub fn into_service(self, auth: BearerAuth, authz: &Authorization) -> DeployerService {
+        InterceptedService::new(authz.wrap(DeployerServer::new(self)), auth)
     }
 
     /// Receives one upload; the first message carries `start`.

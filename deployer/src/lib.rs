@@ -3,9 +3,10 @@
 //! supervision ([`supervisor`]) and replaces a running version blue-green
 //! ([`deploy`]), served over gRPC (`mesh.v1.Deployer`, [`grpc`]).
 //!
-//! Until mTLS between nodes exists, it listens on 127.0.0.1 only, unless
-//! started with `--allow-remote` and a token that every call must carry
-//! ([`config`]).
+//! It listens on 127.0.0.1 only, unless started with `--allow-remote` and
+//! a way to authenticate every call: the node's mesh credentials
+//! (`tls_dir`, mTLS, only mesh-control may change anything, [`tls`]), a
+//! token every call must carry, or both ([`config`]).
 //!
 //! - [`config`]: flags, environment and TOML into a checked [`Config`].
 //! - [`store`]: the versioned artifact store and resumable uploads.
@@ -18,6 +19,7 @@
 //!   write, validate, reload, verify, or put the previous file back.
 //! - [`grpc`]: `mesh.v1.Deployer` over the store and the deploys, the token
 //!   check, metrics.
+//! - [`tls`]: mTLS on the gRPC listener and who may call which method.
 //! - [`app`]: the running [`Deployer`]: listeners, tasks, shutdown.
 
 pub mod app;
@@ -27,6 +29,7 @@ pub mod deploy;
 pub mod grpc;
 pub mod store;
 pub mod supervisor;
+pub mod tls;
 
 pub use self::{
     app::{Deployer, StartError},

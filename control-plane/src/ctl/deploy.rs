@@ -255,7 +255,8 @@ impl Ctl {
             }
         });
         let messages = futures::stream::once(async { first }).chain(data);
-        let mut client = ControlClient::new(channel).max_encoding_message_size(UPLOAD_CHUNK * 2);
+        let mut client = ControlClient::with_interceptor(channel, self.api_token())
+            .max_encoding_message_size(UPLOAD_CHUNK * 2);
         let view = client
             .deploy(messages)
             .await

@@ -136,6 +136,26 @@ impl IntentionsCtl {
         Ok(Self { http, base, output })
     }
 
+    /// Sends `token` as `Authorization: Bearer <token>` with every call
+    /// (mesh-control's `api_token`); none or blank: no header.
+    pub fn with_api_token(mut self, token: Option<&str>) -> Result<Self, CtlError> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(self);
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| CtlError::new("api_token: only printable ASCII may be used", 64))?;
+        value.set_sensitive(true);
+        let headers =
+            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+        self.http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .default_headers(headers)
+            .build()
+            .map_err(|e| CtlError::new(format!("an HTTP client: {e}"), 1))?;
+        Ok(self)
+    }
+
     /// `meshctl intentions list`.
     pub async fn list(&self) -> Result<String, CtlError> {
         let view: IntentionsView = self.send(self.http.get(self.url("/v1/intentions"))).await?;
