@@ -151,6 +151,81 @@ pub async fn mtls_proxy(
     .await
 }
 
+/// Callers sending `GET /orders/x` to a proxy in a loop, at most
+/// [`SteadyLoad::MAX_REQUESTS`] in all, until stopped.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    const MAX_REQUESTS: usize = 20_000;
+
+    /// `callers` callers on `outbound`; returns once it runs.
+    async fn start(outbound: SocketAddr, callers: usize) -> Self {
+        let (stop, sent, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Mutex::new(Vec::<String>::new())),
+        );
+        let tasks = (0..callers)
+            .map(|_| {
+                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst)
+                        && sent.fetch_add(1, Ordering::SeqCst) < Self::MAX_REQUESTS
+                    {
+                        let r = get(outbound, "/orders/x", &[]).await;
+                        if r.status != StatusCode::OK {
+                            failed.lock().unwrap().push(format!(
+                                "{}: {}",
+                                r.status,
+                                String::from_utf8_lossy(&r.body)
+                            ));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let load = Self {
+            stop,
+            sent,
+            failed,
+            tasks,
+        };
+        eventually("the load running", || async {
+            (load.sent() > 50).then_some(())
+        })
+        .await;
+        load
+    }
+
+    /// Requests sent so far.
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops the callers and asserts that no request failed; how many
+    /// were sent.
+    async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        let sent = self.sent.load(Ordering::SeqCst);
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} requests failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        sent
+    }
+}
+
 /// Proxies A (services web and, optionally, billing) and B (orders, with
 /// its instance on node-b) in mtls mode, one mesh CA.
 struct Mesh {
@@ -678,35 +753,7 @@ async fn rotating_certificates_under_steady_load_fails_no_request() {
     let web_before = serial_of(&std::fs::read_to_string(web_before).unwrap());
     assert_eq!(probe().await, Some(web_before.clone()));
 
-    // A steady load, bounded: four callers in a loop until told to stop.
-    const MAX_REQUESTS: usize = 20_000;
-    let (stop, sent, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(Mutex::new(Vec::<String>::new())),
-    );
-    let outbound = mesh.a.addr;
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) && sent.fetch_add(1, Ordering::SeqCst) < MAX_REQUESTS
-            {
-                let r = get(outbound, "/orders/x", &[]).await;
-                if r.status != StatusCode::OK {
-                    failed.lock().unwrap().push(format!(
-                        "{}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body)
-                    ));
-                }
-            }
-        }));
-    }
-    eventually("the load running", || async {
-        (sent.load(Ordering::SeqCst) > 50).then_some(())
-    })
-    .await;
+    let load = SteadyLoad::start(mesh.a.addr, 4).await;
 
     // node-a's web: half written (a new key beside the old certificate)
     // first, which must not be used...
@@ -748,23 +795,13 @@ async fn rotating_certificates_under_steady_load_fails_no_request() {
         node("node-a").to_string()
     );
     // The load keeps going a moment over the new certificates.
-    let at_rotation = sent.load(Ordering::SeqCst);
+    let at_rotation = load.sent();
     eventually("more requests after the rotation", || async {
-        (sent.load(Ordering::SeqCst) > at_rotation + 50).then_some(())
+        (load.sent() > at_rotation + 50).then_some(())
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        task.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(sent.load(Ordering::SeqCst) > 100);
+    let sent = load.stop().await;
+    assert!(sent > 100);
     mesh.stop().await;
 }
 
@@ -799,35 +836,7 @@ async fn a_connection_ends_when_its_peers_certificate_expires_and_no_request_fai
     let connections = r#"mesh_proxy_inbound_connections_total{protocol="h2"}"#;
     let before = metric(&mesh.b, connections);
 
-    // A steady load, bounded, across the expiry.
-    const MAX_REQUESTS: usize = 20_000;
-    let (stop, sent, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(Mutex::new(Vec::<String>::new())),
-    );
-    let outbound = mesh.a.addr;
-    let mut load = Vec::new();
-    for _ in 0..2 {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) && sent.fetch_add(1, Ordering::SeqCst) < MAX_REQUESTS
-            {
-                let r = get(outbound, "/orders/x", &[]).await;
-                if r.status != StatusCode::OK {
-                    failed.lock().unwrap().push(format!(
-                        "{}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body)
-                    ));
-                }
-            }
-        }));
-    }
-    eventually("the load running", || async {
-        (sent.load(Ordering::SeqCst) > 50).then_some(())
-    })
-    .await;
+    let load = SteadyLoad::start(mesh.a.addr, 2).await;
     assert_eq!(metric(&mesh.b, connections), before + 1.0, "one connection");
     // Renewed before it expires, as the bridge does at two thirds.
     let renewed = issue(&mesh.ca, &web);
@@ -842,22 +851,11 @@ async fn a_connection_ends_when_its_peers_certificate_expires_and_no_request_fai
         (metric(&mesh.b, connections) >= before + 2.0).then_some(())
     })
     .await;
-    let at_reconnect = sent.load(Ordering::SeqCst);
+    let at_reconnect = load.sent();
     eventually("more requests over the new connection", || async {
-        (sent.load(Ordering::SeqCst) > at_reconnect + 50).then_some(())
+        (load.sent() > at_reconnect + 50).then_some(())
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        task.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        sent.load(Ordering::SeqCst),
-        &failed[..failed.len().min(5)]
-    );
+    load.stop().await;
     mesh.stop().await;
 }
