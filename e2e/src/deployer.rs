@@ -1,7 +1,8 @@
 //! mesh-deployer on a test node: started in the node's namespace on the
 //! node's address (`--allow-remote` with a token, as mesh-control reaches
-//! it), killed and started again on the same data folder, and the calls
-//! tests make to it (gRPC with the token, the processes it runs).
+//! it; or with mutual TLS alone, the node's certificates, in a mesh with
+//! identities), killed and started again on the same data folder, and the
+//! calls tests make to it (gRPC with the token, the processes it runs).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -16,6 +17,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::{
     Mesh, Node, bins,
     control::{CONTROL_GRPC, CONVERGE},
+    mesh::TRUST_DOMAIN,
     netns::Netns,
     node::{Instance, PROXY_ADMIN_PORT, PROXY_PORT},
     process::Process,
@@ -70,6 +72,58 @@ pub async fn start_deployer(mesh: &mut Mesh, k: usize, extra: &[&str]) -> Result
     process.start()?;
     // Kept with the node's processes: its log is printed when a test
     // fails, and it is stopped with the mesh.
+    node.instances.insert(
+        KEY.into(),
+        Instance {
+            service: KEY.into(),
+            id: KEY.into(),
+            addr: grpc,
+            process,
+        },
+    );
+    wait_ready(node).await
+}
+
+/// Starts mesh-deployer on node `k` as [`start_deployer`] does, but with
+/// callers authenticated by mutual TLS alone, no token: `--tls-dir` is the
+/// folder the node's bridge keeps its certificates in, `--trust-domain`
+/// the mesh's (a mesh with [`crate::mesh::Mtls`]); `extra` flags added.
+/// Waits until it is ready.
+pub async fn start_deployer_mtls(mesh: &mut Mesh, k: usize, extra: &[&str]) -> Result<()> {
+    let program = bins::workspace_bin("mesh-deployer")?;
+    let dir = mesh.dir().to_path_buf();
+    let node = &mut mesh.nodes[k];
+    let data = node.proxy_data_dir().with_file_name("deployer");
+    std::fs::create_dir_all(&data)?;
+    let grpc = SocketAddr::from((node.ip(), DEPLOYER_GRPC));
+    let mut args: Vec<String> = vec![
+        "--node".into(),
+        node.name.clone(),
+        "--grpc-listen".into(),
+        grpc.to_string(),
+        "--allow-remote".into(),
+        "--tls-dir".into(),
+        node.tls_dir().display().to_string(),
+        "--trust-domain".into(),
+        TRUST_DOMAIN.into(),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{DEPLOYER_ADMIN}"),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--proxy-addr".into(),
+        format!("127.0.0.1:{PROXY_PORT}"),
+        "--proxy-admin".into(),
+        format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut process = Process::new(
+        format!("{}/deployer", node.name),
+        &node.ns,
+        &program,
+        args,
+        dir.join(format!("{}-deployer.log", node.name)),
+    );
+    process.start()?;
     node.instances.insert(
         KEY.into(),
         Instance {
