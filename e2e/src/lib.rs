@@ -39,6 +39,7 @@
 //! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
 //! - [`deployer`]: mesh-deployer on a node (token, kill, restart), gRPC clients of it and of mesh-control.
 //! - [`java`]: real jars of a tiny Java HTTP service (javac, jar), one per variant.
+//! - [`forge`]: certificates and TLS clients of someone who reached a node (the mesh CA's or another's, any SANs, expired).
 //! - [`echo`]: the gRPC echo test service (`grpc-echo` binary) and a client through a proxy.
 //! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
@@ -59,6 +60,7 @@ pub mod control;
 pub mod deployer;
 pub mod echo;
 pub mod fault;
+pub mod forge;
 pub mod http;
 pub mod java;
 pub mod load;

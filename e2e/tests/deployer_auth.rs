@@ -13,7 +13,7 @@
 //!   answered (reads are the node's too); and is refused at the handshake
 //!   with a certificate from another CA.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use hyper_util::rt::TokioIo;
@@ -22,6 +22,7 @@ use mesh_e2e::{
     control::{CONVERGE, call, meshctl, start_replica_on},
     deployer::{DEPLOYER_GRPC, grpc_channel, start_deployer_mtls},
     eventually,
+    forge::{self, ClientCert, Validity, mesh_ca, signed},
     java::{self, Variant},
     mesh::{IDENTITY_TOKEN, TRUST_DOMAIN},
 };
@@ -29,13 +30,8 @@ use mesh_proto::v1::{
     DeployRequest, ListArtifactsRequest, StatusRequest, UploadChunk, UploadStart,
     deployer_client::DeployerClient,
 };
-use mesh_runtime::pki::{Ca, LocalKey, SpiffeId, StoredCa, TrustDomain};
-use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
-use rustls::{
-    ClientConfig, DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
-};
+use mesh_runtime::pki::{Ca, LocalKey, SpiffeId, TrustDomain};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{
     Code,
@@ -124,7 +120,7 @@ async fn deploy_through_control(mesh: &Mesh) -> Result<()> {
     // Each deployer runs the version (asked with the node's own identity,
     // which may read).
     for node in &mesh.nodes {
-        let mut client = tls_client(node, node, &node_cert(node)?).await?;
+        let mut client = tls_client(node, node, &ClientCert::of_node(node)?).await?;
         let status = client
             .status(StatusRequest {
                 service: SERVICE.into(),
@@ -189,7 +185,7 @@ async fn direct_callers_are_refused(mesh: &Mesh) -> Result<()> {
     // mesh-control's.
     let ca = mesh_ca(mesh).await?;
     let web = format!("spiffe://{TRUST_DOMAIN}/svc/web");
-    let web_cert = signed(&ca, &web)?;
+    let web_cert = signed(&ca, &[&web], Validity::Now)?;
     let mut client = tls_client(n2, n1, &web_cert).await?;
     let refused = client
         .deploy(deploy_request())
@@ -212,7 +208,7 @@ async fn direct_callers_are_refused(mesh: &Mesh) -> Result<()> {
     println!("svc/web: {}", refused.message());
 
     // n1's own node certificate: it may read, not change.
-    let own = node_cert(n1)?;
+    let own = ClientCert::of_node(n1)?;
     let mut client = tls_client(n2, n1, &own).await?;
     let refused = client
         .deploy(deploy_request())
@@ -348,73 +344,6 @@ fn is_h2_settings(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[3] == 4 && bytes[5..9] == [0, 0, 0, 0]
 }
 
-/// A client certificate and its key (PEM).
-struct ClientCert {
-    cert_pem: String,
-    key_pem: String,
-}
-
-/// `node`'s own certificate and key, from its tls folder.
-fn node_cert(node: &Node) -> Result<ClientCert> {
-    let read = |file: &str| {
-        let path = node.tls_dir().join(file);
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
-    };
-    Ok(ClientCert {
-        cert_pem: read("node.crt")?,
-        key_pem: read("node.key")?,
-    })
-}
-
-/// The mesh's real CA, key included, read from Consul KV with the
-/// harness's access.
-async fn mesh_ca(mesh: &Mesh) -> Result<Issuer<'static, KeyPair>> {
-    let resp = mesh.consul_get("/v1/kv/mesh/ca/root?raw").await?;
-    ensure!(resp.status == 200, "mesh/ca/root: {}", resp.status);
-    let stored: StoredCa = serde_json::from_slice(&resp.body).context("mesh/ca/root")?;
-    let key = KeyPair::from_pem(&stored.key_pem)?;
-    Ok(Issuer::from_ca_cert_pem(&stored.cert_pem, key)?)
-}
-
-/// A client certificate for `uri` (its one URI SAN), valid from an hour
-/// ago for two hours, signed by `ca`.
-fn signed(ca: &Issuer<'static, KeyPair>, uri: &str) -> Result<ClientCert> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
-    let now = time::OffsetDateTime::now_utc();
-    let hour = time::Duration::hours(1);
-    (params.not_before, params.not_after) = (now - hour, now + hour);
-    let cert = params.signed_by(&key, ca)?;
-    Ok(ClientCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
-}
-
-/// A TLS client configuration presenting `cert` (none: no client
-/// certificate), offering HTTP/2. The server's certificate is not
-/// checked: the client plays someone who reached the node's address.
-fn client_config(cert: Option<&ClientCert>) -> Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer));
-    let mut config = match cert {
-        Some(c) => {
-            let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()?;
-            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
 /// `to`'s deployer address.
 fn deployer_addr(to: &Node) -> SocketAddr {
     SocketAddr::from((to.ip(), DEPLOYER_GRPC))
@@ -423,7 +352,7 @@ fn deployer_addr(to: &Node) -> SocketAddr {
 /// A gRPC client of `to`'s deployer over TLS presenting `cert`, its
 /// connections opened in `from`'s namespace.
 async fn tls_client(from: &Node, to: &Node, cert: &ClientCert) -> Result<DeployerClient<Channel>> {
-    let config = client_config(Some(cert))?;
+    let config = forge::client_config(Some(cert), b"h2")?;
     let addr = deployer_addr(to);
     let ns = from.ns.clone();
     let connector = tower::service_fn(move |_: Uri| {
@@ -463,9 +392,10 @@ async fn greeting(from: &Node, to: &Node, cert: Option<&ClientCert>) -> Result<V
             tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut buf)).await
         }
         Some(cert) => {
-            let mut tls = tokio_rustls::TlsConnector::from(client_config(Some(cert))?)
-                .connect(ServerName::from(to.ip()), tcp)
-                .await?;
+            let mut tls =
+                tokio_rustls::TlsConnector::from(forge::client_config(Some(cert), b"h2")?)
+                    .connect(ServerName::from(to.ip()), tcp)
+                    .await?;
             tls.write_all(H2_GREETING).await?;
             tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf)).await
         }
@@ -473,48 +403,4 @@ async fn greeting(from: &Node, to: &Node, cert: Option<&ClientCert>) -> Result<V
     let n = read.context("no answer and no close within 15 s")??;
     buf.truncate(n);
     Ok(buf)
-}
-
-/// Accepts any server certificate; signatures are still checked with
-/// ring's algorithms.
-#[derive(Debug)]
-struct AnyServer;
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algorithms().supported_schemes()
-    }
-}
-
-fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
 }

@@ -6,22 +6,18 @@
 //! certificate the mesh would not issue; certificates renewed under load
 //! cost no request.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use mesh_e2e::{
     Load, LoadOptions, Mesh, MeshOptions, Node,
     control::call,
     eventually,
+    forge::{self, ClientCert, Validity, mesh_ca, signed},
     mesh::{INBOUND_PORT, TRUST_DOMAIN},
 };
-use mesh_runtime::pki::{Ca, CertDetails, LocalKey, SpiffeId, StoredCa, TrustDomain};
-use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
-use rustls::{
-    ClientConfig, DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
-};
+use mesh_runtime::pki::{Ca, CertDetails, LocalKey, SpiffeId, TrustDomain};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a routing change may take to show where nothing is measured.
@@ -266,53 +262,6 @@ async fn allow_calls_to(control: &Node, service: &str) -> Result<()> {
     Ok(())
 }
 
-/// A client certificate and its key (PEM).
-struct ClientCert {
-    cert_pem: String,
-    key_pem: String,
-}
-
-/// When a made certificate is valid.
-enum Validity {
-    /// From an hour ago for two hours.
-    Now,
-    /// Until an hour ago.
-    Expired,
-}
-
-/// The mesh's real CA, key included, read from Consul KV with the
-/// harness's access: what an attacker who needs validly signed bad
-/// certificates would hold.
-async fn mesh_ca(mesh: &Mesh) -> Result<Issuer<'static, KeyPair>> {
-    let resp = mesh.consul_get("/v1/kv/mesh/ca/root?raw").await?;
-    ensure!(resp.status == 200, "mesh/ca/root: {}", resp.status);
-    let stored: StoredCa = serde_json::from_slice(&resp.body).context("mesh/ca/root")?;
-    let key = KeyPair::from_pem(&stored.key_pem)?;
-    Ok(Issuer::from_ca_cert_pem(&stored.cert_pem, key)?)
-}
-
-/// A client certificate for `uris` (URI SANs) signed by `ca`.
-fn signed(ca: &Issuer<'static, KeyPair>, uris: &[&str], validity: Validity) -> Result<ClientCert> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = uris
-        .iter()
-        .map(|u| Ok(SanType::URI((*u).try_into()?)))
-        .collect::<Result<_>>()?;
-    let now = time::OffsetDateTime::now_utc();
-    let hour = time::Duration::hours(1);
-    (params.not_before, params.not_after) = match validity {
-        Validity::Now => (now - hour, now + hour),
-        Validity::Expired => (now - hour * 3, now - hour),
-    };
-    let cert = params.signed_by(&key, ca)?;
-    Ok(ClientCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
-}
-
 /// A TLS connection from `from`'s namespace to `to`'s inbound listener
 /// presenting `cert` (none: no client certificate), as anything on that
 /// node could open one. The server's certificate is not checked: the
@@ -322,23 +271,10 @@ async fn tls_connect(
     to: &Node,
     cert: Option<&ClientCert>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer));
-    let mut config = match cert {
-        Some(c) => {
-            let chain = vec![CertificateDer::from_pem_slice(c.cert_pem.as_bytes())?];
-            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = forge::client_config(cert, b"http/1.1")?;
     let tcp = from.ns.connect(inbound(to), Duration::from_secs(5)).await?;
     let name = ServerName::try_from("mesh-proxy")?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await?;
     Ok(tls)
@@ -424,48 +360,4 @@ async fn metric(node: &Node, series: &str) -> Result<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0))
-}
-
-/// Accepts any server certificate (the attacker does not care whom it
-/// talks to); signatures are still checked with ring's algorithms.
-#[derive(Debug)]
-struct AnyServer;
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algorithms().supported_schemes()
-    }
-}
-
-fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
