@@ -14,7 +14,10 @@ use mesh_proto::v1::{
 };
 use mesh_registry_bridge::{Args, Bridge};
 use mesh_runtime::metrics::Registry;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
 use tonic::Code;
 
 /// A bridge reading the proxy admin listener at `proxy_admin`; dropping
@@ -24,6 +27,8 @@ struct Harness {
     registry: RegistryClient<tonic::transport::Channel>,
     checks: ChecksClient<tonic::transport::Channel>,
     _data: tempfile::TempDir,
+    /// Holds the closed port given as Consul's address.
+    _consul: TcpSocket,
 }
 
 /// A fake proxy admin listener, stopped when dropped.
@@ -36,9 +41,10 @@ impl Harness {
     async fn start(proxy_admin: SocketAddr) -> Result<Self> {
         mesh_runtime::install_crypto_provider();
         let data = tempfile::tempdir()?;
+        let (consul, consul_addr) = closed_port();
         let config = Args {
             node: Some("test-node".into()),
-            consul_addr: vec![format!("http://{}", closed_port().await)],
+            consul_addr: vec![format!("http://{consul_addr}")],
             grpc_listen: Some("127.0.0.1:0".parse()?),
             admin_listen: Some("127.0.0.1:0".parse()?),
             data_dir: Some(data.path().to_owned()),
@@ -59,6 +65,7 @@ impl Harness {
             registry,
             checks,
             _data: data,
+            _consul: consul,
         })
     }
 }
@@ -80,10 +87,15 @@ impl Drop for FakeAdmin {
     }
 }
 
-/// A loopback port nothing listens on.
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// A loopback port nothing listens on, for as long as the socket is held:
+/// bound without listening, it refuses connections, and no other test of
+/// this binary can take the port meanwhile (a port merely found free and
+/// let go could be a running test's fake proxy a moment later).
+fn closed_port() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 #[tokio::test]
@@ -123,7 +135,7 @@ async fn proxy_stats_answers_with_the_proxys_stats() -> Result<()> {
 
 #[tokio::test]
 async fn proxy_stats_is_unavailable_naming_the_address_when_the_proxy_is_down() -> Result<()> {
-    let down = closed_port().await;
+    let (_held, down) = closed_port();
     let mut h = Harness::start(down).await?;
     let e = h
         .registry
@@ -186,7 +198,7 @@ async fn proxy_metrics_answers_with_the_proxys_metrics_text() -> Result<()> {
         .into_inner();
     assert_eq!(r.text, text);
 
-    let down = closed_port().await;
+    let (_held, down) = closed_port();
     let mut h = Harness::start(down).await?;
     let e = h
         .checks

@@ -27,10 +27,14 @@ fn with_kind(addr: SocketAddr, kind: ProbeKind) -> ProbeSpec {
     ProbeSpec { kind, ..http(addr) }
 }
 
-/// An address where nothing listens.
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// An address where nothing listens, for as long as the socket is held:
+/// bound without listening, it refuses connections, and no other test can
+/// take the port meanwhile.
+fn closed_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 /// Accepts connections and answers each after `delay` with `status`;
@@ -60,7 +64,7 @@ async fn server(delay: Option<Duration>, status: &'static str) -> SocketAddr {
 
 #[tokio::test]
 async fn a_closed_port_is_down() {
-    let addr = closed_port().await;
+    let (_held, addr) = closed_port();
     for kind in [ProbeKind::Http, ProbeKind::Tcp, ProbeKind::Grpc] {
         let r = probe(&with_kind(addr, kind), LIMITS).await;
         assert_eq!(r.outcome, Outcome::Down, "{kind}: {r:?}");
