@@ -38,50 +38,7 @@ pub const KEY: &str = "mesh-deployer";
 /// admin on `127.0.0.1:8895`, its data folder in the test's folder, the
 /// node's proxy), with `extra` flags; waits until it is ready.
 pub async fn start_deployer(mesh: &mut Mesh, k: usize, extra: &[&str]) -> Result<()> {
-    let program = bins::workspace_bin("mesh-deployer")?;
-    let dir = mesh.dir().to_path_buf();
-    let node = &mut mesh.nodes[k];
-    let data = node.proxy_data_dir().with_file_name("deployer");
-    std::fs::create_dir_all(&data)?;
-    let grpc = SocketAddr::from((node.ip(), DEPLOYER_GRPC));
-    let mut args: Vec<String> = vec![
-        "--node".into(),
-        node.name.clone(),
-        "--grpc-listen".into(),
-        grpc.to_string(),
-        "--allow-remote".into(),
-        "--admin-listen".into(),
-        format!("127.0.0.1:{DEPLOYER_ADMIN}"),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--proxy-addr".into(),
-        format!("127.0.0.1:{PROXY_PORT}"),
-        "--proxy-admin".into(),
-        format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
-    ];
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let mut process = Process::new(
-        format!("{}/deployer", node.name),
-        &node.ns,
-        &program,
-        args,
-        dir.join(format!("{}-deployer.log", node.name)),
-    );
-    // In the environment, not the arguments: `ps` shows no token.
-    process.set_env("MESH_DEPLOYER_TOKEN", TOKEN);
-    process.start()?;
-    // Kept with the node's processes: its log is printed when a test
-    // fails, and it is stopped with the mesh.
-    node.instances.insert(
-        KEY.into(),
-        Instance {
-            service: KEY.into(),
-            id: KEY.into(),
-            addr: grpc,
-            process,
-        },
-    );
-    wait_ready(node).await
+    spawn(mesh, k, Auth::Token, extra).await
 }
 
 /// Starts mesh-deployer on node `k` as [`start_deployer`] does, but with
@@ -90,6 +47,19 @@ pub async fn start_deployer(mesh: &mut Mesh, k: usize, extra: &[&str]) -> Result
 /// the mesh's (a mesh with [`crate::mesh::Mtls`]); `extra` flags added.
 /// Waits until it is ready.
 pub async fn start_deployer_mtls(mesh: &mut Mesh, k: usize, extra: &[&str]) -> Result<()> {
+    spawn(mesh, k, Auth::Mtls, extra).await
+}
+
+/// How a test's deployer authenticates its callers.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// [`TOKEN`], given in the environment.
+    Token,
+    /// Mutual TLS with the node's bridge's certificates.
+    Mtls,
+}
+
+async fn spawn(mesh: &mut Mesh, k: usize, auth: Auth, extra: &[&str]) -> Result<()> {
     let program = bins::workspace_bin("mesh-deployer")?;
     let dir = mesh.dir().to_path_buf();
     let node = &mut mesh.nodes[k];
@@ -102,10 +72,6 @@ pub async fn start_deployer_mtls(mesh: &mut Mesh, k: usize, extra: &[&str]) -> R
         "--grpc-listen".into(),
         grpc.to_string(),
         "--allow-remote".into(),
-        "--tls-dir".into(),
-        node.tls_dir().display().to_string(),
-        "--trust-domain".into(),
-        TRUST_DOMAIN.into(),
         "--admin-listen".into(),
         format!("127.0.0.1:{DEPLOYER_ADMIN}"),
         "--data-dir".into(),
@@ -115,6 +81,14 @@ pub async fn start_deployer_mtls(mesh: &mut Mesh, k: usize, extra: &[&str]) -> R
         "--proxy-admin".into(),
         format!("127.0.0.1:{PROXY_ADMIN_PORT}"),
     ];
+    if let Auth::Mtls = auth {
+        args.extend([
+            "--tls-dir".into(),
+            node.tls_dir().display().to_string(),
+            "--trust-domain".into(),
+            TRUST_DOMAIN.into(),
+        ]);
+    }
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     let mut process = Process::new(
         format!("{}/deployer", node.name),
@@ -123,7 +97,13 @@ pub async fn start_deployer_mtls(mesh: &mut Mesh, k: usize, extra: &[&str]) -> R
         args,
         dir.join(format!("{}-deployer.log", node.name)),
     );
+    if let Auth::Token = auth {
+        // In the environment, not the arguments: `ps` shows no token.
+        process.set_env("MESH_DEPLOYER_TOKEN", TOKEN);
+    }
     process.start()?;
+    // Kept with the node's processes: its log is printed when a test
+    // fails, and it is stopped with the mesh.
     node.instances.insert(
         KEY.into(),
         Instance {
