@@ -86,6 +86,9 @@ impl ControlPlane {
         let (elector, leader) =
             Elector::new(consul.clone(), me, config.leader_ttl, metrics.clone());
         let identity = Identity::new(consul.clone(), config.identity.clone(), metrics.clone());
+        let own = identity
+            .enabled()
+            .then(|| OwnIdentity::new(identity.clone()));
         let control = Control::new(ControlParts {
             consul: consul.clone(),
             nginx: config.nginx.clone(),
@@ -93,11 +96,10 @@ impl ControlPlane {
             deployers: DeployerSettings {
                 port: config.deployer_port,
                 token: config.deployer_token.clone(),
-                tls: config
-                    .deployer_mtls
-                    .then(|| OwnIdentity::new(identity.clone())),
+                tls: config.deployer_mtls.then(|| own.clone()).flatten(),
             },
             monitor: config.monitor_addr.clone(),
+            own,
             replica: config.replica.clone(),
             leader: leader.clone(),
             metrics,

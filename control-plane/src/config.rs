@@ -100,7 +100,9 @@ pub struct Args {
     pub api_token: Option<String>,
     /// mesh-monitor's gRPC address (mesh.v1.Monitor), e.g.
     /// http://127.0.0.1:8896: rollout gates ask it for each node's verdict
-    /// and the dashboard shows its alerts; unset: no monitor.
+    /// and the dashboard shows its alerts; https://host:8896 for mutual TLS
+    /// (mesh-control's own identity, needs identity_token; the monitor must
+    /// show svc/mesh-monitor); unset: no monitor.
     #[arg(long, env = "MESH_MONITOR_ADDR")]
     pub monitor_addr: Option<String>,
     /// Leader lock session TTL, 10s to 5m [default: 10s].
@@ -275,9 +277,18 @@ impl Args {
                 } else {
                     format!("http://{a}")
                 };
-                if !url.starts_with("http://") || url.parse::<tonic::transport::Uri>().is_err() {
+                let https = url.starts_with("https://");
+                if !(url.starts_with("http://") || https)
+                    || url.parse::<tonic::transport::Uri>().is_err()
+                {
                     return Err(format!(
-                        "monitor_addr: {a:?} is not host:port or an http:// URL"
+                        "monitor_addr: {a:?} is not host:port or an http:// or https:// URL"
+                    ));
+                }
+                if https && identity.token.is_none() {
+                    return Err(format!(
+                        "monitor_addr: {a:?} is https (mutual TLS with mesh-control's own \
+                         certificate), which needs identity_token"
                     ));
                 }
                 Some(url)
@@ -685,5 +696,24 @@ mod tests {
         let e = parse(&["--api-token", "short"]).unwrap_err();
         assert!(e.starts_with("api_token: must be at least 16"), "{e}");
         assert!(parse(&["--api-token", " "]).unwrap().api_token.is_none());
+    }
+
+    #[test]
+    fn an_https_monitor_needs_mesh_control_s_own_identity() {
+        let e = parse(&["--monitor-addr", "https://10.0.0.5:8896"]).unwrap_err();
+        assert!(
+            e.starts_with("monitor_addr:") && e.contains("identity_token"),
+            "{e}"
+        );
+        let c = parse(&[
+            "--monitor-addr",
+            "https://10.0.0.5:8896",
+            "--identity-token",
+            "0123456789abcdef",
+        ])
+        .unwrap();
+        assert_eq!(c.monitor_addr.as_deref(), Some("https://10.0.0.5:8896"));
+        let e = parse(&["--monitor-addr", "ftp://10.0.0.5:8896"]).unwrap_err();
+        assert!(e.starts_with("monitor_addr:"), "{e}");
     }
 }

@@ -9,22 +9,19 @@
 use std::{
     collections::BTreeMap,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
 use consul_client::{Client, QueryOptions, ServiceEntry};
 use futures::{StreamExt as _, TryStreamExt as _};
-use hyper_util::rt::TokioIo;
 use mesh_proto::v1::{
     self as pb, deployer_client, monitor_client::MonitorClient, registry_client::RegistryClient,
 };
-use mesh_runtime::pki::{self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle};
-use tokio::{net::TcpStream, sync::watch};
-use tonic::{
-    codegen::{BoxFuture, Service, http::Uri},
-    transport::{Channel, Endpoint},
+use mesh_runtime::pki::{
+    self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle, grpc::MeshConnector,
 };
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::Secret,
@@ -74,6 +71,7 @@ pub struct Control {
     bridge_port: u16,
     deployers: DeployerSettings,
     monitor: Option<String>,
+    own: Option<OwnIdentity>,
     replica: String,
     leader: watch::Receiver<LeaderState>,
     metrics: ControlMetrics,
@@ -95,6 +93,9 @@ pub struct DeployerSettings {
 /// The service name of mesh-control's own identity, the one deployers
 /// with `tls_dir` let change their node.
 pub const CONTROL_SERVICE: &str = "mesh-control";
+/// The service name of mesh-monitor's identity, which a monitor at an
+/// `https://` URL must show.
+pub const MONITOR_SERVICE: &str = "mesh-monitor";
 
 /// mesh-control's own certificate (`spiffe://<trust domain>/svc/mesh-control`),
 /// from a key made here and signed by the mesh CA it holds: issued when
@@ -112,12 +113,6 @@ struct OwnCert {
     resolver: Arc<CertResolver>,
     bundle: TrustBundle,
     renew_at: SystemTime,
-}
-
-/// Dials a deployer over TLS with a mesh client config.
-#[derive(Clone)]
-struct MeshConnector {
-    config: Arc<rustls::ClientConfig>,
 }
 
 /// A client of one node's deployer, sending the token when there is one.
@@ -168,9 +163,25 @@ impl OwnIdentity {
         &self,
         node: &str,
     ) -> Result<Arc<rustls::ClientConfig>, ControlError> {
+        self.config_expecting(node, |td| SpiffeId::node(td, node))
+            .await
+    }
+
+    /// A client config presenting the current certificate and accepting
+    /// only mesh-monitor's identity (`svc/mesh-monitor`).
+    pub async fn monitor_client_config(&self) -> Result<Arc<rustls::ClientConfig>, ControlError> {
+        self.config_expecting(MONITOR_SERVICE, |td| SpiffeId::service(td, MONITOR_SERVICE))
+            .await
+    }
+
+    async fn config_expecting(
+        &self,
+        peer: &str,
+        expected: impl FnOnce(&pki::TrustDomain) -> Result<SpiffeId, pki::SpiffeIdError>,
+    ) -> Result<Arc<rustls::ClientConfig>, ControlError> {
         let cert = self.current().await?;
-        let expected = SpiffeId::node(cert.bundle.trust_domain(), node)
-            .map_err(|e| ControlError::Internal(format!("node {node:?}: {e}")))?;
+        let expected = expected(cert.bundle.trust_domain())
+            .map_err(|e| ControlError::Internal(format!("{peer:?}: {e}")))?;
         let mut config = pki::client_config(&cert.bundle, cert.resolver.clone(), expected)
             .map_err(|e| ControlError::Internal(format!("a TLS config: {e}")))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -220,40 +231,6 @@ impl OwnIdentity {
     }
 }
 
-// === impl MeshConnector ===
-
-impl Service<Uri> for MeshConnector {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let config = self.config.clone();
-        Box::pin(async move {
-            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}"));
-            let host = uri.host().ok_or_else(bad)?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().ok_or_else(bad)?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            // The name is not checked (nor sent): the node identity is.
-            let name =
-                rustls::pki_types::ServerName::try_from("mesh-deployer").map_err(|_| bad())?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok(TokioIo::new(tls))
-        })
-    }
-}
-
 /// What a [`Control`] is built from.
 #[derive(Clone, Debug)]
 pub struct ControlParts {
@@ -267,6 +244,8 @@ pub struct ControlParts {
     pub deployers: DeployerSettings,
     /// mesh-monitor's gRPC URL, if there is one.
     pub monitor: Option<String>,
+    /// mesh-control's own identity, for a monitor at an `https://` URL.
+    pub own: Option<OwnIdentity>,
     /// This replica's name.
     pub replica: String,
     /// Who leads, as the leader lock says.
@@ -287,6 +266,7 @@ impl Control {
             bridge_port: parts.bridge_port,
             deployers: parts.deployers,
             monitor: parts.monitor,
+            own: parts.own,
             replica: parts.replica,
             leader: parts.leader,
             metrics: parts.metrics,
@@ -650,7 +630,7 @@ impl Control {
             Some(own) => {
                 let config = own.client_config(node).await?;
                 endpoint
-                    .connect_with_connector(MeshConnector { config })
+                    .connect_with_connector(MeshConnector::new(config))
                     .await
             }
             None => endpoint.connect().await,
@@ -717,7 +697,14 @@ impl Control {
     /// runs without one (`monitor_addr` unset).
     pub async fn monitor(&self) -> Option<Result<(MonitorClient<Channel>, String), ControlError>> {
         let url = self.monitor.clone()?;
-        let endpoint = match Endpoint::from_shared(url.clone()) {
+        // https: mutual TLS, mesh-control's own identity against the
+        // monitor's; the endpoint itself dials plain TCP for the connector.
+        let tls = url.starts_with("https://");
+        let dialled = match url.strip_prefix("https://") {
+            Some(rest) => format!("http://{rest}"),
+            None => url.clone(),
+        };
+        let endpoint = match Endpoint::from_shared(dialled) {
             Ok(e) => e
                 .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
                 .timeout(BRIDGE_CALL_TIMEOUT),
@@ -727,7 +714,23 @@ impl Control {
                 ))));
             }
         };
-        Some(match endpoint.connect().await {
+        let connected = match (tls, &self.own) {
+            (false, _) => endpoint.connect().await,
+            (true, Some(own)) => match own.monitor_client_config().await {
+                Ok(config) => {
+                    endpoint
+                        .connect_with_connector(MeshConnector::new(config))
+                        .await
+                }
+                Err(e) => return Some(Err(e)),
+            },
+            (true, None) => {
+                return Some(Err(ControlError::Internal(format!(
+                    "monitor address {url}: https needs identity_token"
+                ))));
+            }
+        };
+        Some(match connected {
             Ok(channel) => Ok((MonitorClient::new(channel), url)),
             Err(e) => Err(ControlError::Unavailable(format!(
                 "mesh-monitor at {url} is unreachable: {}",

@@ -10,6 +10,7 @@ use mesh_proto::v1::deployer_server::DeployerServer;
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
+    pki::grpc::{Plaintext, ServerTls},
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -23,7 +24,7 @@ use crate::{
     grpc::{BearerAuth, DeployerApi, DeployerMetrics, DeployerService},
     store::{Limits, Store, StoreError},
     supervisor::{AdoptReport, Supervisor, SupervisorConfig, SupervisorError},
-    tls::{Authorization, NodeTls, TlsError},
+    tls::{self, Authorization, TlsError},
 };
 
 /// Where the process records live, under the data folder.
@@ -100,7 +101,7 @@ impl Deployer {
             &config.data_dir,
         );
         let tls = match &config.tls {
-            Some(settings) => Some(Arc::new(NodeTls::load(settings, &config.node)?)),
+            Some(settings) => Some(Arc::new(tls::load(settings, &config.node)?)),
             None => None,
         };
         let reconciled = deployments.reconcile().await;
@@ -242,7 +243,7 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
 async fn serve_grpc(
     listener: TcpListener,
     deployer: DeployerService,
-    tls: Option<Arc<NodeTls>>,
+    tls: Option<Arc<ServerTls>>,
     mut shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -257,7 +258,10 @@ async fn serve_grpc(
     let result = match tls {
         Some(tls) => {
             router
-                .serve_with_incoming_shutdown(tls.incoming(listener, stop), requested)
+                .serve_with_incoming_shutdown(
+                    tls.incoming(listener, Plaintext::Refused, stop),
+                    requested,
+                )
                 .await
         }
         None => {

@@ -18,7 +18,10 @@ use mesh_proto::v1::{
     self as pb,
     deployer_server::{Deployer, DeployerServer},
 };
-use mesh_runtime::metrics::{Counter, Registry};
+use mesh_runtime::{
+    metrics::{Counter, Registry},
+    pki::grpc::Authorize,
+};
 use sha2::{Digest, Sha256};
 use tonic::{
     Request, Response, Status, Streaming,
@@ -37,7 +40,7 @@ use crate::{
     },
     store::{ArtifactMeta, Begin, Store, StoreError, Upload, UploadStart},
     supervisor::{InstanceState, LogStream, SupervisorError},
-    tls::{Authorization, Authorize},
+    tls::Authorization,
 };
 
 /// Lines LogTail gives when asked for 0.

@@ -4,7 +4,7 @@
 //! with any URI SANs and validity, a node's own certificate, and rustls
 //! client configs that present one of them and check no server.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use mesh_runtime::pki::StoredCa;
@@ -86,6 +86,35 @@ pub fn signed(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// A gRPC channel to `addr` over TLS presenting `cert` (and checking no
+/// server), its connections opened in `from`'s namespace.
+pub async fn tls_channel(
+    from: &Node,
+    addr: SocketAddr,
+    cert: &ClientCert,
+) -> Result<tonic::transport::Channel> {
+    let config = client_config(Some(cert), b"h2")?;
+    let ns = from.ns.clone();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (ns, config) = (ns.clone(), config.clone());
+        async move {
+            let tcp = ns
+                .connect(addr, Duration::from_secs(5))
+                .await
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::from(addr.ip()), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .timeout(Duration::from_secs(20))
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("gRPC over TLS to {addr} from {}", from.name))
 }
 
 /// A TLS client configuration presenting `cert` (none: no client

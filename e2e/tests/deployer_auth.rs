@@ -16,7 +16,6 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use hyper_util::rt::TokioIo;
 use mesh_e2e::{
     Mesh, MeshOptions, Node,
     control::{CONVERGE, call, meshctl, start_replica_on},
@@ -33,10 +32,7 @@ use mesh_proto::v1::{
 use mesh_runtime::pki::{Ca, LocalKey, SpiffeId, TrustDomain};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::{
-    Code,
-    transport::{Channel, Endpoint, Uri},
-};
+use tonic::{Code, transport::Channel};
 
 /// The service deployed.
 const SERVICE: &str = "hello";
@@ -352,27 +348,7 @@ fn deployer_addr(to: &Node) -> SocketAddr {
 /// A gRPC client of `to`'s deployer over TLS presenting `cert`, its
 /// connections opened in `from`'s namespace.
 async fn tls_client(from: &Node, to: &Node, cert: &ClientCert) -> Result<DeployerClient<Channel>> {
-    let config = forge::client_config(Some(cert), b"h2")?;
-    let addr = deployer_addr(to);
-    let ns = from.ns.clone();
-    let connector = tower::service_fn(move |_: Uri| {
-        let (ns, config) = (ns.clone(), config.clone());
-        async move {
-            let tcp = ns
-                .connect(addr, Duration::from_secs(5))
-                .await
-                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(ServerName::from(addr.ip()), tcp)
-                .await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    });
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .timeout(Duration::from_secs(20))
-        .connect_with_connector(connector)
-        .await
-        .with_context(|| format!("gRPC over TLS to {addr} from {}", from.name))?;
+    let channel = forge::tls_channel(from, deployer_addr(to), cert).await?;
     Ok(DeployerClient::new(channel))
 }
 

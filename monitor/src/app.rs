@@ -10,6 +10,10 @@ use mesh_proto::v1::monitor_server::MonitorServer;
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
+    pki::{
+        SpiffeId,
+        grpc::{Authorize, CallPolicy, Plaintext, ServerTls, service_files},
+    },
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
@@ -18,6 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     alert::AlertBook,
+    bridges::{Bridges, MONITOR_SERVICE, SelfRegistration},
     checks::CheckWriter,
     config::Config,
     grpc::MonitorApi,
@@ -50,6 +55,9 @@ pub enum StartError {
     /// The webhook client could not be built.
     #[error("{0}")]
     Webhook(String),
+    /// The TLS settings cannot be used.
+    #[error("{0}")]
+    Tls(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -81,6 +89,9 @@ impl Monitor {
         let admin_listener = bind(config.admin_listen, "admin").await?;
         let (grpc_addr, admin_addr) = (local_addr(&grpc)?, local_addr(&admin_listener)?);
 
+        let bridges = Arc::new(
+            Bridges::new(config.bridge_port, config.tls.as_ref()).map_err(StartError::Tls)?,
+        );
         let (book, changes) = AlertBook::new();
         let book = Arc::new(book);
         let board = Arc::new(Board::default());
@@ -93,7 +104,7 @@ impl Monitor {
             book: book.clone(),
             checks: config
                 .consul_checks
-                .then(|| CheckWriter::new(config.bridge_port, metrics.clone())),
+                .then(|| CheckWriter::new(bridges.clone(), metrics.clone())),
             metrics: metrics.clone(),
             admin: admin.clone(),
         };
@@ -104,13 +115,24 @@ impl Monitor {
             .map(|logs| LogWatcher::new(logs).with_metrics(metrics.clone()));
         let scraper = Scraper::new(
             consul.clone(),
-            config.bridge_port,
+            bridges,
             config.traffic,
             TrafficAlerts::new(book.clone(), &config.traffic, metrics.clone()),
         );
+        let registration = config
+            .tls
+            .is_some()
+            .then(|| SelfRegistration::new(consul.clone(), &config.node, admin_addr));
         let outbox = Outbox::new(consul, webhook, metrics);
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = JoinSet::new();
+        if let Some(registration) = registration {
+            tasks.spawn(
+                registration
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("register")),
+            );
+        }
         let (log_events, log_rx) = mpsc::channel(log_alerts::EVENT_BUFFER);
         if let Some(watcher) = log_watcher {
             tasks.spawn(
@@ -144,8 +166,24 @@ impl Monitor {
                 .instrument(tracing::info_span!("outbox")),
         );
         let api = MonitorApi::new(book.clone(), board);
-        tasks
-            .spawn(serve_grpc(grpc, api, shutdown.clone()).instrument(tracing::info_span!("grpc")));
+        let tls = match &config.tls {
+            Some(settings) => {
+                let me = SpiffeId::service(&settings.trust_domain, MONITOR_SERVICE)
+                    .map_err(|e| StartError::Tls(format!("trust_domain: {e}")))?;
+                let (key, cert) = service_files(MONITOR_SERVICE);
+                let tls = Arc::new(ServerTls::new(settings.dir.clone(), me, &key, &cert));
+                tasks.spawn(
+                    tls.clone()
+                        .watch(shutdown.clone())
+                        .instrument(tracing::info_span!("grpc_tls")),
+                );
+                Some(tls)
+            }
+            None => None,
+        };
+        tasks.spawn(
+            serve_grpc(grpc, api, tls, shutdown.clone()).instrument(tracing::info_span!("grpc")),
+        );
         tasks.spawn(
             admin::serve(admin_listener, admin.router(Default::default()), shutdown)
                 .instrument(tracing::info_span!("admin")),
@@ -155,7 +193,7 @@ impl Monitor {
             consul = ?config.consul.addrs, interval = ?config.probing.interval,
             timeout = ?config.probing.timeout, slow = ?config.probing.slow_threshold,
             components = config.components.len(), consul_checks = config.consul_checks,
-            webhook = config.webhook_url.is_some(),
+            webhook = config.webhook_url.is_some(), mtls = config.tls.is_some(),
             log_rules = config.logs.as_ref().map_or(0, |l| l.rules.len()),
             traffic = config.traffic.enabled, traffic_interval = ?config.traffic.interval,
             "mesh-monitor started"
@@ -218,19 +256,75 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
     })
 }
 
-/// Serves Monitor and grpc.health.v1 until `shutdown`.
-async fn serve_grpc(listener: TcpListener, api: MonitorApi, mut shutdown: Shutdown) {
+/// Serves Monitor and grpc.health.v1 until `shutdown`; with `tls`,
+/// plaintext to this host and mutual TLS to mesh-control (see
+/// [`MonitorPolicy`]).
+async fn serve_grpc(
+    listener: TcpListener,
+    api: MonitorApi,
+    tls: Option<Arc<ServerTls>>,
+    mut shutdown: Shutdown,
+) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<MonitorServer<MonitorApi>>().await;
-    let result = Server::builder()
+    let policy = tls
+        .as_ref()
+        .map(|tls| Arc::new(MonitorPolicy::new(tls.identity())) as Arc<dyn CallPolicy>);
+    let router = Server::builder()
         .add_service(health)
-        .add_service(MonitorServer::new(api))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move { shutdown.requested().await },
-        )
-        .await;
+        .add_service(Authorize::new(MonitorServer::new(api), policy));
+    let stop = shutdown.clone();
+    let requested = async move { shutdown.requested().await };
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tls.incoming(listener, Plaintext::Loopback, stop),
+                    requested,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    requested,
+                )
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Who may call the monitor over TLS: mesh-control
+/// (`svc/mesh-control`), which asks for verdicts and alerts during
+/// rollouts and for the dashboard. Tools on the monitor's own host call in
+/// plaintext.
+#[derive(Debug)]
+pub struct MonitorPolicy {
+    control: Option<SpiffeId>,
+}
+
+/// The service name of mesh-control's identity.
+pub const CONTROL_SERVICE: &str = "mesh-control";
+
+impl MonitorPolicy {
+    /// The policy in `me`'s trust domain.
+    pub fn new(me: &SpiffeId) -> Self {
+        Self {
+            control: SpiffeId::service(me.trust_domain(), CONTROL_SERVICE).ok(),
+        }
+    }
+}
+
+impl CallPolicy for MonitorPolicy {
+    fn check(&self, _service: &str, _method: &str, peer: &SpiffeId) -> Result<(), String> {
+        match &self.control {
+            Some(control) if peer == control => Ok(()),
+            Some(control) => Err(format!("only {control} may")),
+            None => Err("no identity may".into()),
+        }
     }
 }

@@ -20,38 +20,30 @@
 //! registered anew, which drops its checks) or the last write is older than
 //! [`REFRESH`].
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use mesh_proto::v1::{SetCheckRequest, checks_client::ChecksClient};
-use tonic::transport::{Channel, Endpoint};
 
-use crate::{metrics::MonitorMetrics, probe::CheckStatus, targets::Target};
+use crate::{bridges::Bridges, metrics::MonitorMetrics, probe::CheckStatus, targets::Target};
 
 /// How often a check is written even when Consul shows the verdict.
 pub const REFRESH: Duration = Duration::from_secs(3600);
-/// How long a connect to a bridge may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a call to a bridge may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Writes checks through the nodes' bridges.
 #[derive(Debug)]
 pub struct CheckWriter {
-    bridge_port: u16,
-    channels: Mutex<HashMap<String, Channel>>,
+    bridges: Arc<Bridges>,
     metrics: MonitorMetrics,
 }
 
 // === impl CheckWriter ===
 
 impl CheckWriter {
-    /// Writes through the bridge at each node's address and `bridge_port`.
-    pub fn new(bridge_port: u16, metrics: MonitorMetrics) -> Self {
-        Self {
-            bridge_port,
-            channels: Mutex::new(HashMap::new()),
-            metrics,
-        }
+    /// Writes through each node's bridge.
+    pub fn new(bridges: Arc<Bridges>, metrics: MonitorMetrics) -> Self {
+        Self { bridges, metrics }
     }
 
     /// Sets the monitor's check on `target` to `status` with `output`.
@@ -61,49 +53,35 @@ impl CheckWriter {
         status: CheckStatus,
         output: &str,
     ) -> Result<(), String> {
-        let channel = self.channel(&target.node_address)?;
+        let channel = self
+            .bridges
+            .channel(&target.target.node, &target.node_address)?;
         let request = SetCheckRequest {
             service_id: target.target.instance_id.clone(),
             status: status.as_str().into(),
             output: output.to_owned(),
             ..Default::default()
         };
-        let result = ChecksClient::new(channel)
-            .set_check(request)
+        let mut client = ChecksClient::new(channel);
+        let result = tokio::time::timeout(CALL_TIMEOUT, client.set_check(request))
             .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {CALL_TIMEOUT:?}"
+                )))
+            })
             .map(drop)
             .map_err(|s| {
                 format!(
                     "node {}'s bridge ({}:{}) answered {:?}: {}",
                     target.target.node,
                     target.node_address,
-                    self.bridge_port,
+                    self.bridges.port(),
                     s.code(),
                     s.message()
                 )
             });
         self.metrics.check_write(result.is_ok());
         result
-    }
-
-    /// A lazily connecting channel to the bridge at `address`, kept.
-    fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(address) {
-            return Ok(c.clone());
-        }
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.to_owned()
-        };
-        let url = format!("http://{host}:{}", self.bridge_port);
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| format!("bridge address {url}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
     }
 }

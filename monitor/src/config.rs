@@ -7,7 +7,9 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
 use consul_client::ClientConfig;
-use mesh_runtime::{config::ConfigFile, duration::HumanDuration, logging::LogFormat};
+use mesh_runtime::{
+    config::ConfigFile, duration::HumanDuration, logging::LogFormat, pki::TrustDomain,
+};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +162,16 @@ pub struct Args {
     /// Rounds learned before a baseline is used, 1 or more [default: 6].
     #[arg(long, env = "MESH_TRAFFIC_WARMUP_ROUNDS")]
     pub traffic_warmup_rounds: Option<u32>,
+    /// The node's TLS folder, kept by its mesh-bridge: with it the monitor
+    /// registers itself in Consul as `mesh-monitor`, so the bridge issues
+    /// it that identity (`svc/mesh-monitor.key`/`.crt`), and calls every
+    /// bridge over mTLS, accepting only that node's identity.
+    #[arg(long, env = "MESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The mesh's trust domain, as mesh-control's trust_domain
+    /// [default: meshwork.local].
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
     /// Log files to watch and rules over their lines (the `[logs]` table
     /// of the config file only; see [`LogsConfig`]); none: no log watcher.
     #[arg(skip)]
@@ -202,6 +214,17 @@ pub struct Config {
     pub logs: Option<Logs>,
     /// Traffic alerts from the proxies' metrics.
     pub traffic: TrafficConfig,
+    /// mTLS to the bridges; none: plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Where the monitor's certificate is, and the trust domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The node's TLS folder.
+    pub dir: PathBuf,
+    /// The mesh's trust domain.
+    pub trust_domain: TrustDomain,
 }
 
 /// How targets are probed and judged.
@@ -253,6 +276,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_secs(1);
 /// Default probes in flight.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+/// The trust domain without `trust_domain`.
+pub const DEFAULT_TRUST_DOMAIN: &str = "meshwork.local";
 /// Default webhook tries.
 pub const DEFAULT_WEBHOOK_ATTEMPTS: u32 = 3;
 
@@ -337,6 +362,7 @@ impl Args {
             webhook_attempts,
             logs,
             traffic,
+            tls: tls_settings(self.tls_dir, self.trust_domain.as_deref())?,
         })
     }
 
@@ -553,6 +579,24 @@ fn parse_default(addr: &str) -> SocketAddr {
 }
 
 /// The given node name, else the hostname.
+/// mTLS when `tls_dir` is given; the trust domain alone is no use.
+fn tls_settings(
+    dir: Option<PathBuf>,
+    trust_domain: Option<&str>,
+) -> Result<Option<TlsSettings>, String> {
+    let Some(dir) = dir else {
+        return match trust_domain {
+            Some(_) => Err("trust_domain: needs tls_dir".into()),
+            None => Ok(None),
+        };
+    };
+    let trust_domain = trust_domain
+        .unwrap_or(DEFAULT_TRUST_DOMAIN)
+        .parse::<TrustDomain>()
+        .map_err(|e| format!("trust_domain: {e}"))?;
+    Ok(Some(TlsSettings { dir, trust_domain }))
+}
+
 fn node_name(given: Option<String>) -> Result<String, String> {
     let name = given
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
@@ -723,11 +767,27 @@ mod tests {
             (&["--traffic-drop-ratio", "1"], "traffic_drop_ratio:"),
             (&["--traffic-factor", "1"], "traffic_factor:"),
             (&["--traffic-warmup-rounds", "0"], "traffic_warmup_rounds:"),
+            (&["--trust-domain", "e.test"], "trust_domain:"),
+            (
+                &["--tls-dir", "/t", "--trust-domain", "Not A Domain"],
+                "trust_domain:",
+            ),
         ] {
             let e = parse(argv).unwrap_err();
             assert!(e.starts_with(key), "{argv:?}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
         assert!(Args::try_parse_from(["mesh-monitor", "--probe", "udp"]).is_err());
+    }
+
+    #[test]
+    fn tls_dir_turns_on_mtls_in_the_default_trust_domain() {
+        assert_eq!(parse(&[]).unwrap().tls, None);
+        let tls = parse(&["--tls-dir", "/var/lib/meshwork/tls"])
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(tls.dir, PathBuf::from("/var/lib/meshwork/tls"));
+        assert_eq!(tls.trust_domain.to_string(), DEFAULT_TRUST_DOMAIN);
     }
 }

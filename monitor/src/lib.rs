@@ -23,12 +23,15 @@
 //! - [`log_alerts`]: the log rules' events into the alert book.
 //! - [`traffic`]: the proxies' `/metrics` through the bridges, baselines
 //!   per node, service and signal, and traffic alerts into the alert book.
+//! - [`bridges`]: channels to the nodes' bridges (mTLS with `tls_dir`),
+//!   and the monitor's own instance in Consul for its identity.
 //! - [`grpc`]: `mesh.v1.Monitor`: list and watch alerts, verdicts.
 //! - [`metrics`]: the monitor's Prometheus metrics.
 //! - [`app`]: the running [`Monitor`]: listeners, tasks, shutdown.
 
 pub mod alert;
 pub mod app;
+pub mod bridges;
 pub mod checks;
 pub mod config;
 pub mod grpc;

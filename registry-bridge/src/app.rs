@@ -1,16 +1,21 @@
 //! The running bridge: builds everything from a [`Config`], binds the
 //! listeners, owns the tasks, and drains them on shutdown.
 
-use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use consul_client::{Client, ConfigError};
 use mesh_proto::v1::{checks_server::ChecksServer, registry_server::RegistryServer};
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
+    pki::{
+        SpiffeId,
+        grpc::{Authorize, CallPolicy, NODE_CERT, NODE_KEY, Plaintext, ServerTls},
+    },
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, task::JoinSet};
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::Instrument;
@@ -128,7 +133,38 @@ impl Bridge {
                     .instrument(tracing::info_span!("identity")),
             );
         }
-        tasks.spawn(serve_grpc(grpc, registry_api, discovery, shutdown.clone()));
+        // With a tls_dir, other hosts (the monitor) call over mTLS with the
+        // node's certificate once the keeper has it.
+        let tls = match &config.identity {
+            Some(identity) => {
+                let node = SpiffeId::node(&identity.trust_domain, &config.node).map_err(|e| {
+                    StartError::Identity {
+                        path: identity.tls_dir.clone(),
+                        source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                    }
+                })?;
+                let tls = Arc::new(ServerTls::new(
+                    identity.tls_dir.clone(),
+                    node,
+                    NODE_KEY,
+                    NODE_CERT,
+                ));
+                tasks.spawn(
+                    tls.clone()
+                        .watch(shutdown.clone())
+                        .instrument(tracing::info_span!("grpc_tls")),
+                );
+                Some(tls)
+            }
+            None => None,
+        };
+        tasks.spawn(serve_grpc(
+            grpc,
+            registry_api,
+            discovery,
+            tls,
+            shutdown.clone(),
+        ));
         let router = admin.router(Default::default());
         tasks.spawn(admin::serve(admin_listener, router, shutdown));
         // Ready once the queue is open and the listeners are bound: from here
@@ -219,11 +255,14 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, StartError> {
     })
 }
 
-/// Serves Registry, Checks, Discovery and grpc.health.v1 until `shutdown`.
+/// Serves Registry, Checks, Discovery and grpc.health.v1 until `shutdown`;
+/// with `tls`, over mTLS for other hosts and plaintext for this one, each
+/// call checked against [`BridgePolicy`].
 async fn serve_grpc(
     listener: TcpListener,
     registry: RegistryApi,
     discovery: DiscoveryApi,
+    tls: Option<Arc<ServerTls>>,
     mut shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -233,22 +272,82 @@ async fn serve_grpc(
     reporter
         .set_serving::<ChecksServer<crate::registry::ChecksApi>>()
         .await;
-    let result = Server::builder()
+    let policy = tls
+        .as_ref()
+        .map(|tls| Arc::new(BridgePolicy::new(tls.identity())) as Arc<dyn CallPolicy>);
+    let router = Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)
-        .add_service(RegistryServer::new(registry))
-        .add_service(checks)
-        .add_service(discovery)
+        .add_service(Authorize::new(
+            RegistryServer::new(registry),
+            policy.clone(),
+        ))
+        .add_service(Authorize::new(checks, policy.clone()))
+        .add_service(Authorize::new(discovery, policy));
+    let stop = shutdown.clone();
+    let requested = async move { shutdown.requested().await };
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tls.incoming(listener, Plaintext::Loopback, stop),
+                    requested,
+                )
+                .await
+        }
         // Updates are small writes that must leave at once: without
         // TCP_NODELAY, Nagle holds one back until the previous is acked,
         // which a delayed ACK stretches to tens of milliseconds.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move { shutdown.requested().await },
-        )
-        .await;
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    requested,
+                )
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Who may call the bridge over TLS: the monitor (`svc/mesh-monitor`)
+/// writes checks and reads the proxy's figures (`mesh.v1.Checks`); the
+/// node's own identity may call everything. Routes, the node's config and
+/// its intentions (`Discovery`) and registrations (`Registry`) are the
+/// node's own: another node's proxy, showing its node's certificate, is
+/// refused.
+#[derive(Debug)]
+pub struct BridgePolicy {
+    node: SpiffeId,
+    monitor: Option<SpiffeId>,
+}
+
+/// The service name of mesh-monitor's identity.
+pub const MONITOR_SERVICE: &str = "mesh-monitor";
+
+impl BridgePolicy {
+    /// The policy of the bridge of the node `node` names.
+    pub fn new(node: &SpiffeId) -> Self {
+        Self {
+            node: node.clone(),
+            monitor: SpiffeId::service(node.trust_domain(), MONITOR_SERVICE).ok(),
+        }
+    }
+}
+
+impl CallPolicy for BridgePolicy {
+    fn check(&self, service: &str, _method: &str, peer: &SpiffeId) -> Result<(), String> {
+        if *peer == self.node {
+            return Ok(());
+        }
+        let checks = service == <ChecksServer<crate::registry::ChecksApi> as NamedService>::NAME;
+        match &self.monitor {
+            Some(monitor) if checks && peer == monitor => Ok(()),
+            Some(monitor) if checks => Err(format!("only {monitor} and {} may", self.node)),
+            _ => Err(format!("only {} may", self.node)),
+        }
     }
 }

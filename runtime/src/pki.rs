@@ -37,9 +37,11 @@
 //! - [`cert`]: reading an issued certificate (identity, validity, renewal).
 //! - [`verify`]: the trust bundle and peer verification.
 //! - [`tls`]: rustls server and client configs with a swappable certificate.
+//! - [`grpc`]: mTLS on the components' gRPC listeners, and who may call what.
 
 pub mod ca;
 pub mod cert;
+pub mod grpc;
 pub mod key;
 pub mod spiffe;
 pub mod tls;

@@ -271,6 +271,7 @@ mod tests {
             bridge_port: 1,
             deployers: super::super::DeployerSettings::default(),
             monitor,
+            own: None,
             replica: "c1".into(),
             leader,
             metrics: crate::metrics::ControlMetrics::new(&mesh_runtime::metrics::Registry::new()),

@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,18 +16,16 @@ use consul_client::{Client, QueryOptions};
 use futures::{StreamExt, stream};
 use mesh_proto::v1::{ProxyMetricsRequest, checks_client::ChecksClient};
 use mesh_runtime::shutdown::Shutdown;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{
     Detector, TrafficAlerts, TrafficConfig,
     counters::{self, Snapshot},
 };
-use crate::alert::now_ms;
+use crate::{alert::now_ms, bridges::Bridges};
 
 /// Bridges asked at the same time.
 const CONCURRENCY: usize = 16;
-/// How long a connect to a bridge may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a call may take (shorter with a shorter interval).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest answer taken: the bridge sends at most 4 MiB of text.
@@ -36,12 +35,10 @@ const MAX_MESSAGE: usize = 5 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Scraper {
     consul: Client,
-    bridge_port: u16,
+    bridges: Arc<Bridges>,
     config: TrafficConfig,
     detector: Detector,
     alerts: TrafficAlerts,
-    /// Channels to the bridges, by node address.
-    channels: BTreeMap<String, Channel>,
     /// Each node's last snapshot, and when it was taken.
     last: BTreeMap<String, (Instant, Snapshot)>,
 }
@@ -49,21 +46,20 @@ pub struct Scraper {
 // === impl Scraper ===
 
 impl Scraper {
-    /// Scrapes the nodes in `consul`'s catalog through their bridges at
-    /// `bridge_port`, into `alerts`.
+    /// Scrapes the nodes in `consul`'s catalog through their `bridges`,
+    /// into `alerts`.
     pub fn new(
         consul: Client,
-        bridge_port: u16,
+        bridges: Arc<Bridges>,
         config: TrafficConfig,
         alerts: TrafficAlerts,
     ) -> Self {
         Self {
             consul,
-            bridge_port,
+            bridges,
             detector: Detector::new(config.thresholds),
             config,
             alerts,
-            channels: BTreeMap::new(),
             last: BTreeMap::new(),
         }
     }
@@ -105,10 +101,11 @@ impl Scraper {
         };
         let listed: BTreeSet<String> = nodes.iter().map(|n| n.node.clone()).collect();
         self.forget_except(&listed);
+        self.bridges.retain(&listed);
         let calls: Vec<(String, Result<Channel, String>)> = nodes
             .into_iter()
             .map(|n| {
-                let channel = self.channel(&n.address);
+                let channel = self.bridges.channel(&n.node, &n.address);
                 (n.node, channel)
             })
             .collect();
@@ -175,25 +172,6 @@ impl Scraper {
             self.detector.forget(&node);
             self.alerts.node_gone(&node, now_ms());
         }
-    }
-
-    /// A lazily connecting channel to the bridge at `address`, kept.
-    fn channel(&mut self, address: &str) -> Result<Channel, String> {
-        if let Some(c) = self.channels.get(address) {
-            return Ok(c.clone());
-        }
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.to_owned()
-        };
-        let url = format!("http://{host}:{}", self.bridge_port);
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| format!("bridge address {url}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect_lazy();
-        self.channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
     }
 }
 

@@ -74,7 +74,12 @@ fn a_proxy_failing_half_its_requests_opens_a_traffic_alert_and_a_restart_does_no
     let config = TrafficConfig::default();
     let (alerts, book, mut outbox) = feed(&config);
     let consul = Client::new(&ClientConfig::new(["http://127.0.0.1:1"])).unwrap();
-    let mut scraper = Scraper::new(consul, 8890, config, alerts);
+    let mut scraper = Scraper::new(
+        consul,
+        Arc::new(crate::bridges::Bridges::new(8890, None).unwrap()),
+        config,
+        alerts,
+    );
     let start = Instant::now();
     let at = |round: u32| start + config.interval * round;
     let proxy = FakeProxy(Registry::new());
