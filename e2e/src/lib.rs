@@ -42,6 +42,7 @@
 //! - [`forge`]: certificates and TLS clients of someone who reached a node (the mesh CA's or another's, any SANs, expired).
 //! - [`echo`]: the gRPC echo test service (`grpc-echo` binary) and a client through a proxy.
 //! - [`netns`]: namespaces, the private network, sockets opened inside a namespace, stale cleanup.
+//! - [`prometheus`]: Debian's Prometheus with the shipped config in a node's namespace; its HTTP API.
 //! - [`process`]: a process in a namespace, logged to a file; stop, kill, pause, restart.
 //! - [`http`]: an HTTP/1.1 keep-alive client (hyper) and raw exchanges over namespaced sockets.
 //! - [`mesh`]: a whole mesh per test (Consul cluster + nodes); owns and removes everything.
@@ -70,6 +71,7 @@ pub mod netns;
 pub mod nginx;
 pub mod node;
 pub mod process;
+pub mod prometheus;
 pub mod wait;
 pub mod webhook;
 pub mod ws;
