@@ -58,7 +58,7 @@ use mesh_runtime::{
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::sync::OnceCell;
 
-use crate::{config::Secret, metrics::ControlMetrics};
+use crate::{config::Secret, control::CONTROL_SERVICE, metrics::ControlMetrics};
 
 pub mod ca_store;
 pub mod grpc;
@@ -366,6 +366,12 @@ impl Identity {
             Workload::Node(name) if name.eq_ignore_ascii_case(node) => Ok(id),
             Workload::Node(_) => Err(SignError::Denied(format!(
                 "node {node:?} may not have {id}: a node gets only its own node identity"
+            ))),
+            // mesh-control issues its own (deployer_mtls, monitor_addr
+            // https): a node that registered an instance named mesh-control
+            // must not get the right to change every node.
+            Workload::Service(name) if name == CONTROL_SERVICE => Err(SignError::Denied(format!(
+                "node {node:?} may not have {id}: it is mesh-control's own identity, never a node's"
             ))),
             Workload::Service(name) => {
                 self.check_instance_on(node, name).await?;

@@ -213,13 +213,17 @@ async fn a_node_gets_its_own_identity_and_those_of_services_on_it() -> Result<()
     assert_issued(&issued, &issued.trust_bundle_pem, &orders);
 
     // Another node's identity, a service not on this node, a service on
-    // this node asked for by another: refused, naming identity and node.
+    // this node asked for by another, mesh-control's own (whose instance
+    // the replica registered on this node): refused, naming identity and
+    // node.
     let other_node = format!("spiffe://{TRUST_DOMAIN}/node/elsewhere");
     let payments = format!("spiffe://{TRUST_DOMAIN}/svc/payments");
+    let control = format!("spiffe://{TRUST_DOMAIN}/svc/mesh-control");
     for (asker, identity) in [
         (node.as_str(), other_node.as_str()),
         (node.as_str(), payments.as_str()),
         ("elsewhere", orders.as_str()),
+        (node.as_str(), control.as_str()),
     ] {
         let e = replica
             .sign(Some(TOKEN), asker, identity)
@@ -271,7 +275,7 @@ async fn a_node_gets_its_own_identity_and_those_of_services_on_it() -> Result<()
     for line in [
         r#"mesh_control_certificates_issued_total{kind="node"} 1"#,
         r#"mesh_control_certificates_issued_total{kind="service"} 1"#,
-        r#"mesh_control_certificates_refused_total{reason="denied"} 4"#,
+        r#"mesh_control_certificates_refused_total{reason="denied"} 5"#,
         r#"mesh_control_certificates_refused_total{reason="unauthenticated"} 2"#,
         r#"mesh_control_certificates_refused_total{reason="invalid"} 3"#,
     ] {

@@ -441,7 +441,12 @@ async fn watch_node_services(
                     .value
                     .iter()
                     .map(|i| i.service.to_ascii_lowercase())
-                    .filter(|s| s != "consul" && check_service_name(s).is_ok())
+                    // mesh-control's identity is its own, never a node's.
+                    .filter(|s| {
+                        s != "consul"
+                            && s != control::CONTROL_SERVICE
+                            && check_service_name(s).is_ok()
+                    })
                     .collect();
                 tx.send_if_modified(|known| {
                     let changed = known.as_ref() != Some(&names);
