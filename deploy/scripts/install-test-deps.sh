@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, where it is
 # missing: Consul (deploy/scripts/install-consul.sh), promtool (Debian's
-# `prometheus` package), Debian's nginx, Debian's Chromium, a JDK, curl, jq
-# and Python's venv. Prints
+# `prometheus` package), Debian's nginx, Debian's Chromium, a JDK, curl, jq,
+# Python's venv, ansible-core and OpenSSH. Prints
 # `export` lines for the environment the tests read (MESH_CONSUL_BIN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,6 +26,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# The ansible test runs the playbooks over ssh into hosts in namespaces
+# (an sshd of its own in each).
+command -v ansible-playbook >/dev/null 2>&1 || missing+=(ansible-core)
+{ command -v sshd || [ -x /usr/sbin/sshd ]; } >/dev/null 2>&1 || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-test-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2
@@ -36,6 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   # The packages start their servers; the tests need only the binaries.
   systemctl stop prometheus prometheus-node-exporter nginx >/dev/null 2>&1 || true
+  systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
 fi
 
 for tool in ip; do

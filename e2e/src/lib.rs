@@ -35,6 +35,7 @@
 //!
 //! Modules:
 //! - [`acl`]: Consul ACLs (default deny) and a least-privilege policy and token per component.
+//! - [`ansible`]: hosts for playbooks: sshd and a Consul dev agent per namespace, `ansible-playbook` from a controller namespace.
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
 //! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
 //! - [`deployer`]: mesh-deployer on a node (token, kill, restart), gRPC clients of it and of mesh-control.
@@ -55,6 +56,7 @@
 //! - [`webhook`]: a webhook receiver in a node's namespace, keeping what it was sent.
 
 pub mod acl;
+pub mod ansible;
 pub mod bins;
 pub mod browser;
 pub mod control;
