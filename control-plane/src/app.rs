@@ -3,7 +3,7 @@
 //! rollout and deployment drivers, the dashboard's state, both servers), and drains them on shutdown,
 //! releasing the leader lock so another replica takes it at once.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::{Request, State},
@@ -14,6 +14,10 @@ use consul_client::{Client, ConfigError};
 use mesh_runtime::{
     admin::{self, Admin},
     metrics::Registry,
+    pki::{
+        SpiffeId,
+        grpc::{Authorize, CallPolicy, Plaintext, ServerTls},
+    },
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
@@ -25,7 +29,7 @@ use tracing::Instrument;
 
 use crate::{
     config::Config,
-    control::{Control, ControlParts, DeployerSettings, OwnIdentity},
+    control::{CONTROL_SERVICE, Control, ControlParts, DeployerSettings, OwnIdentity},
     dashboard::{ConsulSource, Dashboard, Publisher},
     deploy,
     grpc::ControlApi,
@@ -62,6 +66,9 @@ pub enum StartError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The gRPC listener's TLS cannot be set up.
+    #[error("grpc_tls: {0}")]
+    Tls(String),
 }
 
 // === impl ControlPlane ===
@@ -79,7 +86,12 @@ impl ControlPlane {
         let metrics = ControlMetrics::new(&registry);
         let me = LeaderInfo {
             replica: config.replica.clone(),
-            grpc: format!("http://{grpc_addr}"),
+            // Bridges dial what is published: https with grpc_tls.
+            grpc: if config.grpc_tls {
+                format!("https://{grpc_addr}")
+            } else {
+                format!("http://{grpc_addr}")
+            },
             http: format!("http://{http_addr}"),
             since_ms: 0,
         };
@@ -99,7 +111,7 @@ impl ControlPlane {
                 tls: config.deployer_mtls.then(|| own.clone()).flatten(),
             },
             monitor: config.monitor_addr.clone(),
-            own,
+            own: own.clone(),
             replica: config.replica.clone(),
             leader: leader.clone(),
             metrics,
@@ -123,11 +135,26 @@ impl ControlPlane {
             );
         }
         let api = rest::ApiAuth::new(config.api_token.as_ref());
+        let tls = match (config.grpc_tls, &own) {
+            (true, Some(own)) => {
+                let me = SpiffeId::service(&config.identity.trust_domain, CONTROL_SERVICE)
+                    .map_err(|e| StartError::Tls(e.to_string()))?;
+                let tls = Arc::new(ServerTls::held(me));
+                tasks.spawn(
+                    own.clone()
+                        .serve_with(tls.clone(), shutdown.clone())
+                        .instrument(tracing::info_span!("grpc_tls")),
+                );
+                Some(tls)
+            }
+            _ => None,
+        };
         tasks.spawn(serve_grpc(
             grpc,
             ControlApi::new(control.clone()),
             api.clone(),
             IdentityApi::new(identity),
+            tls,
             shutdown.clone(),
         ));
         tasks.spawn(
@@ -251,12 +278,14 @@ async fn ready_names_leader(
 }
 
 /// Serves `mesh.v1.Control` (behind `auth`), `mesh.v1.Identity` (its own
-/// token) and grpc.health.v1 until `shutdown`.
+/// Serves Control, Identity and grpc.health.v1 until `shutdown`; with
+/// `tls`, over TLS to other hosts (plaintext to this one).
 async fn serve_grpc(
     listener: TcpListener,
     api: ControlApi,
     auth: rest::ApiAuth,
     identity: IdentityApi,
+    tls: Option<Arc<ServerTls>>,
     mut shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -266,15 +295,52 @@ async fn serve_grpc(
     reporter
         .set_serving::<mesh_proto::v1::identity_server::IdentityServer<IdentityApi>>()
         .await;
-    let result = Server::builder()
+    // Every caller authenticates with a token (or, to Identity, its node's
+    // certificate): TLS here authenticates mesh-control to them.
+    let policy = tls
+        .as_ref()
+        .map(|_| Arc::new(TokenCallers) as Arc<dyn CallPolicy>);
+    let router = Server::builder()
         .add_service(health)
-        .add_service(InterceptedService::new(api.into_server(), auth))
-        .add_service(identity.into_service())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
-            shutdown.requested().await
-        })
-        .await;
+        .add_service(InterceptedService::new(
+            Authorize::new(api.into_server(), policy.clone()),
+            auth,
+        ))
+        .add_service(identity.into_service(policy));
+    let stop = shutdown.clone();
+    let requested = async move { shutdown.requested().await };
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tls.incoming(listener, Plaintext::Loopback, stop),
+                    requested,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), requested)
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// mesh-control's gRPC callers over TLS: any, with or without a
+/// certificate; the services check their tokens (and Identity a node's
+/// certificate) themselves.
+#[derive(Debug)]
+struct TokenCallers;
+
+impl CallPolicy for TokenCallers {
+    fn check(&self, _: &str, _: &str, _: &SpiffeId) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn anonymous(&self, _: &str, _: &str) -> Result<(), String> {
+        Ok(())
     }
 }

@@ -93,6 +93,15 @@ pub struct Args {
     /// identity_token [default: false].
     #[arg(long, env = "MESH_DEPLOYER_MTLS", num_args = 0..=1, default_missing_value = "true")]
     pub deployer_mtls: Option<bool>,
+    /// Serve the gRPC listener over TLS to other hosts: mesh-control
+    /// presents its own identity (svc/mesh-control), so bridges check whom
+    /// they give the identity token to, and a bridge showing its node's
+    /// certificate renews that node's certificates without the token;
+    /// plaintext only from this host (meshctl on it). Bridges dial the
+    /// https:// URL mesh-control publishes in Consul; needs identity_token
+    /// [default: false].
+    #[arg(long, env = "MESH_GRPC_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub grpc_tls: Option<bool>,
     /// Bearer token every REST call (`/v1/...`), the dashboard's data and
     /// every mesh.v1.Control gRPC call must carry; at least 16 printable
     /// characters. Unset: the HTTP listener must be on a loopback address.
@@ -192,6 +201,8 @@ pub struct Config {
     pub deployer_token: Option<Secret>,
     /// Whether deployers are called over mTLS.
     pub deployer_mtls: bool,
+    /// Whether the gRPC listener speaks TLS to other hosts.
+    pub grpc_tls: bool,
     /// Token the REST API, the dashboard's data and Control gRPC calls need.
     pub api_token: Option<Secret>,
     /// mesh-monitor's gRPC URL, if there is one.
@@ -263,6 +274,14 @@ impl Args {
                     .into(),
             );
         }
+        let grpc_tls = self.grpc_tls.unwrap_or(false);
+        if grpc_tls && identity.token.is_none() {
+            return Err(
+                "grpc_tls: needs identity_token (mesh-control's own certificate comes from \
+                 the mesh CA, which issues only with identity_token set)"
+                    .into(),
+            );
+        }
         if api_token.is_none() && !http_listen.ip().to_canonical().is_loopback() {
             return Err(format!(
                 "http_listen: {http_listen} is not a loopback address; the REST API and the \
@@ -315,6 +334,7 @@ impl Args {
             deployer_port,
             deployer_token,
             deployer_mtls,
+            grpc_tls,
             api_token,
             monitor_addr,
             leader_ttl,

@@ -17,8 +17,13 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use mesh_proto::v1::{
     self as pb, deployer_client, monitor_client::MonitorClient, registry_client::RegistryClient,
 };
-use mesh_runtime::pki::{
-    self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle, grpc::MeshConnector,
+use mesh_runtime::{
+    backoff::Backoff,
+    pki::{
+        self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle,
+        grpc::{MeshConnector, ServerTls},
+    },
+    shutdown::Shutdown,
 };
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -186,6 +191,36 @@ impl OwnIdentity {
             .map_err(|e| ControlError::Internal(format!("a TLS config: {e}")))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
+    }
+
+    /// Keeps `tls` presenting the current certificate until `shutdown`:
+    /// installs it, waits until it is due for renewal, and again; retries
+    /// with a backoff while the CA is not there yet.
+    pub async fn serve_with(self, tls: Arc<ServerTls>, mut shutdown: Shutdown) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            let wait = match self.current().await {
+                Ok(cert) => match tls.install(&cert.bundle, cert.resolver.clone()) {
+                    Ok(()) => {
+                        backoff.reset();
+                        let until = cert.renew_at.duration_since(SystemTime::now());
+                        until.unwrap_or_default().max(Duration::from_secs(1))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot serve gRPC over TLS yet");
+                        backoff.next_delay()
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "no certificate for the gRPC listener yet");
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// The certificate to present, issued anew when none is or it is due.

@@ -93,6 +93,11 @@ key "mesh/status/{node}" {
 key_prefix "mesh/intentions" {
   policy = "read"
 }
+# Identity over TLS: the mesh CA's certificate, GET /v1/kv/mesh/ca/bundle,
+# to check mesh-control before the node's first certificate.
+key "mesh/ca/bundle" {
+  policy = "read"
+}
 "#;
 
 /// The rule added to [`BRIDGE_POLICY`] for each service `{service}` its

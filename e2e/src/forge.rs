@@ -88,14 +88,15 @@ pub fn signed(
     })
 }
 
-/// A gRPC channel to `addr` over TLS presenting `cert` (and checking no
-/// server), its connections opened in `from`'s namespace.
+/// A gRPC channel to `addr` over TLS presenting `cert` (none: no client
+/// certificate) and checking no server, its connections opened in
+/// `from`'s namespace.
 pub async fn tls_channel(
     from: &Node,
     addr: SocketAddr,
-    cert: &ClientCert,
+    cert: Option<&ClientCert>,
 ) -> Result<tonic::transport::Channel> {
-    let config = client_config(Some(cert), b"h2")?;
+    let config = client_config(cert, b"h2")?;
     let ns = from.ns.clone();
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let (ns, config) = (ns.clone(), config.clone());

@@ -315,9 +315,12 @@ impl Mesh {
     /// node's certificate (a proxy in mtls mode does not start without).
     async fn start_identities(&mut self, mtls: &Mtls) -> Result<()> {
         let ttl = mtls.cert_ttl.map(|t| format!("{}s", t.as_secs()));
+        // grpc_tls: the bridges on other nodes get their certificates over
+        // TLS, checking mesh-control's identity.
         let mut env = vec![
             ("MESH_IDENTITY_TOKEN", IDENTITY_TOKEN),
             ("MESH_TRUST_DOMAIN", TRUST_DOMAIN),
+            ("MESH_GRPC_TLS", "true"),
         ];
         if let Some(ttl) = &ttl {
             env.push(("MESH_CERT_TTL", ttl));

@@ -98,7 +98,9 @@ async fn unlisted_service_is_refused(mesh: &Mesh) -> Result<()> {
                       "Port": 9199});
     let resp = n1.register(&body).await?;
     ensure!(
-        !resp.status.is_success() && resp.text().contains("Permission denied"),
+        resp.status == 403
+            && resp.text().contains("registration_denied")
+            && resp.text().contains("Permission denied"),
         "a registration the bridge's token may not make: {} {}",
         resp.status,
         resp.text()

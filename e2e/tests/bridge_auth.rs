@@ -15,6 +15,11 @@
 //!   and the forged check never reaches Consul;
 //! - n2's own node certificate (the control case) watches and gets its
 //!   node's updates;
+//! - mesh-control (`grpc_tls`) publishes an https URL, and the bridges got
+//!   their certificates over TLS; from n2, plaintext gets no answer, TLS
+//!   without a certificate or token is unauthenticated, n2's node
+//!   certificate renews n2's own identity without the token and is refused
+//!   n1's;
 //! - the monitor's gRPC port, with the same folder, answers mesh-control
 //!   over mTLS (`monitor_addr = https://...`, mesh-control's own identity):
 //!   its alerts reach mesh-control's REST API; n2's node certificate gets
@@ -28,7 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use mesh_e2e::{
     Mesh, MeshOptions, Node,
-    control::{CONVERGE, call, start_replica_on},
+    control::{CONTROL_GRPC, CONVERGE, call, start_replica_on},
     deployer::grpc_channel,
     eventually,
     forge::{self, ClientCert},
@@ -37,8 +42,9 @@ use mesh_e2e::{
     node::BRIDGE_GRPC_PORT,
 };
 use mesh_proto::v1::{
-    ListAlertsRequest, RouteUpdate, SetCheckRequest, WatchRequest, checks_client::ChecksClient,
-    discovery_client::DiscoveryClient, monitor_client::MonitorClient,
+    ListAlertsRequest, RouteUpdate, SetCheckRequest, SignRequest, WatchRequest,
+    checks_client::ChecksClient, discovery_client::DiscoveryClient,
+    identity_client::IdentityClient, monitor_client::MonitorClient,
 };
 use mesh_runtime::pki::{Ca, LocalKey, SpiffeId, TrustDomain};
 use tonic::{Code, Status, transport::Channel};
@@ -62,6 +68,7 @@ async fn bridges_answer_the_monitor_and_their_own_node_only() {
         .await
         .unwrap();
     other_callers_are_refused(&mesh).await.unwrap();
+    mesh_control_speaks_tls_to_other_hosts(&mesh).await.unwrap();
     the_monitor_answers_mesh_control_only(&mut mesh)
         .await
         .unwrap();
@@ -102,13 +109,18 @@ async fn the_monitor_writes_checks_over_mtls(mesh: &mut Mesh) -> Result<()> {
         },
     )
     .await?;
-    let metrics = monitor_metrics(n1).await?;
-    let written = metric_sum(
-        &metrics,
-        "mesh_monitor_check_writes_total",
-        &[r#"result="ok""#],
-    );
-    ensure!(written >= 1.0, "the monitor counts {written} check writes");
+    // Counted once the bridge's answer is back, just after Consul has it.
+    let written = eventually("the monitor counts its check write", CONVERGE, || async {
+        let metrics = monitor_metrics(n1).await?;
+        let written = metric_sum(
+            &metrics,
+            "mesh_monitor_check_writes_total",
+            &[r#"result="ok""#],
+        );
+        ensure!(written >= 1.0, "the monitor counts {written} check writes");
+        Ok(written)
+    })
+    .await?;
     println!("the monitor's check on {INSTANCE}: {status} ({written} writes)");
     Ok(())
 }
@@ -138,7 +150,7 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
 
     // n1's node certificate, as n1's proxy would show it.
     let n1_cert = ClientCert::of_node(n1)?;
-    let channel = forge::tls_channel(n1, bridge, &n1_cert).await?;
+    let channel = forge::tls_channel(n1, bridge, Some(&n1_cert)).await?;
     let refused = watch(channel.clone(), &n2.name)
         .await
         .err()
@@ -157,7 +169,7 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
         cert_pem: std::fs::read_to_string(monitor_cert(n1)?)?,
         key_pem: std::fs::read_to_string(n1.tls_dir().join("svc/mesh-monitor.key"))?,
     };
-    let channel = forge::tls_channel(n1, bridge, &monitor).await?;
+    let channel = forge::tls_channel(n1, bridge, Some(&monitor)).await?;
     let monitor_id = format!("spiffe://{TRUST_DOMAIN}/svc/mesh-monitor");
     let refused = watch(channel, &n2.name)
         .await
@@ -174,7 +186,7 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
         cert_pem: other.sign(&key.csr_pem(&id)?, &id, Duration::from_secs(3600))?,
         key_pem: key.to_pem(),
     };
-    match forge::tls_channel(n1, bridge, &foreign).await {
+    match forge::tls_channel(n1, bridge, Some(&foreign)).await {
         Err(e) => println!("another CA: {e:#}"),
         Ok(channel) => {
             let refused = watch(channel, &n2.name)
@@ -194,7 +206,7 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
 
     // The control case: n2's own node certificate watches its bridge.
     let n2_cert = ClientCert::of_node(n2)?;
-    let channel = forge::tls_channel(n1, bridge, &n2_cert).await?;
+    let channel = forge::tls_channel(n1, bridge, Some(&n2_cert)).await?;
     let first = watch(channel, &n2.name)
         .await
         .context("n2's node watching")?;
@@ -208,6 +220,80 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
         !output.contains(FORGED),
         "a refused caller's check reached Consul: {output}"
     );
+    Ok(())
+}
+
+/// mesh-control's gRPC port from n2's namespace.
+async fn mesh_control_speaks_tls_to_other_hosts(mesh: &Mesh) -> Result<()> {
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    let resp = mesh.consul_get("/v1/catalog/service/mesh-control").await?;
+    ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
+    let published = resp.json()?[0]["ServiceMeta"]["grpc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        published.starts_with("https://"),
+        "mesh-control publishes {published:?}"
+    );
+    let control = SocketAddr::from((n1.ip(), CONTROL_GRPC));
+    let td = TrustDomain::new(TRUST_DOMAIN)?;
+    let sign = |node: &str| -> Result<SignRequest> {
+        let id = SpiffeId::node(&td, node)?;
+        Ok(SignRequest {
+            node: node.into(),
+            identity: id.to_string(),
+            csr_pem: LocalKey::generate()?.csr_pem(&id)?,
+        })
+    };
+
+    // Plaintext from another host: closed before any answer.
+    let outcome = match grpc_channel(&n2.ns, control).await {
+        Ok(channel) => IdentityClient::new(channel)
+            .sign(sign(&n2.name)?)
+            .await
+            .map(drop)
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    match &outcome {
+        Ok(()) => bail!("mesh-control signed over plaintext from n2"),
+        Err(e) => ensure!(
+            !e.starts_with("PermissionDenied") && !e.starts_with("Unauthenticated"),
+            "a plaintext call from another host reached mesh-control's services: {e}"
+        ),
+    }
+    println!("plaintext from n2 to mesh-control: {outcome:?}");
+
+    // TLS without a certificate and without the token.
+    let channel = forge::tls_channel(n2, control, None).await?;
+    let refused = IdentityClient::new(channel)
+        .sign(sign(&n2.name)?)
+        .await
+        .err()
+        .context("mesh-control signed without a token or certificate")?;
+    ensure!(refused.code() == Code::Unauthenticated, "{refused:?}");
+
+    // n2's node certificate: its own node's identity without the token,
+    // not n1's.
+    let channel = forge::tls_channel(n2, control, Some(&ClientCert::of_node(n2)?)).await?;
+    let mut client = IdentityClient::new(channel);
+    let issued = client
+        .sign(sign(&n2.name)?)
+        .await
+        .context("n2 renewing with its node certificate")?
+        .into_inner();
+    ensure!(issued.cert_pem.contains("BEGIN CERTIFICATE"), "{issued:?}");
+    let refused = client
+        .sign(sign(&n1.name)?)
+        .await
+        .err()
+        .context("n2's node certificate got n1's identity")?;
+    ensure!(
+        refused.code() == Code::PermissionDenied && refused.message().contains(&n1.name),
+        "{refused:?}"
+    );
+    println!("n2's node asking for n1's: {}", refused.message());
     Ok(())
 }
 
@@ -245,7 +331,7 @@ async fn the_monitor_answers_mesh_control_only(mesh: &mut Mesh) -> Result<()> {
     println!("mesh-control's /v1/alerts: {alerts}");
 
     let n2 = &mesh.nodes[1];
-    let channel = forge::tls_channel(n2, monitor, &ClientCert::of_node(n2)?).await?;
+    let channel = forge::tls_channel(n2, monitor, Some(&ClientCert::of_node(n2)?)).await?;
     let refused = MonitorClient::new(channel)
         .list_alerts(ListAlertsRequest {})
         .await

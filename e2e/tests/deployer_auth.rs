@@ -348,7 +348,7 @@ fn deployer_addr(to: &Node) -> SocketAddr {
 /// A gRPC client of `to`'s deployer over TLS presenting `cert`, its
 /// connections opened in `from`'s namespace.
 async fn tls_client(from: &Node, to: &Node, cert: &ClientCert) -> Result<DeployerClient<Channel>> {
-    let channel = forge::tls_channel(from, deployer_addr(to), cert).await?;
+    let channel = forge::tls_channel(from, deployer_addr(to), Some(cert)).await?;
     Ok(DeployerClient::new(channel))
 }
 

@@ -196,6 +196,9 @@ fn respond(outcome: Outcome) -> Response<ProxyBody> {
         }
         Outcome::Invalid(reason) => invalid(&reason),
         Outcome::NotFound(reason) => json_error(StatusCode::NOT_FOUND, "not_found", &reason, None),
+        Outcome::Denied(reason) => {
+            json_error(StatusCode::FORBIDDEN, "registration_denied", &reason, None)
+        }
         Outcome::Failed(reason) => {
             json_error(StatusCode::BAD_GATEWAY, "registry_failed", &reason, None)
         }

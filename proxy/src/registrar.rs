@@ -41,6 +41,9 @@ pub enum Outcome {
     Invalid(String),
     /// The registry knows no such instance.
     NotFound(String),
+    /// The registry may not make it (Consul's ACLs: the bridge's token
+    /// does not allow this service on this node); not queued.
+    Denied(String),
     /// It could be neither applied nor queued.
     Failed(String),
 }
@@ -57,8 +60,12 @@ pub enum BridgeError {
     /// No such instance.
     #[error("{0}")]
     NotFound(String),
-    /// The bridge refused for a reason of its own (permissions, a missing
-    /// method): not the caller's fault, and not worth queueing.
+    /// The registry may not do it (Consul's ACLs, or the bridge's own
+    /// authorization): not worth queueing.
+    #[error("registry refused: {0}")]
+    Denied(String),
+    /// The bridge refused for a reason of its own (a missing method): not
+    /// the caller's fault, and not worth queueing.
     #[error("registry refused: {0}")]
     Refused(String),
 }
@@ -103,6 +110,7 @@ impl Registrar {
                 Ok(true) => Outcome::Queued,
                 Err(BridgeError::Invalid(m)) => Outcome::Invalid(m),
                 Err(BridgeError::NotFound(m)) => Outcome::NotFound(m),
+                Err(e @ BridgeError::Denied(_)) => Outcome::Denied(e.to_string()),
                 Err(e @ BridgeError::Refused(_)) => Outcome::Failed(e.to_string()),
                 Err(BridgeError::Unreachable(reason)) => {
                     tracing::warn!(%reason, "bridge unreachable; registration queued");
@@ -115,7 +123,7 @@ impl Registrar {
             Outcome::Applied => m.applied.increment(1),
             Outcome::Queued => m.queued.increment(1),
             Outcome::Invalid(_) | Outcome::NotFound(_) => m.invalid.increment(1),
-            Outcome::Failed(_) => m.failed.increment(1),
+            Outcome::Denied(_) | Outcome::Failed(_) => m.failed.increment(1),
         }
         outcome
     }
@@ -228,7 +236,10 @@ fn classify(status: tonic::Status) -> BridgeError {
         | Code::FailedPrecondition
         | Code::AlreadyExists
         | Code::OutOfRange => BridgeError::Invalid(status.message().to_owned()),
-        Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented => {
+        Code::PermissionDenied | Code::Unauthenticated => {
+            BridgeError::Denied(format!("{}: {}", status.code(), status.message()))
+        }
+        Code::Unimplemented => {
             BridgeError::Refused(format!("{}: {}", status.code(), status.message()))
         }
         Code::NotFound => BridgeError::NotFound(status.message().to_owned()),
@@ -253,6 +264,14 @@ mod tests {
         assert!(matches!(
             classify(tonic::Status::not_found("no such id")),
             BridgeError::NotFound(_)
+        ));
+        assert!(matches!(
+            classify(tonic::Status::permission_denied("Permission denied")),
+            BridgeError::Denied(m) if m.contains("Permission denied")
+        ));
+        assert!(matches!(
+            classify(tonic::Status::unimplemented("no such method")),
+            BridgeError::Refused(_)
         ));
     }
 

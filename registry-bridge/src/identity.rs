@@ -43,7 +43,7 @@ use tokio::sync::watch;
 pub mod control;
 pub mod files;
 
-use control::{ControlClient, SignFailure};
+use control::{ControlClient, ControlTls, SignFailure};
 use files::TlsDir;
 
 /// The trust domain when none is set (as mesh-control's default).
@@ -199,16 +199,24 @@ impl Keeper {
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
         let node_id =
             SpiffeId::node(&config.trust_domain, node).map_err(|e| invalid(e.to_string()))?;
-        let control =
-            ControlClient::new(consul.clone(), config.control_addr.clone(), &config.token)
-                .map_err(invalid)?;
+        let dir = TlsDir::open(config.tls_dir.clone())?;
+        let control = ControlClient::new(
+            consul.clone(),
+            config.control_addr.clone(),
+            &config.token,
+            ControlTls {
+                dir: dir.clone(),
+                node: node_id.clone(),
+            },
+        )
+        .map_err(invalid)?;
         Ok(Self {
             node: node.to_owned(),
             node_id,
             trust_domain: config.trust_domain.clone(),
             consul,
             wait,
-            dir: TlsDir::open(config.tls_dir.clone())?,
+            dir,
             control,
             metrics: IdentityMetrics::new(registry),
             held: BTreeMap::new(),

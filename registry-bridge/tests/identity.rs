@@ -291,17 +291,22 @@ async fn certificates_follow_the_services_on_the_node() -> Result<()> {
         Ok(())
     })
     .await?;
-    // Still there: the node's and payments' (and mesh-control's: its
-    // instance is on this node too).
+    // Still there: the node's and payments'. Never asked for:
+    // mesh-control's, although its instance is on this node too (it is
+    // mesh-control's own identity, never a node's).
     pair(&tls.join("node.key"), &tls.join("node.crt"), &node_id)?;
     pair(
         &tls.join("svc/payments.key"),
         &tls.join("svc/payments.crt"),
         &payments,
     )?;
+    ensure!(
+        !tls.join("svc/mesh-control.crt").exists(),
+        "the bridge holds mesh-control's identity"
+    );
     let registry = h.registry.clone();
     eventually("held certificates counted", || {
-        metric(&registry, "mesh_bridge_certificates 3")
+        metric(&registry, "mesh_bridge_certificates 2")
     })
     .await?;
     let expiry = gauge(&registry, "mesh_bridge_certificate_expiry_seconds")?;

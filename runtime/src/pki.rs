@@ -54,7 +54,10 @@ pub use ca::{Ca, StoredCa};
 pub use cert::{CertDetails, renew_at};
 pub use key::LocalKey;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain, Workload};
-pub use tls::{CertResolver, Credentials, client_config, server_config};
+pub use tls::{
+    CertResolver, Credentials, client_config, client_config_without_cert, server_config,
+    server_config_optional_client,
+};
 pub use verify::{PeerError, TrustBundle, peer_identity};
 
 /// Why a key, CSR, certificate or CA could not be made or used.

@@ -1,9 +1,10 @@
 //! `mesh.v1.Identity` over gRPC, behind [`IdentityAuth`], the bearer-token
 //! check.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use mesh_proto::v1::{self as pb, identity_server};
+use mesh_runtime::pki::grpc::{Authorize, CallPolicy, Peer};
 use sha2::{Digest, Sha256};
 use tonic::{
     Request, Response, Status, service::Interceptor, service::interceptor::InterceptedService,
@@ -13,7 +14,7 @@ use super::{Identity, millis};
 
 /// The Identity service with its token check in front.
 pub type IdentityService =
-    InterceptedService<identity_server::IdentityServer<IdentityApi>, IdentityAuth>;
+    InterceptedService<Authorize<identity_server::IdentityServer<IdentityApi>>, IdentityAuth>;
 
 /// The gRPC face of [`Identity`].
 #[derive(Clone, Debug)]
@@ -21,8 +22,15 @@ pub struct IdentityApi {
     identity: Identity,
 }
 
-/// Checks `authorization: Bearer <identity_token>` on every call; refuses
-/// every call when no token is set (issuance is off).
+/// The node a caller's verified certificate names: it may renew that
+/// node's certificates without the token.
+#[derive(Clone, Debug)]
+struct CertifiedNode(String);
+
+/// Checks `authorization: Bearer <identity_token>` on every call, unless
+/// the caller showed a node's certificate over TLS (then it may ask only
+/// for that node's); refuses every call when no token is set (issuance is
+/// off).
 #[derive(Clone)]
 pub struct IdentityAuth {
     expected: Option<[u8; 32]>,
@@ -37,10 +45,14 @@ impl IdentityApi {
         Self { identity }
     }
 
-    /// The tonic service, token check included.
-    pub fn into_service(self) -> IdentityService {
+    /// The tonic service, token check included, behind `policy` when the
+    /// listener speaks TLS.
+    pub fn into_service(self, policy: Option<Arc<dyn CallPolicy>>) -> IdentityService {
         let auth = IdentityAuth::new(self.identity.clone());
-        identity_server::IdentityServer::with_interceptor(self, auth)
+        InterceptedService::new(
+            Authorize::new(identity_server::IdentityServer::new(self), policy),
+            auth,
+        )
     }
 }
 
@@ -50,11 +62,21 @@ impl identity_server::Identity for IdentityApi {
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
+        let certified = request.extensions().get::<CertifiedNode>().cloned();
         let pb::SignRequest {
             node,
             identity,
             csr_pem,
         } = request.into_inner();
+        if let Some(CertifiedNode(certified)) = certified
+            && !certified.eq_ignore_ascii_case(&node)
+        {
+            self.identity.metrics().certificate_refused("denied");
+            return Err(Status::permission_denied(format!(
+                "node {certified:?}'s certificate may ask for node {certified:?}'s \
+                 certificates only, not node {node:?}'s"
+            )));
+        }
         let issued = self.identity.sign(&node, &identity, &csr_pem).await?;
         Ok(Response::new(pb::SignResponse {
             cert_pem: issued.cert_pem,
@@ -84,7 +106,7 @@ impl IdentityAuth {
 }
 
 impl Interceptor for IdentityAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else {
             return Err(self.refuse(
                 "disabled",
@@ -93,6 +115,16 @@ impl Interceptor for IdentityAuth {
                 ),
             ));
         };
+        // A node's certificate (TLS) stands for the token, for that node.
+        let node = request
+            .extensions()
+            .get::<Peer>()
+            .and_then(|p| p.identity.as_ref())
+            .and_then(|id| id.node_name().map(str::to_owned));
+        if let Some(node) = node {
+            request.extensions_mut().insert(CertifiedNode(node));
+            return Ok(request);
+        }
         let Some(given) = request.metadata().get("authorization") else {
             return Err(self.refuse(
                 "unauthenticated",

@@ -102,7 +102,8 @@ pub async fn register(
                 tracing::error!(%id, %reason, "peer registration refused; other proxies will call this node's instances directly");
                 return;
             }
-            Outcome::Failed(reason) => {
+            // A token that may not register it yet may be granted later.
+            Outcome::Denied(reason) | Outcome::Failed(reason) => {
                 tracing::warn!(%id, %reason, "peer registration failed; trying again");
             }
         }

@@ -1,18 +1,31 @@
 //! The way to mesh-control's Identity service: the configured URL, or the
 //! `grpc` address a passing `mesh-control` instance publishes in Consul's
 //! catalog.
+//!
+//! An `https://` URL (mesh-control with `grpc_tls`) is dialled over TLS:
+//! the server must show `svc/mesh-control` from the mesh CA (the bundle in
+//! the TLS folder, or before the first certificate, the one mesh-control
+//! publishes in Consul KV at `mesh/ca/bundle`), so the identity token goes
+//! to mesh-control only; the bridge shows its node's certificate when it
+//! has a valid one, which renews that node's certificates by itself.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use consul_client::{Client, QueryOptions, ServiceEntry};
 use mesh_proto::v1::{self as pb, identity_client::IdentityClient};
+use mesh_runtime::pki::{
+    self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle, grpc::MeshConnector,
+};
 use tonic::{
     Code, Status,
     metadata::AsciiMetadataValue,
     transport::{Channel, Endpoint},
 };
 
-use super::Token;
+use super::{Token, files::TlsDir};
+
+/// Where mesh-control publishes its CA's certificate.
+pub const BUNDLE_KEY: &str = "mesh/ca/bundle";
 
 /// The service every mesh-control replica registers.
 pub const CONTROL_SERVICE: &str = "mesh-control";
@@ -38,8 +51,20 @@ pub(crate) struct ControlClient {
     consul: Client,
     configured: Option<String>,
     authorization: AsciiMetadataValue,
-    /// The client in use and its URL; dropped after a transport failure.
+    tls: ControlTls,
+    /// The client in use and its URL; dropped after a transport failure,
+    /// and after each call over TLS (the next shows the newest
+    /// certificate).
     current: Option<(String, IdentityClient<Channel>)>,
+}
+
+/// What a TLS dial to mesh-control needs: the node's folder and identity.
+#[derive(Debug)]
+pub(crate) struct ControlTls {
+    /// The TLS folder (`ca.crt`, `node.key`, `node.crt`).
+    pub(crate) dir: TlsDir,
+    /// The node's identity.
+    pub(crate) node: SpiffeId,
 }
 
 // === impl ControlClient ===
@@ -49,6 +74,7 @@ impl ControlClient {
         consul: Client,
         configured: Option<String>,
         token: &Token,
+        tls: ControlTls,
     ) -> Result<Self, String> {
         let authorization = format!("Bearer {}", token.expose())
             .parse()
@@ -57,6 +83,7 @@ impl ControlClient {
             consul,
             configured,
             authorization,
+            tls,
             current: None,
         })
     }
@@ -78,7 +105,15 @@ impl ControlClient {
         request
             .metadata_mut()
             .insert("authorization", self.authorization.clone());
-        match client.sign(request).await {
+        let result = client.sign(request).await;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(url, _)| url.starts_with("https://"))
+        {
+            self.current = None;
+        }
+        match result {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => {
                 if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
@@ -98,17 +133,72 @@ impl ControlClient {
             Some(url) => url.clone(),
             None => self.discover(node).await?,
         };
-        let endpoint = Endpoint::from_shared(url.clone())
+        let https = url.strip_prefix("https://");
+        let dialled = https.map_or_else(|| url.clone(), |rest| format!("http://{rest}"));
+        let endpoint = Endpoint::from_shared(dialled)
             .map_err(|e| SignFailure {
                 kind: "control_addr",
                 message: format!("mesh-control's address {url:?} is not a URL: {e}"),
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT);
-        let client = IdentityClient::new(endpoint.connect_lazy());
+        let channel = match https {
+            Some(_) => endpoint.connect_with_connector_lazy(self.connector().await?),
+            None => endpoint.connect_lazy(),
+        };
+        let client = IdentityClient::new(channel);
         tracing::debug!(%url, "using mesh-control");
         self.current = Some((url, client.clone()));
         Ok(client)
+    }
+
+    /// A TLS connector accepting only mesh-control and showing the node's
+    /// certificate when there is a valid one.
+    async fn connector(&self) -> Result<MeshConnector, SignFailure> {
+        let td = self.tls.node.trust_domain();
+        let failed = |message: String| SignFailure {
+            kind: "tls",
+            message,
+        };
+        let bundle_pem = match std::fs::read_to_string(self.tls.dir.ca()) {
+            Ok(pem) => pem,
+            Err(_) => {
+                let stored = self
+                    .consul
+                    .kv_get(BUNDLE_KEY, QueryOptions::default())
+                    .await
+                    .map_err(|e| failed(format!("reading {BUNDLE_KEY} from Consul: {e}")))?
+                    .value
+                    .ok_or_else(|| {
+                        failed(format!(
+                            "{BUNDLE_KEY} is not in Consul yet (mesh-control publishes it)"
+                        ))
+                    })?;
+                String::from_utf8(stored.value)
+                    .map_err(|_| failed(format!("{BUNDLE_KEY}: not PEM text")))?
+            }
+        };
+        let bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)
+            .map_err(|e| failed(format!("the mesh CA's certificate: {e}")))?;
+        let expected = SpiffeId::service(td, CONTROL_SERVICE)
+            .map_err(|e| failed(format!("mesh-control's identity: {e}")))?;
+        let own = self
+            .tls
+            .dir
+            .read_pair(&self.tls.node)
+            .and_then(|(key, cert)| {
+                let key = LocalKey::from_pem(&key).ok()?;
+                Credentials::new(&key, &cert, &self.tls.node).ok()
+            });
+        let config = match own {
+            Some(credentials) => {
+                pki::client_config(&bundle, Arc::new(CertResolver::new(credentials)), expected)
+            }
+            None => pki::client_config_without_cert(&bundle, expected),
+        };
+        let mut config = config.map_err(|e| failed(format!("a TLS config: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(MeshConnector::new(Arc::new(config)))
     }
 
     /// The gRPC URL of a passing mesh-control instance that the bridge of
@@ -149,7 +239,10 @@ impl ControlClient {
 /// name the bridge's own host.
 fn grpc_url(entry: &ServiceEntry, node: &str) -> Option<String> {
     let url = entry.service.meta.get("grpc")?;
-    let rest = url.strip_prefix("http://")?;
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
     let (host, port) = rest.rsplit_once(':')?;
     let ip = host.trim_matches(['[', ']']).parse::<IpAddr>().ok();
     let url = if ip.is_some_and(|ip| ip.is_unspecified()) {
@@ -159,15 +252,15 @@ fn grpc_url(entry: &ServiceEntry, node: &str) -> Option<String> {
             .collect();
         let address = known.iter().find(|a| !is_loopback(a)).or(known.first())?;
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) => format!("http://[{v6}]:{port}"),
-            _ => format!("http://{address}:{port}"),
+            Ok(IpAddr::V6(v6)) => format!("{scheme}://[{v6}]:{port}"),
+            _ => format!("{scheme}://{address}:{port}"),
         }
     } else {
         url.clone()
     };
     let loopback = url
-        .strip_prefix("http://")
-        .and_then(|r| r.rsplit_once(':'))
+        .split_once("://")
+        .and_then(|(_, r)| r.rsplit_once(':'))
         .is_some_and(|(host, _)| is_loopback(host.trim_matches(['[', ']'])) || host == "localhost");
     let same_host = entry.node.node.eq_ignore_ascii_case(node) || is_loopback(&entry.node.address);
     (!loopback || same_host).then_some(url)
@@ -233,6 +326,12 @@ mod tests {
             Some("http://[fd00::9]:8892")
         );
         assert_eq!(grpc_url(&entry("http://0.0.0.0:8892", "", ""), "n2"), None);
+        // mesh-control with grpc_tls publishes https, and it stays https.
+        assert_eq!(
+            grpc_url(&entry("https://0.0.0.0:8892", "", "10.0.0.9"), "n2").as_deref(),
+            Some("https://10.0.0.9:8892")
+        );
+        assert_eq!(grpc_url(&entry("ftp://10.0.0.2:8892", "", ""), "n2"), None);
     }
 
     #[test]

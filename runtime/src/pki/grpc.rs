@@ -95,6 +95,9 @@ pub struct ServerTls {
     key_file: String,
     cert_file: String,
     identity: SpiffeId,
+    /// Whether TLS clients without a certificate are taken (they must
+    /// authenticate otherwise; see [`CallPolicy::anonymous`]).
+    client_auth_optional: bool,
     /// The server config of the credentials last loaded; none before the
     /// first pair loads.
     config: Mutex<Option<Arc<ServerConfig>>>,
@@ -119,8 +122,11 @@ pub struct Peer {
     /// The remote address.
     pub addr: Option<SocketAddr>,
     /// The verified identity; `None` for a plaintext connection, which
-    /// [`ServerTls::incoming`] takes from loopback addresses only.
+    /// [`ServerTls::incoming`] takes from loopback addresses only, and for
+    /// a TLS client without a certificate where that is allowed.
     pub identity: Option<SpiffeId>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
 }
 
 /// An accepted connection: plaintext from the host itself, or TLS.
@@ -136,6 +142,14 @@ pub trait CallPolicy: fmt::Debug + Send + Sync + 'static {
     /// `Ok` when `peer` may call `method` of `service` (the gRPC path's two
     /// parts, as in `/mesh.v1.Checks/SetCheck`); otherwise who may.
     fn check(&self, service: &str, method: &str, peer: &SpiffeId) -> Result<(), String>;
+
+    /// `Ok` when a TLS client without a certificate may call `method` of
+    /// `service` (only where [`ServerTls::held`] takes such clients; they
+    /// authenticate otherwise, with a token).
+    fn anonymous(&self, service: &str, method: &str) -> Result<(), String> {
+        let _ = (service, method);
+        Err("a client certificate from the mesh CA is needed".into())
+    }
 }
 
 /// Checks every call against a [`CallPolicy`], in front of the service.
@@ -166,9 +180,32 @@ impl ServerTls {
             key_file: key_file.to_owned(),
             cert_file: cert_file.to_owned(),
             identity,
+            client_auth_optional: false,
             config: Mutex::new(None),
             seen: Mutex::new(None),
         }
+    }
+
+    /// Credentials for `identity` that the caller keeps with
+    /// [`Self::install`] (no `tls_dir`), taking TLS clients with and
+    /// without a certificate.
+    pub fn held(identity: SpiffeId) -> Self {
+        Self {
+            client_auth_optional: true,
+            ..Self::new(PathBuf::new(), identity, "", "")
+        }
+    }
+
+    /// Presents `resolver`'s certificate and trusts `bundle` from the next
+    /// handshake on.
+    pub fn install(
+        &self,
+        bundle: &TrustBundle,
+        resolver: Arc<CertResolver>,
+    ) -> Result<(), TlsError> {
+        let config = self.config_for(bundle, resolver)?;
+        *lock(&self.config) = Some(config);
+        Ok(())
     }
 
     /// The node's credentials (`node.key`, `node.crt`) for `identity`,
@@ -307,6 +344,7 @@ impl ServerTls {
                 let peer = Peer {
                     addr: Some(addr),
                     identity: None,
+                    tls: false,
                 };
                 return Ok(Conn::Plain(tcp, peer));
             }
@@ -318,11 +356,18 @@ impl ServerTls {
             .accept(tcp)
             .await
             .map_err(|e| format!("TLS handshake: {e}"))?;
-        let identity = peer_identity(tls.get_ref().1.peer_certificates())
-            .map_err(|e| format!("client certificate: {e}"))?;
+        let certs = tls.get_ref().1.peer_certificates();
+        let identity = match (certs, self.client_auth_optional) {
+            // Where the config allows a client without one.
+            (None, true) => None,
+            (certs, _) => {
+                Some(peer_identity(certs).map_err(|e| format!("client certificate: {e}"))?)
+            }
+        };
         let peer = Peer {
             addr: Some(addr),
-            identity: Some(identity),
+            identity,
+            tls: true,
         };
         Ok(Conn::Tls(Box::new(tls), peer))
     }
@@ -339,8 +384,20 @@ impl ServerTls {
             files,
             &self.identity,
         )?;
-        let resolver = Arc::new(CertResolver::new(credentials));
-        let mut config = super::server_config(&bundle, resolver).map_err(|e| TlsError {
+        self.config_for(&bundle, Arc::new(CertResolver::new(credentials)))
+    }
+
+    fn config_for(
+        &self,
+        bundle: &TrustBundle,
+        resolver: Arc<CertResolver>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let config = if self.client_auth_optional {
+            super::server_config_optional_client(bundle, resolver)
+        } else {
+            super::server_config(bundle, resolver)
+        };
+        let mut config = config.map_err(|e| TlsError {
             path: self.dir.join(CA_FILE),
             reason: e.to_string(),
         })?;
@@ -508,16 +565,18 @@ impl<S> Authorize<S> {
                 "{method}: the connection carries no peer"
             )));
         };
-        let Some(identity) = &peer.identity else {
+        if !peer.tls || service == HEALTH_SERVICE {
             // Plaintext is only ever accepted from the host itself.
             return Ok(());
-        };
-        if service == HEALTH_SERVICE {
-            return Ok(());
         }
-        policy.check(service, method, identity).map_err(|who| {
-            Status::permission_denied(format!("{identity} may not call {method}: {who}"))
-        })
+        match &peer.identity {
+            Some(identity) => policy.check(service, method, identity).map_err(|who| {
+                Status::permission_denied(format!("{identity} may not call {method}: {who}"))
+            }),
+            None => policy.anonymous(service, method).map_err(|why| {
+                Status::unauthenticated(format!("{method} without a client certificate: {why}"))
+            }),
+        }
     }
 }
 

@@ -50,8 +50,27 @@ pub fn server_config(
     bundle: &TrustBundle,
     certs: Arc<CertResolver>,
 ) -> Result<ServerConfig, PkiError> {
+    server_config_with(bundle, certs, true)
+}
+
+/// [`server_config`] for a listener that also takes clients without a
+/// certificate (they authenticate otherwise, with a token); a client that
+/// presents one is verified as there.
+pub fn server_config_optional_client(
+    bundle: &TrustBundle,
+    certs: Arc<CertResolver>,
+) -> Result<ServerConfig, PkiError> {
+    server_config_with(bundle, certs, false)
+}
+
+fn server_config_with(
+    bundle: &TrustBundle,
+    certs: Arc<CertResolver>,
+    mandatory: bool,
+) -> Result<ServerConfig, PkiError> {
     let verifier = MeshClientVerifier {
         bundle: bundle.clone(),
+        mandatory,
     };
     let mut config = ServerConfig::builder_with_provider(super::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -83,6 +102,28 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(certs);
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// [`client_config`] for a client with no certificate of its own yet (a
+/// bridge asking for its node's first one): it still accepts only a
+/// server that names `expected`.
+pub fn client_config_without_cert(
+    bundle: &TrustBundle,
+    expected: SpiffeId,
+) -> Result<ClientConfig, PkiError> {
+    let verifier = MeshServerVerifier {
+        bundle: bundle.clone(),
+        expected,
+    };
+    let mut config = ClientConfig::builder_with_provider(super::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| PkiError::tls("building the client config", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
     Ok(config)

@@ -67,6 +67,9 @@ pub struct TrustBundle {
 #[derive(Debug)]
 pub(super) struct MeshClientVerifier {
     pub(super) bundle: TrustBundle,
+    /// Whether a client must present a certificate; one that does is
+    /// verified either way.
+    pub(super) mandatory: bool,
 }
 
 /// Verifies a server's certificate during the handshake: chain, validity,
@@ -216,7 +219,7 @@ impl ClientCertVerifier for MeshClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
