@@ -2,7 +2,7 @@
 # Installs what the test suite needs beyond the Rust toolchain, where it is
 # missing: Consul (deploy/scripts/install-consul.sh), promtool (Debian's
 # `prometheus` package), Debian's nginx, Debian's Chromium, a JDK, curl, jq,
-# Python's venv, ansible-core and OpenSSH. Prints
+# Python's venv, ansible-core, OpenSSH, debootstrap and docker-compose. Prints
 # `export` lines for the environment the tests read (MESH_CONSUL_BIN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +31,11 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v ansible-playbook >/dev/null 2>&1 || missing+=(ansible-core)
 { command -v sshd || [ -x /usr/sbin/sshd ]; } >/dev/null 2>&1 || missing+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+# The compose test builds the base images it needs with debootstrap, strips
+# the binaries it puts in the image, and runs the compose file.
+{ command -v debootstrap || [ -x /usr/sbin/debootstrap ]; } >/dev/null 2>&1 || missing+=(debootstrap)
+command -v strip >/dev/null 2>&1 || missing+=(binutils)
+{ docker compose version || docker-compose version; } >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-test-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2

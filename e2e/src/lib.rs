@@ -37,6 +37,7 @@
 //! - [`acl`]: Consul ACLs (default deny) and a least-privilege policy and token per component.
 //! - [`ansible`]: hosts for playbooks: sshd and a Consul dev agent per namespace, `ansible-playbook` from a controller namespace.
 //! - [`bins`]: where Consul, promtool and the workspace's binaries are.
+//! - [`compose`]: the compose dev mesh of `deploy/compose`: base images, the Meshwork image, a project of the test's own.
 //! - [`browser`]: headless Chromium in a node's namespace over DevTools; screenshots per test.
 //! - [`deployer`]: mesh-deployer on a node (token, kill, restart), gRPC clients of it and of mesh-control.
 //! - [`java`]: real jars of a tiny Java HTTP service (javac, jar), one per variant.
@@ -59,6 +60,7 @@ pub mod acl;
 pub mod ansible;
 pub mod bins;
 pub mod browser;
+pub mod compose;
 pub mod control;
 pub mod deployer;
 pub mod echo;
