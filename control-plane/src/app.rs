@@ -21,10 +21,7 @@ use mesh_runtime::{
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tracing::Instrument;
 
 use crate::{
@@ -286,7 +283,7 @@ async fn serve_grpc(
     auth: rest::ApiAuth,
     identity: IdentityApi,
     tls: Option<Arc<ServerTls>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -307,23 +304,8 @@ async fn serve_grpc(
             auth,
         ))
         .add_service(identity.into_service(policy));
-    let stop = shutdown.clone();
-    let requested = async move { shutdown.requested().await };
-    let result = match tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(
-                    tls.incoming(listener, Plaintext::Loopback, stop),
-                    requested,
-                )
-                .await
-        }
-        None => {
-            router
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), requested)
-                .await
-        }
-    };
+    let result =
+        mesh_runtime::pki::grpc::serve(router, listener, tls, Plaintext::Loopback, shutdown).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

@@ -768,7 +768,7 @@ async fn the_rest_mirror_answers_like_grpc_and_renders_both_formats() -> Result<
         upsync["text"]
             .as_str()
             .unwrap_or_default()
-            .contains("upsync 127.0.0.1:8500/v1/catalog/service/orders "),
+            .contains("upsync 127.0.0.1:8500/v1/health/service/orders "),
         "{upsync}"
     );
     let bad = http

@@ -14,7 +14,7 @@ use mesh_runtime::{
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, task::JoinSet};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tracing::Instrument;
 
 use crate::{
@@ -244,7 +244,7 @@ async fn serve_grpc(
     listener: TcpListener,
     deployer: DeployerService,
     tls: Option<Arc<ServerTls>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DeployerServer<DeployerApi>>().await;
@@ -253,26 +253,8 @@ async fn serve_grpc(
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(deployer);
-    let stop = shutdown.clone();
-    let requested = async move { shutdown.requested().await };
-    let result = match tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(
-                    tls.incoming(listener, Plaintext::Refused, stop),
-                    requested,
-                )
-                .await
-        }
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    requested,
-                )
-                .await
-        }
-    };
+    let result =
+        mesh_runtime::pki::grpc::serve(router, listener, tls, Plaintext::Refused, shutdown).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

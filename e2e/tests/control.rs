@@ -359,7 +359,7 @@ async fn registered_through_mesh_control_lands_in_the_catalog_and_the_rendered_c
         "{nginx}"
     );
     assert!(
-        nginx.contains("upsync 127.0.0.1:8500/v1/catalog/service/api upsync_timeout=6m"),
+        nginx.contains("upsync 127.0.0.1:8500/v1/health/service/api upsync_timeout=6m"),
         "{nginx}"
     );
     let (code, nginx, _) = meshctl(

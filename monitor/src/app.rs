@@ -17,7 +17,7 @@ use mesh_runtime::{
     shutdown::{self, Shutdown, Trigger},
 };
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tracing::Instrument;
 
 use crate::{
@@ -263,7 +263,7 @@ async fn serve_grpc(
     listener: TcpListener,
     api: MonitorApi,
     tls: Option<Arc<ServerTls>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<MonitorServer<MonitorApi>>().await;
@@ -273,26 +273,8 @@ async fn serve_grpc(
     let router = Server::builder()
         .add_service(health)
         .add_service(Authorize::new(MonitorServer::new(api), policy));
-    let stop = shutdown.clone();
-    let requested = async move { shutdown.requested().await };
-    let result = match tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(
-                    tls.incoming(listener, Plaintext::Loopback, stop),
-                    requested,
-                )
-                .await
-        }
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    requested,
-                )
-                .await
-        }
-    };
+    let result =
+        mesh_runtime::pki::grpc::serve(router, listener, tls, Plaintext::Loopback, shutdown).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

@@ -17,7 +17,6 @@ use mesh_runtime::{
 use tokio::{net::TcpListener, task::JoinSet};
 use tonic::server::NamedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tracing::Instrument;
 
 use crate::{
@@ -263,7 +262,7 @@ async fn serve_grpc(
     registry: RegistryApi,
     discovery: DiscoveryApi,
     tls: Option<Arc<ServerTls>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RegistryServer<RegistryApi>>().await;
@@ -285,29 +284,8 @@ async fn serve_grpc(
         ))
         .add_service(Authorize::new(checks, policy.clone()))
         .add_service(Authorize::new(discovery, policy));
-    let stop = shutdown.clone();
-    let requested = async move { shutdown.requested().await };
-    let result = match tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(
-                    tls.incoming(listener, Plaintext::Loopback, stop),
-                    requested,
-                )
-                .await
-        }
-        // Updates are small writes that must leave at once: without
-        // TCP_NODELAY, Nagle holds one back until the previous is acked,
-        // which a delayed ACK stretches to tens of milliseconds.
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    requested,
-                )
-                .await
-        }
-    };
+    let result =
+        mesh_runtime::pki::grpc::serve(router, listener, tls, Plaintext::Loopback, shutdown).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

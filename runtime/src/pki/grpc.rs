@@ -162,6 +162,34 @@ pub struct Authorize<S> {
 /// `ca.crt`, the key and the certificate as read at one poll.
 type Files = (Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// Serves `router` on `listener` until `shutdown`: with `tls`, through
+/// [`ServerTls::incoming`] (taking plaintext as `plaintext` says), else
+/// plaintext. Small writes leave at once (TCP_NODELAY) either way.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    plaintext: Plaintext,
+    mut shutdown: Shutdown,
+) -> Result<(), tonic::transport::Error> {
+    let stop = shutdown.clone();
+    let requested = async move { shutdown.requested().await };
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener, plaintext, stop), requested)
+                .await
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, requested)
+                .await
+        }
+    }
+}
+
 // === impl ServerTls ===
 
 impl ServerTls {

@@ -92,19 +92,7 @@ pub fn client_config(
     certs: Arc<CertResolver>,
     expected: SpiffeId,
 ) -> Result<ClientConfig, PkiError> {
-    let verifier = MeshServerVerifier {
-        bundle: bundle.clone(),
-        expected,
-    };
-    let mut config = ClientConfig::builder_with_provider(super::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| PkiError::tls("building the client config", e))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(certs);
-    config.enable_sni = false;
-    config.resumption = Resumption::disabled();
-    Ok(config)
+    client_config_with(bundle, Some(certs), expected)
 }
 
 /// [`client_config`] for a client with no certificate of its own yet (a
@@ -114,16 +102,27 @@ pub fn client_config_without_cert(
     bundle: &TrustBundle,
     expected: SpiffeId,
 ) -> Result<ClientConfig, PkiError> {
+    client_config_with(bundle, None, expected)
+}
+
+fn client_config_with(
+    bundle: &TrustBundle,
+    certs: Option<Arc<CertResolver>>,
+    expected: SpiffeId,
+) -> Result<ClientConfig, PkiError> {
     let verifier = MeshServerVerifier {
         bundle: bundle.clone(),
         expected,
     };
-    let mut config = ClientConfig::builder_with_provider(super::provider())
+    let builder = ClientConfig::builder_with_provider(super::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::tls("building the client config", e))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match certs {
+        Some(certs) => builder.with_client_cert_resolver(certs),
+        None => builder.with_no_client_auth(),
+    };
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
     Ok(config)

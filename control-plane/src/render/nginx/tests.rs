@@ -156,8 +156,8 @@ fn the_upsync_variant_pulls_each_upstream_from_consul() {
         let upstream = block(&conf, &format!("upstream {name} {{"));
         assert!(
             upstream.contains(&format!(
-                "upsync 127.0.0.1:8500/v1/catalog/service/{name} upsync_timeout=6m \
-                 upsync_interval=500ms upsync_type=consul strong_dependency=off;"
+                "upsync 127.0.0.1:8500/v1/health/service/{name} upsync_timeout=6m \
+                 upsync_interval=500ms upsync_type=consul_health strong_dependency=off;"
             )),
             "{upstream}"
         );
