@@ -805,3 +805,128 @@ impl Service<http::Uri> for MeshConnector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers 200 to every call: reached only when the policy lets it.
+    #[derive(Clone)]
+    struct Reached;
+
+    impl Service<http::Request<()>> for Reached {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Body::empty())))
+        }
+    }
+
+    /// `svc/web` may call `Get` of `mesh.v1.Test`, nothing else.
+    #[derive(Debug)]
+    struct WebGets;
+
+    impl CallPolicy for WebGets {
+        fn check(&self, service: &str, method: &str, peer: &SpiffeId) -> Result<(), String> {
+            let web = peer.service_name() == Some("web");
+            if web && service == "mesh.v1.Test" && method == "Get" {
+                Ok(())
+            } else {
+                Err("only svc/web may, and only Get".into())
+            }
+        }
+    }
+
+    fn id(uri: &str) -> SpiffeId {
+        SpiffeId::parse(uri).expect("a SPIFFE ID")
+    }
+
+    /// The gRPC status code of calling `path` as `peer` behind `policy`
+    /// (0 when the service was reached), and the message.
+    async fn call(
+        policy: Option<Arc<dyn CallPolicy>>,
+        path: &str,
+        peer: Option<Peer>,
+    ) -> (i32, String) {
+        let mut request = http::Request::builder().uri(path).body(()).unwrap();
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        let response = Authorize::new(Reached, policy).call(request).await.unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let code = header("grpc-status").map_or(0, |c| c.parse().unwrap());
+        (code, header("grpc-message").unwrap_or_default())
+    }
+
+    fn tls(identity: Option<&str>) -> Option<Peer> {
+        Some(Peer {
+            addr: Some(SocketAddr::from(([10, 0, 0, 2], 40000))),
+            identity: identity.map(id),
+            tls: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn each_call_is_decided_by_the_verified_identity() {
+        let policy: Option<Arc<dyn CallPolicy>> = Some(Arc::new(WebGets));
+        let web = "spiffe://mesh.test/svc/web";
+        let api = "spiffe://mesh.test/svc/api";
+        assert_eq!(
+            call(policy.clone(), "/mesh.v1.Test/Get", tls(Some(web)))
+                .await
+                .0,
+            0
+        );
+        let (code, message) = call(policy.clone(), "/mesh.v1.Test/Put", tls(Some(web))).await;
+        assert_eq!(code, 7, "PERMISSION_DENIED: {message}");
+        assert!(
+            message.contains("Put") && message.contains("svc/web"),
+            "{message}"
+        );
+        let (code, message) = call(policy.clone(), "/mesh.v1.Test/Get", tls(Some(api))).await;
+        assert_eq!(code, 7, "{message}");
+        assert!(message.contains("svc/api"), "{message}");
+        // Health is open to every peer the listener took.
+        let health = "/grpc.health.v1.Health/Check";
+        assert_eq!(call(policy.clone(), health, tls(Some(api))).await.0, 0);
+        // TLS without a certificate: refused unless the policy says
+        // otherwise (UNAUTHENTICATED).
+        let (code, message) = call(policy.clone(), "/mesh.v1.Test/Get", tls(None)).await;
+        assert_eq!(code, 16, "{message}");
+        // Plaintext (only ever from the host itself) goes through.
+        let local = Peer {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
+            identity: None,
+            tls: false,
+        };
+        assert_eq!(
+            call(policy.clone(), "/mesh.v1.Test/Put", Some(local))
+                .await
+                .0,
+            0
+        );
+        // A connection that carries no peer is refused, not waved through.
+        assert_eq!(call(policy, "/mesh.v1.Test/Get", None).await.0, 16);
+        // Without a policy (no TLS on the listener) everything goes through.
+        assert_eq!(call(None, "/mesh.v1.Test/Put", None).await.0, 0);
+    }
+
+    #[test]
+    fn a_mapped_ipv4_loopback_peer_is_loopback() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        assert!(is_mapped_loopback(mapped));
+        let other: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+        assert!(!is_mapped_loopback(other));
+    }
+}
