@@ -298,6 +298,8 @@ async fn serve_grpc(
         .as_ref()
         .map(|_| Arc::new(TokenCallers) as Arc<dyn CallPolicy>);
     let router = Server::builder()
+        // A span per call, child of the caller's traceparent, when tracing is on.
+        .trace_fn(mesh_runtime::telemetry::grpc_server_span)
         .add_service(health)
         .add_service(InterceptedService::new(
             Authorize::new(api.into_server(), policy.clone()),

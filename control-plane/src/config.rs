@@ -48,6 +48,10 @@ pub struct Args {
     /// Log format: text or json [default: text].
     #[arg(long, env = "MESH_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317
+    /// (off unless set): a span per gRPC call served.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// This replica's name, shown as the leader [default: <hostname>-<pid>].
     #[arg(long, env = "MESH_REPLICA")]
     pub replica: Option<String>,
@@ -185,6 +189,8 @@ pub struct Args {
 pub struct Config {
     /// Log format.
     pub log_format: LogFormat,
+    /// The OTLP collector traces are exported to; `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
     /// This replica's name.
     pub replica: String,
     /// How to reach Consul (the token is redacted from `Debug`).
@@ -326,6 +332,7 @@ impl Args {
         }
         Ok(Config {
             log_format: self.log_format.unwrap_or_default(),
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
             replica: replica_name(self.replica)?,
             consul,
             grpc_listen,

@@ -249,6 +249,8 @@ async fn serve_grpc(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DeployerServer<DeployerApi>>().await;
     let router = Server::builder()
+        // A span per call, child of the caller's traceparent, when tracing is on.
+        .trace_fn(mesh_runtime::telemetry::grpc_server_span)
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)

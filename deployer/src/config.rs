@@ -37,6 +37,10 @@ pub struct Args {
     /// Log format: text or json [default: text].
     #[arg(long, env = "MESH_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317
+    /// (off unless set): a span per gRPC call served.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// This node's name, for logs [default: the hostname].
     #[arg(long, env = "MESH_NODE")]
     pub node: Option<String>,
@@ -97,6 +101,8 @@ pub struct Args {
 pub struct Config {
     /// Log format.
     pub log_format: LogFormat,
+    /// The OTLP collector traces are exported to; `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
     /// This node's name.
     pub node: String,
     /// gRPC listener.
@@ -214,6 +220,7 @@ impl Args {
         let config_roots = config_roots(self.config_root)?;
         Ok(Config {
             log_format: self.log_format.unwrap_or_default(),
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
             node: node_name(self.node)?,
             grpc_listen,
             admin_listen,

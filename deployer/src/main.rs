@@ -4,7 +4,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use mesh_deployer::{Args, Deployer};
-use mesh_runtime::{config, logging, metrics::Registry, shutdown};
+use mesh_runtime::{config, logging, metrics::Registry, shutdown, telemetry::Telemetry};
 
 /// How long in-flight calls (an upload) get to finish on shutdown.
 const GRACE: Duration = Duration::from_secs(10);
@@ -15,11 +15,22 @@ async fn main() -> ExitCode {
     let config = config::load::<Args>()
         .validate()
         .unwrap_or_else(|e| config::exit_with(&e));
-    logging::init(config.log_format);
+    let telemetry = match Telemetry::init(
+        "mesh-deployer",
+        &config.node,
+        config.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(e) => config::exit_with(&e.to_string()),
+    };
+    logging::init_traced(config.log_format, telemetry.as_ref());
     let deployer = match Deployer::start(&config, Registry::new()).await {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "mesh-deployer cannot start");
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown().await;
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -28,5 +39,8 @@ async fn main() -> ExitCode {
         tracing::warn!(grace = ?GRACE, "shutdown grace period ran out");
     }
     tracing::info!("mesh-deployer stopped");
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
     ExitCode::SUCCESS
 }

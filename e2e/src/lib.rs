@@ -52,6 +52,7 @@
 //! - [`nginx`]: a node that serves with nginx (node metadata, Debian's nginx in a prefix folder).
 //! - [`node`]: one node: Consul agent, mesh-bridge, mesh-proxy, test services.
 //! - [`load`]: a load generator through a proxy, recording every outcome.
+//! - [`otlp`]: an OTLP/gRPC trace receiver in a node's namespace, keeping every span it is sent.
 //! - [`fault`]: a TCP fault proxy in a namespace: added latency, hang, reset.
 //! - [`wait`]: `eventually`, assertions polled until a deadline.
 //! - [`webhook`]: a webhook receiver in a node's namespace, keeping what it was sent.
@@ -74,6 +75,7 @@ pub mod monitor;
 pub mod netns;
 pub mod nginx;
 pub mod node;
+pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod wait;

@@ -271,6 +271,8 @@ async fn serve_grpc(
         .as_ref()
         .map(|tls| Arc::new(MonitorPolicy::new(tls.identity())) as Arc<dyn CallPolicy>);
     let router = Server::builder()
+        // A span per call, child of the caller's traceparent, when tracing is on.
+        .trace_fn(mesh_runtime::telemetry::grpc_server_span)
         .add_service(health)
         .add_service(Authorize::new(MonitorServer::new(api), policy));
     let result =

@@ -119,6 +119,11 @@ pub struct Args {
     /// Access log format: json, the only one for now (default json).
     #[arg(long, env = "MESH_ACCESS_LOG_FORMAT")]
     pub access_log_format: Option<AccessLogFormat>,
+    /// OTLP/gRPC collector to export traces to, e.g. http://127.0.0.1:4317
+    /// (off unless set): a server span per request received, a client
+    /// span per attempt, W3C `traceparent` sent on.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// How calls reach another node's instances: direct (straight to the
     /// instance's address) or mtls (through that node's proxy's inbound
     /// listener over mutual TLS; services listen on loopback, and the
@@ -225,6 +230,8 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// The access log's format.
     pub access_log_format: AccessLogFormat,
+    /// The OTLP collector traces are exported to; `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
     /// How calls reach another node's instances.
     pub mode: MeshMode,
     /// The credentials of mtls mode; `Some` exactly in that mode.
@@ -383,6 +390,7 @@ impl Args {
             inbound,
             access_log,
             access_log_format: self.access_log_format.unwrap_or_default(),
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
             mode,
             tls,
         };

@@ -54,7 +54,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use mesh_runtime::{backoff::Backoff, shutdown::Shutdown};
+use mesh_runtime::{backoff::Backoff, shutdown::Shutdown, telemetry::HttpSpan};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -247,8 +247,26 @@ impl Inbound {
         &self.tunnels
     }
 
-    /// Answers one request from another node's proxy.
+    /// Answers one request from another node's proxy. With tracing on,
+    /// the request gets a server span (`proxy.inbound`), child of the
+    /// calling proxy's attempt by its `traceparent`, and the instance's
+    /// request a client span (`proxy.forward`).
     pub async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(span) = HttpSpan::server("proxy.inbound", req.method(), req.headers()) else {
+            return self.handle(req, None).await;
+        };
+        let response = self.handle(req, Some(&span)).await;
+        span.set_status_code(response.status().as_u16());
+        span.end();
+        response
+    }
+
+    /// [`Inbound::serve`] within the request's span, if traced.
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        trace: Option<&HttpSpan>,
+    ) -> Response<ProxyBody> {
         let start = tokio::time::Instant::now();
         let protocol = protocol_of(req.version());
         // Kept for the access log only: the request is forwarded whole.
@@ -258,7 +276,7 @@ impl Inbound {
         });
         let mut target = None;
         let (mut reason, mut named) = ("", None);
-        let response = match self.forward(req, &mut target).await {
+        let response = match self.forward(req, &mut target, trace).await {
             Ok(response) => response,
             Err(refusal) => {
                 reason = refusal.kind();
@@ -292,11 +310,13 @@ impl Inbound {
         log.wrap(response, entry, start)
     }
 
-    /// Forwards `req` to the instance it names, which `resolved` is set to.
+    /// Forwards `req` to the instance it names, which `resolved` is set
+    /// to; within a client span, child of `trace`, when traced.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         resolved: &mut Option<(Arc<str>, Arc<Upstream>)>,
+        trace: Option<&HttpSpan>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::BadRequest("CONNECT is not supported"));
@@ -318,7 +338,37 @@ impl Inbound {
         // has been relayed.
         let upgrade =
             upgrade_of(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let req = prepare(req)?;
+        let mut req = prepare(req)?;
+        if let Some(trace) = trace {
+            trace.set_str("mesh.service", &target.service);
+        }
+        let span = trace.map(|trace| {
+            let span = trace.client("proxy.forward", 1);
+            span.set_str("mesh.service", &target.service);
+            span.set_str("mesh.instance", &target.id);
+            span.set_str("mesh.peer.node", &self.node);
+            span.inject(req.headers_mut());
+            span
+        });
+        let forwarded = self.send(req, &target, permit, upgrade).await;
+        if let Some(span) = span {
+            match &forwarded {
+                Ok(response) => span.set_status_code(response.status().as_u16()),
+                Err(refusal) => span.set_error(refusal),
+            }
+            span.end();
+        }
+        forwarded
+    }
+
+    /// Sends the prepared `req` to `target`, once.
+    async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        target: &Target,
+        permit: Permit,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
         let protocol = Protocol::choose(req.headers(), target.chosen, target.protocol);
         let in_flight = target.upstream.start();
         let lease = target

@@ -1,11 +1,12 @@
 //! mesh-proxy: loads its config (exit 64 with one line when it is bad),
 //! starts the proxy, reloads its route policies and reopens its access log
-//! on SIGHUP, and drains it on SIGTERM or SIGINT.
+//! on SIGHUP, and drains it on SIGTERM or SIGINT. With `otlp_endpoint` set
+//! it exports traces, and sends the last ones on the way out.
 
 use std::process::ExitCode;
 
 use mesh_proxy::{App, Args};
-use mesh_runtime::{config, logging, metrics::Registry, shutdown};
+use mesh_runtime::{config, logging, metrics::Registry, shutdown, telemetry::Telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
@@ -15,12 +16,20 @@ async fn main() -> ExitCode {
     let args: Args = config::parse_args();
     let merged = config::merge(args.clone()).unwrap_or_else(|e| config::exit_with(&e.to_string()));
     let config = merged.validate().unwrap_or_else(|e| config::exit_with(&e));
-    logging::init(config.log_format);
+    let telemetry =
+        match Telemetry::init("mesh-proxy", &config.node, config.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(e) => config::exit_with(&e.to_string()),
+        };
+    logging::init_traced(config.log_format, telemetry.as_ref());
     let grace = config.drain_grace;
     let app = match App::start(config, Registry::new()).await {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = %e, "mesh-proxy cannot start");
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown().await;
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -44,5 +53,8 @@ async fn main() -> ExitCode {
         }
     }
     app.shutdown(grace).await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
     ExitCode::SUCCESS
 }

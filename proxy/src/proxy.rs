@@ -20,6 +20,11 @@
 //! its headers, and of its body up to 64 KiB, in case the instance fails
 //! after they were sent. The route's policy is one `ArcSwap` load and a
 //! lookup by name.
+//!
+//! Traces (see `mesh_runtime::telemetry`): without `otlp_endpoint` a
+//! request pays one atomic load for them and no header is read; with it,
+//! a server span per request and a client span per attempt, whose
+//! context goes to the instance (or the peer proxy) as `traceparent`.
 
 use std::{
     convert::Infallible,
@@ -36,6 +41,7 @@ use http::{
 };
 use http_body::Body;
 use hyper::body::Incoming;
+use mesh_runtime::telemetry::HttpSpan;
 use tokio::time::Instant;
 
 use crate::{
@@ -85,13 +91,16 @@ pub struct Proxy {
     access_log: Option<Arc<Logger>>,
 }
 
-/// What the attempts of a request did, for its access log line.
+/// What the attempts of a request did, for its access log line, and the
+/// request's span their client spans are children of.
 #[derive(Debug, Default)]
-struct Attempted {
+struct Attempted<'a> {
     /// The endpoint of the last attempt.
     last: Option<usize>,
     /// Attempts after the first.
     retries: u32,
+    /// The request's server span; `None`: tracing is off.
+    trace: Option<&'a HttpSpan>,
 }
 
 /// What a request copies to be replayed after a failure once sent.
@@ -194,12 +203,30 @@ impl Proxy {
     }
 
     /// Answers one client request; `client` is the client's address as an
-    /// `X-Forwarded-For` value (made once per connection).
+    /// `X-Forwarded-For` value (made once per connection). With tracing on,
+    /// the request gets a server span (`proxy.outbound`), child of its
+    /// `traceparent` when it carries a valid one.
     pub async fn serve(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: HeaderValue,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let Some(span) = HttpSpan::server("proxy.outbound", req.method(), req.headers()) else {
+            return Ok(self.handle(req, client, None).await);
+        };
+        let response = self.handle(req, client, Some(&span)).await;
+        span.set_status_code(response.status().as_u16());
+        span.end();
+        Ok(response)
+    }
+
+    /// [`Proxy::serve`] within the request's span, if traced.
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: HeaderValue,
+        trace: Option<&HttpSpan>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         // A gRPC caller gets the proxy's own errors as gRPC statuses.
         let grpc = protocol::is_grpc(req.headers());
@@ -225,7 +252,7 @@ impl Proxy {
             self.metrics
                 .unrouted()
                 .record(response.status(), start.elapsed());
-            return Ok(self.log_local(response, &req, start, Logger::unrouted, e.kind()));
+            return self.log_local(response, &req, start, Logger::unrouted, e.kind());
         }
         // Shed before doing any work for it.
         let permit = match Permit::listener(&self.listener, self.listener_max_requests) {
@@ -233,21 +260,24 @@ impl Proxy {
             Err(e) => {
                 self.metrics.listener_overloaded.increment(1);
                 let response = error_response(&e);
-                return Ok(self.log_local(response, &req, start, Logger::listener, e.kind()));
+                return self.log_local(response, &req, start, Logger::listener, e.kind());
             }
         };
         let target = match self.target(&req) {
             Ok(Some(target)) => target,
-            Ok(None) => return Ok(self.agent.handle(req).await),
+            Ok(None) => return self.agent.handle(req).await,
             Err(e) => {
                 let response = error_response(&e);
                 self.metrics
                     .unrouted()
                     .record(response.status(), start.elapsed());
-                return Ok(self.log_local(response, &req, start, Logger::unrouted, e.kind()));
+                return self.log_local(response, &req, start, Logger::unrouted, e.kind());
             }
         };
         let (service, strip) = target;
+        if let Some(span) = trace {
+            span.set_str("mesh.service", service.name());
+        }
         // Kept for the access log only: the request is forwarded whole.
         let head = self
             .access_log
@@ -257,7 +287,10 @@ impl Proxy {
         // forwarded; it completes once the 101 has been relayed.
         let upgrade =
             upgrade_of(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let mut attempted = Attempted::default();
+        let mut attempted = Attempted {
+            trace,
+            ..Attempted::default()
+        };
         let mut reason = "";
         let forwarded = self
             .forward(&service, req, strip, &client, permit, &mut attempted)
@@ -284,7 +317,7 @@ impl Proxy {
         };
         service.metrics.record(response.status(), start.elapsed());
         let (Some(log), Some((method, uri))) = (&self.access_log, head) else {
-            return Ok(response);
+            return response;
         };
         let mut entry = Entry::new(
             Direction::Outbound,
@@ -298,7 +331,7 @@ impl Proxy {
             .map(|i| service.endpoints()[i].upstream.clone());
         entry.retries = attempted.retries;
         entry.reason = reason;
-        Ok(log.wrap(response, entry, start))
+        log.wrap(response, entry, start)
     }
 
     /// `response` logged (when the access log is on) as an answer the
@@ -363,7 +396,7 @@ impl Proxy {
         strip: usize,
         client: &HeaderValue,
         mut permit: Permit,
-        attempted: &mut Attempted,
+        attempted: &mut Attempted<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if service.endpoints().is_empty() {
             return Err(ProxyError::NoHealthyInstance {
@@ -464,7 +497,7 @@ impl Proxy {
         req: Request<UpstreamBody>,
         replay: Option<Replay>,
         sent: Sent,
-        attempted: &mut Attempted,
+        attempted: &mut Attempted<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Sent {
             source,
@@ -480,7 +513,7 @@ impl Proxy {
         let mut answer: Option<Response<ProxyBody>> = None;
         let mut error: Option<ProxyError> = None;
         for attempt in 0..=policy.retries {
-            let Some(req) = next.take() else { break };
+            let Some(mut req) = next.take() else { break };
             if now >= deadline {
                 error = Some(ProxyError::Timeout {
                     service: service.name().clone(),
@@ -505,11 +538,18 @@ impl Proxy {
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
             let endpoint = &service.endpoints()[i];
+            // Its client span's context goes as the request's traceparent.
+            let span = attempted
+                .trace
+                .map(|parent| attempt_span(parent, service, endpoint, attempt, &mut req));
             let outcome = tokio::time::timeout(
                 limit,
                 self.attempt(service, policy, endpoint, source.as_ref(), req),
             )
             .await;
+            if let Some(span) = span {
+                end_attempt_span(span, &outcome);
+            }
             let started = now;
             now = Instant::now();
             let elapsed = now - started;
@@ -791,6 +831,35 @@ fn screen<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         *req.uri_mut() = uri;
     }
     Ok(())
+}
+
+/// The client span of attempt `attempt` (from 0) of a request on
+/// `endpoint`, child of the request's `parent`, its context written into
+/// `req` as `traceparent`.
+fn attempt_span(
+    parent: &HttpSpan,
+    service: &Service,
+    endpoint: &Endpoint,
+    attempt: u32,
+    req: &mut Request<UpstreamBody>,
+) -> HttpSpan {
+    let span = parent.client("proxy.attempt", attempt + 1);
+    span.set_str("mesh.service", service.name());
+    span.set_str("mesh.peer.node", &endpoint.node);
+    span.set_str("mesh.instance", &endpoint.id);
+    span.inject(req.headers_mut());
+    span
+}
+
+/// Ends an attempt's span with how the attempt ended.
+fn end_attempt_span(span: HttpSpan, outcome: &Result<Attempt, tokio::time::error::Elapsed>) {
+    match outcome {
+        Ok(Attempt::Answered(response)) => span.set_status_code(response.status().as_u16()),
+        Ok(Attempt::Refused(error)) => span.set_error(error),
+        Ok(Attempt::Unsent { error, .. } | Attempt::Failed { error, .. }) => span.set_error(error),
+        Err(elapsed) => span.set_error(elapsed),
+    }
+    span.end();
 }
 
 /// What every attempt of a request shares.

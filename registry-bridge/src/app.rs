@@ -275,6 +275,8 @@ async fn serve_grpc(
         .as_ref()
         .map(|tls| Arc::new(BridgePolicy::new(tls.identity())) as Arc<dyn CallPolicy>);
     let router = Server::builder()
+        // A span per call, child of the caller's traceparent, when tracing is on.
+        .trace_fn(mesh_runtime::telemetry::grpc_server_span)
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health)

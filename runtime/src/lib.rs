@@ -11,6 +11,7 @@
 //! - [`backoff`]: jittered exponential backoff for every retry loop.
 //! - [`duration`]: human durations (`250ms`, `2s`, `1m`) for config values.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future, and a drain signal for tasks.
+//! - [`telemetry`]: OpenTelemetry traces, exported over OTLP when an endpoint is set.
 //! - [`pki`]: mesh identity: SPIFFE IDs, the mesh CA, CSRs, mTLS configs.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod pki;
 pub mod queue;
 pub mod shutdown;
+pub mod telemetry;
 
 /// Installs rustls' ring crypto provider for the process. Call it first
 /// thing in every `main` (and once in tests): TLS clients built without a
