@@ -1,18 +1,28 @@
 //! The ansible playbooks of `deploy/ansible`:
 //!
 //! - every playbook passes `ansible-playbook --syntax-check`;
-//! - `site.yml`, run for real over ssh against two hosts in network
-//!   namespaces (sshd and a Consul dev agent each; plain processes under an
-//!   install prefix per host instead of systemd), installs every component
+//! - the defaults are mtls mode: each component's config, rendered from
+//!   its template with `group_vars/all.yml`, has the keys of README
+//!   "Running in mtls mode", and `meshwork_mtls=false` renders direct
+//!   mode's with none of them;
+//! - in mtls mode without `meshwork_identity_token` the playbook fails at
+//!   once with a message naming that variable, and touches nothing;
+//! - `site.yml` in direct mode, run for real over ssh against two hosts in
+//!   network namespaces (sshd and a Consul dev agent each; plain processes
+//!   under an install prefix per host instead of systemd), installs every component
 //!   (bridge, proxy and deployer on both, control on n1, monitor on n2),
 //!   and each answers `/ready`; a second run changes nothing; an upgrade of
 //!   the proxy and the deployer goes host by host (all of n1, its health
 //!   checks included, before anything on n2), the proxy handed over to a
 //!   new process, the bridge left running; an upgrade whose deployer never
 //!   gets ready stops on n1, which is put back on the previous deployer,
-//!   and leaves n2 untouched on the old versions.
+//!   and leaves n2 untouched on the old versions;
+//! - `site.yml` with the defaults (mtls) and an identity token, run for
+//!   real against one host running every component, gets the node its
+//!   certificates and every component ready.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -73,6 +83,130 @@ fn every_playbook_passes_syntax_check() -> Result<()> {
     Ok(())
 }
 
+/// The lines of each component's config that make it mtls mode.
+const MTLS_LINES: [(&str, &[&str]); 5] = [
+    (
+        "mesh-proxy",
+        &[
+            "mode = \"mtls\"",
+            "tls_dir = \"/var/lib/meshwork/tls\"",
+            "trust_domain = \"meshwork.local\"",
+            "inbound_listen = \"10.0.0.11:8443\"",
+        ],
+    ),
+    (
+        "mesh-bridge",
+        &[
+            "grpc_listen = \"0.0.0.0:8890\"",
+            "tls_dir = \"/var/lib/meshwork/tls\"",
+            "trust_domain = \"meshwork.local\"",
+        ],
+    ),
+    (
+        "mesh-control",
+        &[
+            "grpc_listen = \"10.0.0.11:8892\"",
+            "grpc_tls = true",
+            "deployer_mtls = true",
+        ],
+    ),
+    (
+        "mesh-deployer",
+        &[
+            "grpc_listen = \"10.0.0.11:8894\"",
+            "allow_remote = true",
+            "tls_dir = \"/var/lib/meshwork/tls\"",
+        ],
+    ),
+    (
+        "mesh-monitor",
+        &[
+            "tls_dir = \"/var/lib/meshwork/tls\"",
+            "trust_domain = \"meshwork.local\"",
+        ],
+    ),
+];
+
+#[test]
+fn the_defaults_are_mtls_and_direct_is_one_variable_away() -> Result<()> {
+    let scratch = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "ansible-render")?;
+    let mtls = render_configs(scratch.path(), &[])?;
+    for (bin, lines) in MTLS_LINES {
+        let config = &mtls[bin];
+        for line in lines {
+            ensure!(
+                config.lines().any(|l| l == *line),
+                "{bin}'s config with the defaults must be mtls mode ({line}):\n{config}"
+            );
+        }
+    }
+    let direct = render_configs(scratch.path(), &["-e", "meshwork_mtls=false"])?;
+    ensure!(
+        direct["mesh-proxy"]
+            .lines()
+            .any(|l| l == "mode = \"direct\""),
+        "meshwork_mtls=false must put the proxy in direct mode:\n{}",
+        direct["mesh-proxy"]
+    );
+    for (bin, config) in &direct {
+        ensure!(
+            config
+                .lines()
+                .filter(|l| l.starts_with("grpc_listen ="))
+                .all(|l| l.contains("\"127.0.0.1:")),
+            "{bin}'s gRPC listener in direct mode must stay on loopback:\n{config}"
+        );
+        for key in ["tls_dir", "inbound_listen", "grpc_tls", "deployer_mtls"] {
+            ensure!(
+                !config.lines().any(|l| l.starts_with(&format!("{key} ="))),
+                "{bin}'s config in direct mode must not set {key}:\n{config}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mtls_without_an_identity_token_stops_before_touching_a_host() -> Result<()> {
+    let scratch = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "ansible-token")?;
+    let inventory = scratch.path().join("inventory.ini");
+    std::fs::write(
+        &inventory,
+        "[mesh_control]\nc1\n[mesh_nodes]\nc1\n[all:vars]\nansible_connection=local\n\
+         ansible_python_interpreter=/usr/bin/python3\n",
+    )?;
+    let prefix = scratch.path().join("prefix");
+    let out = local_ansible(scratch.path(), "ansible-playbook")
+        .arg("--check")
+        .arg("-i")
+        .arg(&inventory)
+        .arg(ansible_dir().join("site.yml"))
+        .arg("-e")
+        .arg("meshwork_service_manager=process meshwork_become=false")
+        .arg("-e")
+        .arg(format!("meshwork_prefix={}", prefix.display()))
+        .output()
+        .context("ansible-playbook not found: install Debian's ansible-core")?;
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success(),
+        "mtls mode without an identity token must fail:\n{output}"
+    );
+    ensure!(
+        output.contains("meshwork_mtls is on (the default) but meshwork_identity_token is empty"),
+        "the failure must name meshwork_identity_token:\n{output}"
+    );
+    ensure!(
+        !output.contains("TASK [meshwork_component") && !prefix.exists(),
+        "nothing may be installed before the identity token is checked:\n{output}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_playbook_installs_and_upgrades_one_host_at_a_time() -> Result<()> {
     let big = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "ansible-bins")?;
@@ -80,17 +214,79 @@ async fn site_playbook_installs_and_upgrades_one_host_at_a_time() -> Result<()> 
     let hosts = Hosts::start(&["n1", "n2"], big.path()).await?;
     let result = scenario(&hosts, &releases).await;
     if result.is_err() {
-        eprintln!(
-            "ansible output and process logs are in {} (MESH_E2E_KEEP=1 keeps them)",
-            hosts.dir().display()
-        );
-        if let Ok(log) = std::fs::read_to_string(hosts.dir().join("ansible.log")) {
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
-        }
-        eprintln!("{}", hosts.daemon_logs(10));
+        print_failure(&hosts);
     }
     result
+}
+
+/// Where to look, and the end of the playbook's output and the daemons' logs.
+fn print_failure(hosts: &Hosts) {
+    eprintln!(
+        "ansible output and process logs are in {} (MESH_E2E_KEEP=1 keeps them)",
+        hosts.dir().display()
+    );
+    if let Ok(log) = std::fs::read_to_string(hosts.dir().join("ansible.log")) {
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+    }
+    eprintln!("{}", hosts.daemon_logs(10));
+}
+
+/// The defaults (mtls mode) with an identity token, installed for real on
+/// one host that runs every component: mesh-control comes first, the
+/// bridge gets the node's certificates from it over TLS, and every
+/// component, mtls mode's config in place, answers `/ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_playbook_installs_an_mtls_mesh_by_default() -> Result<()> {
+    let big = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "ansible-mtls")?;
+    let releases = Releases::build(big.path())?;
+    let hosts = Hosts::start(&["m1"], big.path()).await?;
+    let result = mtls_scenario(&hosts, &releases).await;
+    if result.is_err() {
+        print_failure(&hosts);
+    }
+    result
+}
+
+async fn mtls_scenario(hosts: &Hosts, releases: &Releases) -> Result<()> {
+    let inventory = hosts.inventory(&[
+        ("mesh_nodes", &["m1"]),
+        ("mesh_control", &["m1"]),
+        ("mesh_monitor", &["m1"]),
+    ])?;
+    let run = hosts
+        .playbook(&[
+            "-i".to_owned(),
+            inventory.display().to_string(),
+            ansible_dir().join("site.yml").display().to_string(),
+            "-e".into(),
+            "meshwork_service_manager=process meshwork_become=false".into(),
+            "-e".into(),
+            format!("meshwork_bin_src={}", releases.v1.display()),
+            "-e".into(),
+            "meshwork_identity_token=ansible-test-identity-token-0123456789".into(),
+        ])
+        .await?;
+    ensure!(run.success, "an mtls install failed:\n{}", run.tail(80));
+    let m1 = hosts.host("m1");
+    let proxy = std::fs::read_to_string(m1.prefix.join("etc/meshwork/mesh-proxy.toml"))?;
+    ensure!(
+        proxy.lines().any(|l| l == "mode = \"mtls\""),
+        "the proxy installed with the defaults must be in mtls mode:\n{proxy}"
+    );
+    for file in ["ca.crt", "node.crt", "node.key"] {
+        let path = m1.prefix.join("var/lib/meshwork/tls").join(file);
+        ensure!(
+            path.is_file(),
+            "the bridge did not keep the node's {file} ({})",
+            path.display()
+        );
+    }
+    for (bin, _) in COMPONENTS {
+        running(m1, bin, &releases.v1.join(bin))?;
+        ready(m1, bin).await?;
+    }
+    Ok(())
 }
 
 async fn scenario(hosts: &Hosts, releases: &Releases) -> Result<()> {
@@ -108,6 +304,10 @@ async fn scenario(hosts: &Hosts, releases: &Releases) -> Result<()> {
             ansible_dir().join("site.yml").display().to_string(),
             "-e".into(),
             "meshwork_service_manager=process meshwork_become=false".into(),
+            // Direct mode, chosen explicitly: this run is about the
+            // rollout; the_defaults_are_mtls_... checks mtls mode's configs.
+            "-e".into(),
+            "meshwork_mtls=false".into(),
             "-e".into(),
             format!("meshwork_bin_src={}", bins.display()),
         ];
@@ -290,7 +490,7 @@ fn pid(host: &Host, bin: &str) -> Result<u32> {
         .with_context(|| format!("{}: {text:?}", file.display()))
 }
 
-type Pids = std::collections::BTreeMap<(String, String), u32>;
+type Pids = BTreeMap<(String, String), u32>;
 
 fn pids(hosts: &[&Host]) -> Result<Pids> {
     let mut all = Pids::new();
@@ -370,9 +570,13 @@ fn ensure_success(run: &Run, what: &str) -> Result<()> {
 /// In the nodes' play, n1's last task (its last health check) comes before
 /// n2's first: one host at a time, checked before the next.
 fn ensure_serial(run: &Run) -> Result<()> {
-    let play = run
+    // The play's header comes again for each host (serial: 1).
+    let start = run
         .output
-        .split("PLAY [Meshwork control plane]")
+        .find("PLAY [Meshwork node components")
+        .context("the nodes' play did not run")?;
+    let play = run.output[start..]
+        .split("PLAY [Meshwork health monitor]")
         .next()
         .unwrap_or_default();
     let last_n1 = play.rfind("[n1]").context("no task ran on n1")?;
@@ -386,6 +590,69 @@ fn ensure_serial(run: &Run) -> Result<()> {
         "n1's deployer health check must run before n2 is touched"
     );
     Ok(())
+}
+
+// === the playbooks without hosts ===
+
+/// Each component's config (binary → TOML text) as its template renders
+/// it for a node at 10.0.0.11 with `group_vars/all.yml` and `extra`
+/// arguments, through ansible's own template lookup.
+fn render_configs(scratch: &Path, extra: &[&str]) -> Result<BTreeMap<String, String>> {
+    let inventory = scratch.join("render.ini");
+    std::fs::write(
+        &inventory,
+        "[mesh_nodes]\nn1 ansible_host=10.0.0.11 ansible_connection=local\n",
+    )?;
+    let lookups: Vec<String> = MTLS_LINES
+        .iter()
+        .map(|(bin, _)| {
+            format!(
+                "'{bin}': lookup('ansible.builtin.template', playbook_dir ~ \
+                 '/roles/meshwork_component/templates/{bin}.toml.j2', \
+                 template_vars={{'meshwork_bin': '{bin}'}})"
+            )
+        })
+        .collect();
+    let out = local_ansible(scratch, "ansible")
+        .arg("-i")
+        .arg(&inventory)
+        .arg("n1")
+        .arg("--playbook-dir")
+        .arg(ansible_dir())
+        .args(["-m", "ansible.builtin.debug", "-a"])
+        .arg(format!("msg={{{{ {{{}}} }}}}", lookups.join(", ")))
+        .args(extra)
+        .env("ANSIBLE_LOAD_CALLBACK_PLUGINS", "1")
+        .env("ANSIBLE_STDOUT_CALLBACK", "json")
+        .output()
+        .context("ansible not found: install Debian's ansible-core")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "rendering the templates failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout).with_context(|| format!("ansible's JSON: {stdout}"))?;
+    let msg = &json["plays"][0]["tasks"][0]["hosts"]["n1"]["msg"];
+    let configs: BTreeMap<String, String> = serde_json::from_value(msg.clone())
+        .with_context(|| format!("the rendered configs: {msg}"))?;
+    ensure!(
+        configs.len() == MTLS_LINES.len(),
+        "a config per component expected: {msg}"
+    );
+    Ok(configs)
+}
+
+/// An ansible command of the controller, its temp files in `scratch`.
+fn local_ansible(scratch: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("ANSIBLE_NOCOLOR", "1")
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
+        .env("ANSIBLE_LOCAL_TEMP", scratch.join("ansible-local"))
+        .env("ANSIBLE_REMOTE_TEMP", scratch.join("ansible-remote"));
+    cmd
 }
 
 fn ansible_dir() -> PathBuf {

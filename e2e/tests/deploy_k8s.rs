@@ -1,5 +1,6 @@
-//! The Kubernetes manifests in `deploy/k8s`: every kustomization (the base
-//! and each overlay) as a user applies it.
+//! The Kubernetes manifests in `deploy/k8s`: every kustomization a user
+//! applies, the production one (`deploy/k8s`, mtls mode) and each overlay
+//! (`overlays/direct`).
 //!
 //! - `every_kustomization_builds_valid_manifests_that_hold_together`:
 //!   built by kustomize (kubectl's own), checked against the Kubernetes
@@ -9,6 +10,9 @@
 //!   references to ConfigMaps, ServiceAccounts and Secrets, Services that
 //!   reach a pod's ports, two mesh-control replicas under a disruption
 //!   budget, no Kubernetes API rights.
+//! - `the_production_kustomization_is_mtls_and_direct_is_an_overlay`:
+//!   the configs `kubectl apply -k deploy/k8s` installs are mtls mode's;
+//!   `overlays/direct` sets none of its keys.
 //! - `every_pod_starts_from_its_manifest_and_passes_its_probes`: each
 //!   pod's containers started with the real binaries the way the kubelet
 //!   would (their command and arguments, their environment with the
@@ -81,6 +85,38 @@ fn every_kustomization_builds_valid_manifests_that_hold_together() -> Result<()>
             build.docs.len(),
             SCHEMA_VERSIONS.join(" and ")
         );
+    }
+    Ok(())
+}
+
+/// `kubectl apply -k deploy/k8s` is mtls mode (the main README, "Running
+/// in mtls mode"); direct mode is `overlays/direct`, with none of it.
+#[test]
+fn the_production_kustomization_is_mtls_and_direct_is_an_overlay() -> Result<()> {
+    let tools = tools()?;
+    let production = Build::new(tools, &k8s_dir())?;
+    for (component, line) in [
+        ("mesh-proxy", "mode = \"mtls\""),
+        ("mesh-proxy", "inbound_listen = \"0.0.0.0:8443\""),
+        ("mesh-bridge", "tls_dir = \"/var/lib/meshwork/tls\""),
+        ("mesh-control", "grpc_tls = true"),
+        ("mesh-monitor", "tls_dir = \"/var/lib/meshwork/tls\""),
+    ] {
+        let config = production.config(component)?;
+        ensure!(
+            config.lines().any(|l| l == line),
+            "deploy/k8s: {component}'s config must be mtls mode ({line}):\n{config}"
+        );
+    }
+    let direct = Build::new(tools, &k8s_dir().join("overlays/direct"))?;
+    for component in ["mesh-proxy", "mesh-bridge", "mesh-control", "mesh-monitor"] {
+        let config = direct.config(component)?;
+        for key in ["mode", "tls_dir", "inbound_listen", "grpc_tls"] {
+            ensure!(
+                !config.lines().any(|l| l.starts_with(&format!("{key} ="))),
+                "overlays/direct: {component}'s config must not set {key}:\n{config}"
+            );
+        }
     }
     Ok(())
 }
@@ -202,9 +238,10 @@ fn k8s_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s")
 }
 
-/// The base and every overlay.
+/// The production kustomization (`deploy/k8s` itself) and every overlay;
+/// not `base`, which holds no configs and is not applied alone.
 fn kustomizations() -> Result<Vec<PathBuf>> {
-    let mut dirs = vec![k8s_dir().join("base")];
+    let mut dirs = vec![k8s_dir()];
     let overlays = k8s_dir().join("overlays");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&overlays)
         .with_context(|| format!("read {}", overlays.display()))?
@@ -219,7 +256,7 @@ fn kustomizations() -> Result<Vec<PathBuf>> {
 
 /// One kustomization, built.
 struct Build {
-    /// `base` or `overlays/<name>`.
+    /// `deploy/k8s` (production) or `overlays/<name>`.
     name: String,
     /// kustomize's output.
     yaml: String,
@@ -229,11 +266,11 @@ struct Build {
 
 impl Build {
     fn new(tools: &Tools, dir: &Path) -> Result<Self> {
-        let name = dir
-            .strip_prefix(k8s_dir())
-            .unwrap_or(dir)
-            .display()
-            .to_string();
+        let name = match dir.strip_prefix(k8s_dir()) {
+            Ok(rel) if rel.as_os_str().is_empty() => "deploy/k8s".to_owned(),
+            Ok(rel) => rel.display().to_string(),
+            Err(_) => dir.display().to_string(),
+        };
         let yaml = run(Command::new(&tools.kubectl).arg("kustomize").arg(dir))
             .with_context(|| format!("kubectl kustomize {name}"))?;
         let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml)
@@ -259,6 +296,24 @@ impl Build {
             .with_context(|| format!("{}: schemas of Kubernetes {version}", self.name))?;
         }
         Ok(())
+    }
+
+    /// The TOML config of `component` (`mesh-proxy`): its file in the
+    /// generated ConfigMap `<component>-config-<hash>`.
+    fn config(&self, component: &str) -> Result<&str> {
+        let prefix = format!("{component}-config-");
+        let cm = self
+            .of_kind("ConfigMap")
+            .find(|c| {
+                c["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+            .ok_or_else(|| anyhow!("{}: no ConfigMap {prefix}<hash>", self.name))?;
+        str_of(
+            &cm["data"][format!("{component}.toml")],
+            &format!("{}: {component}.toml", self.name),
+        )
     }
 
     fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
