@@ -327,6 +327,23 @@ impl Node {
         resp.json()
     }
 
+    /// Waits until this node's proxy has `peer`'s inbound listener (at
+    /// `peer`'s address and [`INBOUND_PORT`]) as its peer for `peer`'s
+    /// node.
+    pub async fn wait_peer(&self, peer: &Node, deadline: Duration) -> Result<()> {
+        let want = peer.ip().to_string();
+        let what = format!("{}'s proxy has {}'s as a peer", self.name, peer.name);
+        eventually(&what, deadline, || async {
+            let routes = self.routes().await?;
+            let p = &routes["peers"][peer.name.as_str()];
+            if p["address"] != want.as_str() || p["port"] != INBOUND_PORT {
+                bail!("peers: {}", routes["peers"]);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// GET `path` on the node's Consul agent (with the harness's token).
     pub async fn consul_get(&self, path: &str) -> Result<Response> {
         self.local_client(CONSUL_HTTP)

@@ -14,7 +14,7 @@ use anyhow::{Result, ensure};
 use mesh_e2e::{HttpClient, Mesh, MeshOptions, Node, echo, eventually, ws};
 
 /// The inbound listener's port on every node.
-const INBOUND: u16 = 8443;
+const INBOUND: u16 = mesh_e2e::mesh::INBOUND_PORT;
 
 /// How long a routing change may take to show where nothing is measured.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -44,8 +44,8 @@ async fn calls_to_another_node_ride_one_http2_connection_between_the_proxies() {
         .unwrap();
     mesh.nodes[0].serve("local", "local-1").await.unwrap();
     let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
-    wait_peer(n1, "n2", n2).await.unwrap();
-    wait_peer(n2, "n1", n1).await.unwrap();
+    n1.wait_peer(n2, CONVERGE).await.unwrap();
+    n2.wait_peer(n1, CONVERGE).await.unwrap();
     n1.wait_answers("backend", &["backend-1"], CONVERGE)
         .await
         .unwrap();
@@ -69,7 +69,8 @@ async fn calls_to_another_node_ride_one_http2_connection_between_the_proxies() {
 async fn a_node_whose_proxy_died_is_called_directly_until_the_proxy_is_back() {
     let mut mesh = Mesh::start(opts()).await.unwrap();
     mesh.nodes[1].serve("backend", "backend-1").await.unwrap();
-    wait_peer(&mesh.nodes[0], "n2", &mesh.nodes[1])
+    mesh.nodes[0]
+        .wait_peer(&mesh.nodes[1], CONVERGE)
         .await
         .unwrap();
     mesh.nodes[0]
@@ -108,7 +109,8 @@ async fn a_node_whose_proxy_died_is_called_directly_until_the_proxy_is_back() {
         .wait_proxy_live(Duration::from_secs(20))
         .await
         .unwrap();
-    wait_peer(&mesh.nodes[0], "n2", &mesh.nodes[1])
+    mesh.nodes[0]
+        .wait_peer(&mesh.nodes[1], CONVERGE)
         .await
         .unwrap();
     let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
@@ -126,23 +128,6 @@ async fn a_node_whose_proxy_died_is_called_directly_until_the_proxy_is_back() {
     .await
     .unwrap();
     mesh.finish();
-}
-
-/// Waits until `node`'s proxy has `peer`'s proxy as its peer for `peer`'s node.
-async fn wait_peer(node: &Node, name: &str, peer: &Node) -> Result<()> {
-    let want = peer.ip().to_string();
-    let what = format!("{}'s proxy has {name}'s as a peer", node.name);
-    eventually(&what, CONVERGE, || async {
-        let routes = node.routes().await?;
-        let p = &routes["peers"][name];
-        ensure!(
-            p["address"] == want.as_str() && p["port"] == INBOUND,
-            "peers: {}",
-            routes["peers"]
-        );
-        Ok(())
-    })
-    .await
 }
 
 /// One sample of `node`'s proxy's `/metrics` (0 when the series is absent).

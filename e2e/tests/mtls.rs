@@ -48,7 +48,7 @@ async fn call_crosses_inbound_listener(opts: MeshOptions) -> Result<()> {
     mesh.nodes[0].serve("backend", "backend-1").await?;
     allow_calls_to(&mesh.nodes[0], "backend").await?;
     let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
-    wait_peer(n2, n1).await?;
+    n2.wait_peer(n1, CONVERGE).await?;
     n2.wait_answers("backend", &["backend-1"], CONVERGE).await?;
     let arrived = r#"mesh_proxy_inbound_requests_total{protocol="h2",code_class="2xx"}"#;
     let before = metric(n1, arrived).await?;
@@ -189,7 +189,7 @@ async fn certificates_renewed_under_steady_load_cost_no_request() {
     mesh.nodes[0].serve("backend", "backend-1").await.unwrap();
     allow_calls_to(&mesh.nodes[0], "backend").await.unwrap();
     let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
-    wait_peer(n2, n1).await.unwrap();
+    n2.wait_peer(n1, CONVERGE).await.unwrap();
     n2.wait_answers("backend", &["backend-1"], CONVERGE)
         .await
         .unwrap();
@@ -332,23 +332,6 @@ async fn node_serial(node: &Node) -> Result<String> {
 
 fn inbound(node: &Node) -> SocketAddr {
     SocketAddr::from((node.ip(), INBOUND_PORT))
-}
-
-/// Waits until `node`'s proxy has `peer`'s inbound listener as its peer.
-async fn wait_peer(node: &Node, peer: &Node) -> Result<()> {
-    let want = peer.ip().to_string();
-    let what = format!("{}'s proxy has {}'s as a peer", node.name, peer.name);
-    eventually(&what, CONVERGE, || async {
-        let routes = node.routes().await?;
-        let p = &routes["peers"][peer.name.as_str()];
-        ensure!(
-            p["address"] == want.as_str() && p["port"] == INBOUND_PORT,
-            "peers: {}",
-            routes["peers"]
-        );
-        Ok(())
-    })
-    .await
 }
 
 /// One sample of `node`'s proxy's `/metrics` (0 when the series is absent).

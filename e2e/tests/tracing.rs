@@ -16,7 +16,7 @@ use mesh_e2e::{
 };
 
 /// The inbound listener's port on every node.
-const INBOUND: u16 = 8443;
+const INBOUND: u16 = mesh_e2e::mesh::INBOUND_PORT;
 
 /// The receiver's port.
 const OTLP_PORT: u16 = 4317;
@@ -52,7 +52,8 @@ async fn a_request_crossing_two_nodes_is_one_trace_with_spans_from_both_proxies(
     restart_proxy_traced(&mut mesh.nodes[1], receiver.endpoint())
         .await
         .unwrap();
-    wait_peer(&mesh.nodes[0], "n2", &mesh.nodes[1])
+    mesh.nodes[0]
+        .wait_peer(&mesh.nodes[1], CONVERGE)
         .await
         .unwrap();
     let n1 = &mesh.nodes[0];
@@ -65,7 +66,7 @@ async fn a_request_crossing_two_nodes_is_one_trace_with_spans_from_both_proxies(
         .await
         .unwrap();
     let n1 = &mesh.nodes[0];
-    wait_peer(n1, "n2", &mesh.nodes[1]).await.unwrap();
+    n1.wait_peer(&mesh.nodes[1], CONVERGE).await.unwrap();
     n1.wait_answers("backend", &["backend-1"], CONVERGE)
         .await
         .unwrap();
@@ -278,21 +279,4 @@ async fn restart_proxy_traced(node: &mut Node, endpoint: &str) -> Result<()> {
     node.proxy.set_env("OTEL_BSP_SCHEDULE_DELAY", "500");
     node.proxy.restart().await?;
     node.wait_proxy_live(CONVERGE).await
-}
-
-/// Waits until `node`'s proxy has `peer`'s inbound listener as a peer.
-async fn wait_peer(node: &Node, name: &str, peer: &Node) -> Result<()> {
-    let want = peer.ip().to_string();
-    let what = format!("{}'s proxy has {name}'s as a peer", node.name);
-    eventually(&what, CONVERGE, || async {
-        let routes = node.routes().await?;
-        let p = &routes["peers"][name];
-        ensure!(
-            p["address"] == want.as_str() && p["port"] == INBOUND,
-            "peers: {}",
-            routes["peers"]
-        );
-        Ok(())
-    })
-    .await
 }
