@@ -91,10 +91,10 @@ pub struct Args {
     /// loopback without tls_dir require one).
     #[arg(long, env = "MESH_DEPLOYER_TOKEN", hide_env_values = true)]
     pub deployer_token: Option<String>,
-    /// Call the nodes' deployers over mTLS (those started with tls_dir):
-    /// mesh-control presents its own identity, svc/mesh-control, issued
-    /// with the mesh CA, and accepts only the node's identity; needs
-    /// identity_token [default: false].
+    /// Call the nodes' deployers and bridges over mTLS (nodes whose bridge
+    /// keeps a tls_dir): mesh-control presents its own identity,
+    /// svc/mesh-control, issued with the mesh CA, and accepts only the
+    /// node's identity; needs identity_token [default: false].
     #[arg(long, env = "MESH_DEPLOYER_MTLS", num_args = 0..=1, default_missing_value = "true")]
     pub deployer_mtls: Option<bool>,
     /// Serve the gRPC listener over TLS to other hosts: mesh-control

@@ -24,9 +24,10 @@ use mesh_runtime::{
         grpc::{MeshConnector, ServerTls},
     },
     shutdown::Shutdown,
+    telemetry::{TracedChannel, traced},
 };
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::{
     config::Secret,
@@ -122,7 +123,7 @@ struct OwnCert {
 
 /// A client of one node's deployer, sending the token when there is one.
 pub type DeployerClient = deployer_client::DeployerClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+    tonic::service::interceptor::InterceptedService<TracedChannel, BearerToken>,
 >;
 
 /// Adds `authorization: Bearer <token>` to every call, when set; its
@@ -624,7 +625,7 @@ impl Control {
     pub(crate) async fn bridge(
         &self,
         node: &str,
-    ) -> Result<(RegistryClient<tonic::transport::Channel>, String), ControlError> {
+    ) -> Result<(RegistryClient<TracedChannel>, String), ControlError> {
         let address = self.require_node(node).await?;
         let host = if address.contains(':') {
             format!("[{address}]")
@@ -636,13 +637,25 @@ impl Control {
             .map_err(|e| ControlError::Internal(format!("bridge address {url}: {e}")))?
             .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
             .timeout(BRIDGE_CALL_TIMEOUT);
-        let channel = endpoint.connect().await.map_err(|e| {
+        // Nodes with identities (deployer_mtls): a bridge with a tls_dir
+        // takes other hosts over mTLS only, so mesh-control shows its own
+        // identity and accepts only that node's.
+        let connected = match &self.deployers.tls {
+            Some(own) => {
+                let config = own.client_config(node).await?;
+                endpoint
+                    .connect_with_connector(MeshConnector::new(config))
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| {
             ControlError::Unavailable(format!(
                 "node {node}'s bridge at {url} is unreachable: {}",
                 error_chain(&e)
             ))
         })?;
-        Ok((RegistryClient::new(channel), url))
+        Ok((RegistryClient::new(traced(channel)), url))
     }
 
     /// A client of `node`'s mesh-deployer, and its URL. The channel has no
@@ -687,9 +700,10 @@ impl Control {
                 Some(value)
             }
         };
-        let client = deployer_client::DeployerClient::with_interceptor(channel, BearerToken(token))
-            .max_decoding_message_size(DEPLOYER_MAX_MESSAGE)
-            .max_encoding_message_size(DEPLOYER_MAX_MESSAGE);
+        let client =
+            deployer_client::DeployerClient::with_interceptor(traced(channel), BearerToken(token))
+                .max_decoding_message_size(DEPLOYER_MAX_MESSAGE)
+                .max_encoding_message_size(DEPLOYER_MAX_MESSAGE);
         Ok((client, url))
     }
 
@@ -730,7 +744,9 @@ impl Control {
 
     /// A client of mesh-monitor, and its URL; `None` when mesh-control
     /// runs without one (`monitor_addr` unset).
-    pub async fn monitor(&self) -> Option<Result<(MonitorClient<Channel>, String), ControlError>> {
+    pub async fn monitor(
+        &self,
+    ) -> Option<Result<(MonitorClient<TracedChannel>, String), ControlError>> {
         let url = self.monitor.clone()?;
         // https: mutual TLS, mesh-control's own identity against the
         // monitor's; the endpoint itself dials plain TCP for the connector.
@@ -766,7 +782,7 @@ impl Control {
             }
         };
         Some(match connected {
-            Ok(channel) => Ok((MonitorClient::new(channel), url)),
+            Ok(channel) => Ok((MonitorClient::new(traced(channel)), url)),
             Err(e) => Err(ControlError::Unavailable(format!(
                 "mesh-monitor at {url} is unreachable: {}",
                 error_chain(&e)

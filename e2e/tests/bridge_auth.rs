@@ -23,7 +23,9 @@
 //! - the monitor's gRPC port, with the same folder, answers mesh-control
 //!   over mTLS (`monitor_addr = https://...`, mesh-control's own identity):
 //!   its alerts reach mesh-control's REST API; n2's node certificate gets
-//!   PERMISSION_DENIED, plaintext from n2 no answer.
+//!   PERMISSION_DENIED, plaintext from n2 no answer; mesh-control
+//!   (`deployer_mtls`) registers an instance on n2 through n2's bridge
+//!   over mTLS.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -311,6 +313,7 @@ async fn the_monitor_answers_mesh_control_only(mesh: &mut Mesh) -> Result<()> {
         ("MESH_IDENTITY_TOKEN", IDENTITY_TOKEN),
         ("MESH_TRUST_DOMAIN", TRUST_DOMAIN),
         ("MESH_MONITOR_ADDR", url.as_str()),
+        ("MESH_DEPLOYER_MTLS", "true"),
     ];
     start_replica_on(mesh, 0, Ipv4Addr::UNSPECIFIED, &env).await?;
     let n1 = &mesh.nodes[0];
@@ -329,6 +332,23 @@ async fn the_monitor_answers_mesh_control_only(mesh: &mut Mesh) -> Result<()> {
     )
     .await?;
     println!("mesh-control's /v1/alerts: {alerts}");
+
+    // mesh-control registers on n2 through n2's bridge, over mTLS with its
+    // own identity (the bridge takes no plaintext from n1).
+    let body = serde_json::json!({"name": "extra", "id": "extra-1",
+        "address": mesh.nodes[1].ip().to_string(), "port": 9300});
+    let (status, answer) =
+        call(n1, hyper::Method::PUT, "/v1/nodes/n2/register", Some(body)).await?;
+    ensure!(
+        status == 200,
+        "register on n2 through mesh-control: {status} {answer}"
+    );
+    eventually("extra-1 is in Consul's catalog", CONVERGE, || async {
+        let resp = mesh.consul_get("/v1/catalog/service/extra").await?;
+        ensure!(resp.text().contains("extra-1"), "{}", resp.text());
+        Ok(())
+    })
+    .await?;
 
     let n2 = &mesh.nodes[1];
     let channel = forge::tls_channel(n2, monitor, Some(&ClientCert::of_node(n2)?)).await?;

@@ -1,7 +1,9 @@
 //! OpenTelemetry traces across the mesh: each proxy makes a server span per
 //! request it receives and a client span per attempt, sends the client
 //! span's context on as W3C `traceparent`, and exports its spans over OTLP
-//! when `otlp_endpoint` is set (and nothing when it is not).
+//! when `otlp_endpoint` is set (and nothing when it is not); a gRPC call
+//! (the proxy registering with its bridge) is a client span in the caller
+//! and its child server span in the bridge.
 //!
 //! An OTLP/gRPC receiver listens in n1's namespace, on n1's address, where
 //! both nodes' proxies reach it.
@@ -77,7 +79,79 @@ async fn a_request_crossing_two_nodes_is_one_trace_with_spans_from_both_proxies(
     a_request_without_traceparent_starts_one_trace(n1, &receiver)
         .await
         .unwrap();
+    a_registration_is_one_trace_from_the_proxy_to_its_bridge(&mut mesh.nodes[0], &receiver)
+        .await
+        .unwrap();
     mesh.finish();
+}
+
+/// n1's bridge exporting too: a registration through n1's proxy makes the
+/// proxy's `grpc.client` span of `Registry/Register` and, as its child in
+/// the same trace, the bridge's `grpc.server` span of the call.
+async fn a_registration_is_one_trace_from_the_proxy_to_its_bridge(
+    n1: &mut Node,
+    receiver: &OtlpReceiver,
+) -> Result<()> {
+    n1.bridge.set_env("MESH_OTLP_ENDPOINT", receiver.endpoint());
+    n1.bridge.set_env("OTEL_BSP_SCHEDULE_DELAY", "500");
+    n1.bridge.restart().await?;
+    n1.wait_bridge_live(CONVERGE).await?;
+    const METHOD: &str = "/mesh.v1.Registry/Register";
+    let body = serde_json::json!({"Name": "traced", "ID": "traced-1",
+        "Address": n1.ip().to_string(), "Port": 9400});
+    let resp = n1.register(&body).await?;
+    ensure!(
+        resp.status == 200,
+        "register: {} {}",
+        resp.status,
+        resp.text()
+    );
+    // The proxy also registers itself as a peer at start (before the
+    // bridge exported): the call of this test is the one with a child.
+    let (client, server) = eventually("the Register call's two spans", EXPORTED, || async {
+        let spans = receiver.spans();
+        let clients: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| {
+                s.service == "mesh-proxy"
+                    && s.node == "n1"
+                    && s.kind == KIND_CLIENT
+                    && s.name == METHOD
+            })
+            .collect();
+        let pair = clients.iter().find_map(|client| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.service == "mesh-bridge"
+                        && s.kind == KIND_SERVER
+                        && s.name == METHOD
+                        && s.trace_id == client.trace_id
+                        && s.parent_span_id == client.span_id
+                })
+                .map(|server| ((*client).clone(), server.clone()))
+        });
+        let Some(pair) = pair else {
+            let bridge: Vec<_> = spans
+                .iter()
+                .filter(|s| s.service == "mesh-bridge")
+                .map(|s| (&s.name, &s.trace_id, &s.parent_span_id))
+                .collect();
+            bail!(
+                "{} client spans of {METHOD} from n1's proxy, none with the bridge's span as \
+                 its child; the bridge's: {bridge:?}",
+                clients.len()
+            );
+        };
+        Ok(pair)
+    })
+    .await?;
+    ensure!(server.node == "n1", "{server:#?}");
+    println!(
+        "gRPC: n1's proxy {} -> n1's bridge {} in trace {}",
+        client.name, server.name, client.trace_id
+    );
+    Ok(())
 }
 
 /// Requests through n1 (untraced) to n2 (traced): n2's spans of them

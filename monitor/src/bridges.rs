@@ -15,7 +15,8 @@ use mesh_runtime::pki::{
     SpiffeId,
     grpc::{ClientTls, service_files},
 };
-use tonic::transport::{Channel, Endpoint};
+use mesh_runtime::telemetry::{TracedChannel, traced};
+use tonic::transport::Endpoint;
 
 use crate::config::TlsSettings;
 
@@ -30,7 +31,7 @@ pub struct Bridges {
     port: u16,
     tls: Option<ClientTls>,
     /// Lazily connecting channels by node and address.
-    channels: Mutex<HashMap<(String, String), Channel>>,
+    channels: Mutex<HashMap<(String, String), TracedChannel>>,
 }
 
 // === impl Bridges ===
@@ -61,7 +62,7 @@ impl Bridges {
     /// A channel to `node`'s bridge at `address`, made at the first call
     /// and kept; connecting is lazy. With TLS, an error when the monitor's
     /// certificate is not there (yet).
-    pub fn channel(&self, node: &str, address: &str) -> Result<Channel, String> {
+    pub fn channel(&self, node: &str, address: &str) -> Result<TracedChannel, String> {
         if let Some(tls) = &self.tls {
             // A renewed certificate is shown from the next handshake on.
             tls.refresh()
@@ -92,6 +93,7 @@ impl Bridges {
                 endpoint.connect_with_connector_lazy(connector)
             }
         };
+        let channel = traced(channel);
         channels.insert(key, channel.clone());
         Ok(channel)
     }

@@ -114,7 +114,8 @@ impl Discovery {
         // tonic refuses messages over 4 MiB by default, about 64,000
         // endpoints in one snapshot: a large mesh would never subscribe.
         let mut client =
-            DiscoveryClient::new(self.channel.clone()).max_decoding_message_size(MAX_UPDATE_BYTES);
+            DiscoveryClient::new(mesh_runtime::telemetry::traced(self.channel.clone()))
+                .max_decoding_message_size(MAX_UPDATE_BYTES);
         let response = tokio::time::timeout(self.open_timeout, client.watch(self.request.clone()))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("the bridge did not answer in time"))??;

@@ -36,6 +36,7 @@ use std::{
 
 use mesh_proto::v1::{self as pb, registry_client::RegistryClient};
 use mesh_runtime::shutdown::Shutdown;
+use mesh_runtime::telemetry::{TracedChannel, traced};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -138,7 +139,7 @@ struct State {
 /// Sends the status to the bridge (`Registry.ReportStatus`).
 #[derive(Debug)]
 pub struct Reporter {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<TracedChannel>,
     node: String,
     timeout: Duration,
 }
@@ -439,7 +440,7 @@ impl Reporter {
     /// Reports for `node` over `channel`; one call may take `timeout`.
     pub fn new(channel: Channel, node: String, timeout: Duration) -> Self {
         Self {
-            client: RegistryClient::new(channel),
+            client: RegistryClient::new(traced(channel)),
             node,
             timeout,
         }

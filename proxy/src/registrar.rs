@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use mesh_proto::v1::{self as pb, registry_client::RegistryClient};
+use mesh_runtime::telemetry::{TracedChannel, traced};
 use mesh_runtime::{
     queue::{Apply, DurableQueue},
     shutdown::Shutdown,
@@ -73,7 +74,7 @@ pub enum BridgeError {
 /// The proxy's side of the Registry API.
 #[derive(Debug)]
 pub struct Registrar {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<TracedChannel>,
     queue: Arc<DurableQueue<RegistryOp>>,
     timeout: Duration,
     metrics: Arc<ProxyMetrics>,
@@ -90,7 +91,7 @@ impl Registrar {
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         let registrar = Self {
-            client: RegistryClient::new(channel),
+            client: RegistryClient::new(traced(channel)),
             queue: Arc::new(queue),
             timeout,
             metrics,

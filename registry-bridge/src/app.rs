@@ -294,19 +294,23 @@ async fn serve_grpc(
 }
 
 /// Who may call the bridge over TLS: the monitor (`svc/mesh-monitor`)
-/// writes checks and reads the proxy's figures (`mesh.v1.Checks`); the
-/// node's own identity may call everything. Routes, the node's config and
-/// its intentions (`Discovery`) and registrations (`Registry`) are the
-/// node's own: another node's proxy, showing its node's certificate, is
-/// refused.
+/// writes checks and reads the proxy's figures (`mesh.v1.Checks`);
+/// mesh-control (`svc/mesh-control`) registers and deregisters on the
+/// node and reads the proxy's counters for rollouts (`mesh.v1.Registry`);
+/// the node's own identity may call everything. Routes, the node's config
+/// and its intentions (`Discovery`) are the node's own: another node's
+/// proxy, showing its node's certificate, is refused.
 #[derive(Debug)]
 pub struct BridgePolicy {
     node: SpiffeId,
     monitor: Option<SpiffeId>,
+    control: Option<SpiffeId>,
 }
 
 /// The service name of mesh-monitor's identity.
 pub const MONITOR_SERVICE: &str = "mesh-monitor";
+/// The service name of mesh-control's identity.
+pub const CONTROL_SERVICE: &str = "mesh-control";
 
 impl BridgePolicy {
     /// The policy of the bridge of the node `node` names.
@@ -314,6 +318,7 @@ impl BridgePolicy {
         Self {
             node: node.clone(),
             monitor: SpiffeId::service(node.trust_domain(), MONITOR_SERVICE).ok(),
+            control: SpiffeId::service(node.trust_domain(), CONTROL_SERVICE).ok(),
         }
     }
 }
@@ -324,10 +329,18 @@ impl CallPolicy for BridgePolicy {
             return Ok(());
         }
         let checks = service == <ChecksServer<crate::registry::ChecksApi> as NamedService>::NAME;
-        match &self.monitor {
-            Some(monitor) if checks && peer == monitor => Ok(()),
-            Some(monitor) if checks => Err(format!("only {monitor} and {} may", self.node)),
-            _ => Err(format!("only {} may", self.node)),
+        let registry = service == <RegistryServer<RegistryApi> as NamedService>::NAME;
+        let (allowed, who) = if checks {
+            (&self.monitor, MONITOR_SERVICE)
+        } else if registry {
+            (&self.control, CONTROL_SERVICE)
+        } else {
+            return Err(format!("only {} may", self.node));
+        };
+        match allowed {
+            Some(id) if peer == id => Ok(()),
+            Some(id) => Err(format!("only {id} and {} may", self.node)),
+            None => Err(format!("only svc/{who} and {} may", self.node)),
         }
     }
 }

@@ -16,7 +16,7 @@ use consul_client::{Client, QueryOptions};
 use futures::{StreamExt, stream};
 use mesh_proto::v1::{ProxyMetricsRequest, checks_client::ChecksClient};
 use mesh_runtime::shutdown::Shutdown;
-use tonic::transport::Channel;
+use mesh_runtime::telemetry::TracedChannel;
 
 use super::{
     Detector, TrafficAlerts, TrafficConfig,
@@ -102,7 +102,7 @@ impl Scraper {
         let listed: BTreeSet<String> = nodes.iter().map(|n| n.node.clone()).collect();
         self.forget_except(&listed);
         self.bridges.retain(&listed);
-        let calls: Vec<(String, Result<Channel, String>)> = nodes
+        let calls: Vec<(String, Result<TracedChannel, String>)> = nodes
             .into_iter()
             .map(|n| {
                 let channel = self.bridges.channel(&n.node, &n.address);
@@ -176,7 +176,7 @@ impl Scraper {
 }
 
 /// The proxy's `/metrics` text through the bridge on `channel`.
-async fn fetch(channel: Channel, timeout: Duration) -> Result<String, String> {
+async fn fetch(channel: TracedChannel, timeout: Duration) -> Result<String, String> {
     let mut client = ChecksClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
     match tokio::time::timeout(timeout, client.proxy_metrics(ProxyMetricsRequest {})).await {
         Ok(Ok(answer)) => Ok(answer.into_inner().text),

@@ -16,11 +16,8 @@ use mesh_proto::v1::{self as pb, identity_client::IdentityClient};
 use mesh_runtime::pki::{
     self, CertResolver, Credentials, LocalKey, SpiffeId, TrustBundle, grpc::MeshConnector,
 };
-use tonic::{
-    Code, Status,
-    metadata::AsciiMetadataValue,
-    transport::{Channel, Endpoint},
-};
+use mesh_runtime::telemetry::{TracedChannel, traced};
+use tonic::{Code, Status, metadata::AsciiMetadataValue, transport::Endpoint};
 
 use super::{Token, files::TlsDir};
 
@@ -55,7 +52,7 @@ pub(crate) struct ControlClient {
     /// The client in use and its URL; dropped after a transport failure,
     /// and after each call over TLS (the next shows the newest
     /// certificate).
-    current: Option<(String, IdentityClient<Channel>)>,
+    current: Option<(String, IdentityClient<TracedChannel>)>,
 }
 
 /// What a TLS dial to mesh-control needs: the node's folder and identity.
@@ -125,7 +122,7 @@ impl ControlClient {
         }
     }
 
-    async fn client(&mut self, node: &str) -> Result<IdentityClient<Channel>, SignFailure> {
+    async fn client(&mut self, node: &str) -> Result<IdentityClient<TracedChannel>, SignFailure> {
         if let Some((_, client)) = &self.current {
             return Ok(client.clone());
         }
@@ -146,7 +143,7 @@ impl ControlClient {
             Some(_) => endpoint.connect_with_connector_lazy(self.connector().await?),
             None => endpoint.connect_lazy(),
         };
-        let client = IdentityClient::new(channel);
+        let client = IdentityClient::new(traced(channel));
         tracing::debug!(%url, "using mesh-control");
         self.current = Some((url, client.clone()));
         Ok(client)
