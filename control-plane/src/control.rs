@@ -626,20 +626,37 @@ impl Control {
         &self,
         node: &str,
     ) -> Result<(RegistryClient<TracedChannel>, String), ControlError> {
+        let (channel, url) = self
+            .node_channel(node, self.bridge_port, "bridge", |e| {
+                e.timeout(BRIDGE_CALL_TIMEOUT)
+            })
+            .await?;
+        Ok((RegistryClient::new(traced(channel)), url))
+    }
+
+    /// A channel to `what` (a bridge, a deployer) on `node` at `port`,
+    /// with `tune` applied to its endpoint, and its URL. Nodes with
+    /// identities (deployer_mtls) take other hosts over mTLS only:
+    /// mesh-control then shows its own identity and accepts only the
+    /// node's.
+    async fn node_channel(
+        &self,
+        node: &str,
+        port: u16,
+        what: &str,
+        tune: impl FnOnce(Endpoint) -> Endpoint,
+    ) -> Result<(tonic::transport::Channel, String), ControlError> {
         let address = self.require_node(node).await?;
         let host = if address.contains(':') {
             format!("[{address}]")
         } else {
             address
         };
-        let url = format!("http://{host}:{}", self.bridge_port);
+        let url = format!("http://{host}:{port}");
         let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| ControlError::Internal(format!("bridge address {url}: {e}")))?
-            .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
-            .timeout(BRIDGE_CALL_TIMEOUT);
-        // Nodes with identities (deployer_mtls): a bridge with a tls_dir
-        // takes other hosts over mTLS only, so mesh-control shows its own
-        // identity and accepts only that node's.
+            .map_err(|e| ControlError::Internal(format!("{what} address {url}: {e}")))?
+            .connect_timeout(BRIDGE_CONNECT_TIMEOUT);
+        let endpoint = tune(endpoint);
         let connected = match &self.deployers.tls {
             Some(own) => {
                 let config = own.client_config(node).await?;
@@ -651,44 +668,23 @@ impl Control {
         };
         let channel = connected.map_err(|e| {
             ControlError::Unavailable(format!(
-                "node {node}'s bridge at {url} is unreachable: {}",
+                "node {node}'s {what} at {url} is unreachable: {}",
                 error_chain(&e)
             ))
         })?;
-        Ok((RegistryClient::new(traced(channel)), url))
+        Ok((channel, url))
     }
 
     /// A client of `node`'s mesh-deployer, and its URL. The channel has no
     /// call timeout: uploads and deploys take as long as they take, so
     /// callers bound each call themselves.
     pub async fn deployer(&self, node: &str) -> Result<(DeployerClient, String), ControlError> {
-        let address = self.require_node(node).await?;
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address
-        };
-        let url = format!("http://{host}:{}", self.deployers.port);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| ControlError::Internal(format!("deployer address {url}: {e}")))?
-            .connect_timeout(BRIDGE_CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(DEPLOYER_KEEPALIVE)
-            .keep_alive_timeout(DEPLOYER_KEEPALIVE);
-        let connected = match &self.deployers.tls {
-            Some(own) => {
-                let config = own.client_config(node).await?;
-                endpoint
-                    .connect_with_connector(MeshConnector::new(config))
-                    .await
-            }
-            None => endpoint.connect().await,
-        };
-        let channel = connected.map_err(|e| {
-            ControlError::Unavailable(format!(
-                "node {node}'s deployer at {url} is unreachable: {}",
-                error_chain(&e)
-            ))
-        })?;
+        let (channel, url) = self
+            .node_channel(node, self.deployers.port, "deployer", |e| {
+                e.http2_keep_alive_interval(DEPLOYER_KEEPALIVE)
+                    .keep_alive_timeout(DEPLOYER_KEEPALIVE)
+            })
+            .await?;
         let token = match &self.deployers.token {
             None => None,
             Some(Secret(t)) => {

@@ -221,3 +221,28 @@ pub async fn node_verdict(via: &Node, of: &str) -> Result<pb::VerdictResponse> {
         .await?;
     Ok(answer.into_inner())
 }
+
+/// The status and output of the check mesh-monitor sets on instance `id`
+/// of `service`, by Consul's health API; `None` while there is none.
+pub async fn monitor_check(
+    mesh: &Mesh,
+    service: &str,
+    id: &str,
+) -> Result<Option<(String, String)>> {
+    let resp = mesh
+        .consul_get(&format!("/v1/health/checks/{service}"))
+        .await?;
+    if resp.status != 200 {
+        bail!("{} {}", resp.status, resp.text());
+    }
+    let checks = resp.json()?;
+    Ok(checks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["ServiceID"] == id && c["Name"] == "mesh-monitor")
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (text("Status"), text("Output"))
+        }))
+}

@@ -40,7 +40,10 @@ use mesh_e2e::{
     eventually,
     forge::{self, ClientCert},
     mesh::{IDENTITY_TOKEN, TRUST_DOMAIN},
-    monitor::{MONITOR_GRPC, MonitorOptions, metric_sum, monitor_metrics, start_monitor_with},
+    monitor::{
+        MONITOR_GRPC, MonitorOptions, metric_sum, monitor_check, monitor_metrics,
+        start_monitor_with,
+    },
     node::BRIDGE_GRPC_PORT,
 };
 use mesh_proto::v1::{
@@ -104,7 +107,7 @@ async fn the_monitor_writes_checks_over_mtls(mesh: &mut Mesh) -> Result<()> {
         "the monitor's check on backend-1 is in Consul",
         CONVERGE,
         || async {
-            match monitor_check(mesh).await? {
+            match monitor_check(mesh, SERVICE, INSTANCE).await? {
                 Some((status, _)) => Ok(status),
                 None => bail!("no mesh-monitor check on {INSTANCE} yet"),
             }
@@ -215,7 +218,7 @@ async fn other_callers_are_refused(mesh: &Mesh) -> Result<()> {
     println!("n2's node: first update {:?}", first.kind);
 
     // Nothing forged reached Consul.
-    let (_, output) = monitor_check(mesh)
+    let (_, output) = monitor_check(mesh, SERVICE, INSTANCE)
         .await?
         .context("the monitor's check is gone")?;
     ensure!(
@@ -424,23 +427,4 @@ fn monitor_cert(node: &Node) -> Result<std::path::PathBuf> {
     let path = node.tls_dir().join("svc/mesh-monitor.crt");
     ensure!(path.exists(), "{} is not there yet", path.display());
     Ok(path)
-}
-
-/// The status and output of the check mesh-monitor sets on [`INSTANCE`],
-/// by Consul's health API.
-async fn monitor_check(mesh: &Mesh) -> Result<Option<(String, String)>> {
-    let resp = mesh
-        .consul_get(&format!("/v1/health/checks/{SERVICE}"))
-        .await?;
-    ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
-    let checks = resp.json()?;
-    Ok(checks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["ServiceID"] == INSTANCE && c["Name"] == "mesh-monitor")
-        .map(|c| {
-            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
-            (text("Status"), text("Output"))
-        }))
 }

@@ -32,7 +32,7 @@ use mesh_e2e::{
     Load, LoadOptions, Mesh, MeshOptions, Node, eventually,
     http::HttpClient,
     monitor::{
-        MonitorOptions, metric_sum, monitor_metrics, open_alerts, restart_monitor,
+        MonitorOptions, metric_sum, monitor_check, monitor_metrics, open_alerts, restart_monitor,
         start_monitor_with,
     },
     webhook::WebhookSink,
@@ -105,22 +105,6 @@ async fn routed(node: &Node, service: &str) -> Result<Vec<String>> {
         .flatten()
         .filter_map(|e| e["id"].as_str().map(str::to_owned))
         .collect())
-}
-
-/// The status of the check `mesh-monitor` sets on instance `id` of
-/// `service`, by Consul's health API.
-async fn monitor_check(mesh: &Mesh, service: &str, id: &str) -> Result<Option<String>> {
-    let resp = mesh
-        .consul_get(&format!("/v1/health/checks/{service}"))
-        .await?;
-    ensure!(resp.status == 200, "{} {}", resp.status, resp.text());
-    let checks = resp.json()?;
-    Ok(checks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["ServiceID"] == id && c["Name"] == "mesh-monitor")
-        .and_then(|c| c["Status"].as_str().map(str::to_owned)))
 }
 
 /// Stops `node`'s proxy and starts it again with `env` added (the route
@@ -198,7 +182,10 @@ async fn a_hung_instance_is_flagged_leaves_routing_and_returns_across_a_monitor_
             &format!("the monitor's check on {id} passes"),
             CONVERGE,
             || async {
-                match monitor_check(&mesh, "web", id).await? {
+                match monitor_check(&mesh, "web", id)
+                    .await?
+                    .map(|(status, _)| status)
+                {
                     Some(s) if s == "passing" => Ok(()),
                     other => bail!("{other:?}"),
                 }
@@ -241,7 +228,10 @@ async fn a_hung_instance_is_flagged_leaves_routing_and_returns_across_a_monitor_
     // Out of routing without anyone acting: critical in Consul, gone from
     // the calling proxy's table.
     eventually("web-2's check is critical in Consul", CONVERGE, || async {
-        match monitor_check(&mesh, "web", "web-2").await? {
+        match monitor_check(&mesh, "web", "web-2")
+            .await?
+            .map(|(status, _)| status)
+        {
             Some(s) if s == "critical" => Ok(()),
             other => bail!("{other:?}"),
         }
