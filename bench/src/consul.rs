@@ -12,10 +12,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
+use consul_client::testing::free_ports;
 use http::Method;
 use serde_json::json;
 
-use crate::{bench::free_port, http::Client, process::Proc};
+use crate::{http::Client, process::Proc};
 
 /// A running dev agent; killed when dropped.
 #[derive(Debug)]
@@ -30,7 +31,8 @@ impl Consul {
     /// Starts `consul agent -dev` logging in `dir`, and waits until it is
     /// leader with its own node in the catalog.
     pub async fn start(bin: &Path, dir: &Path) -> Result<Self> {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let [http, serf_lan, serf_wan, server] = free_ports();
+        let http = SocketAddr::from(([127, 0, 0, 1], http));
         let port = |p: u16| p.to_string();
         let args: Vec<String> = vec![
             "agent".into(),
@@ -48,11 +50,11 @@ impl Consul {
             "-http-port".into(),
             port(http.port()),
             "-serf-lan-port".into(),
-            port(free_port()?),
+            port(serf_lan),
             "-serf-wan-port".into(),
-            port(free_port()?),
+            port(serf_wan),
             "-server-port".into(),
-            port(free_port()?),
+            port(server),
             "-hcl".into(),
             "disable_update_check = true".into(),
             "-hcl".into(),

@@ -11,7 +11,7 @@
 use std::{
     env,
     fs::File,
-    net::TcpListener,
+    net::{TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -21,6 +21,9 @@ use crate::{Client, ClientConfig};
 
 /// How long an agent may take to elect itself leader.
 const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How many times [`DevAgent::start`] tries fresh ports.
+const START_ATTEMPTS: usize = 3;
 
 /// The ports of a dev agent; keep them to restart it in the same place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,13 +50,15 @@ pub struct DevAgent {
 // === impl Ports ===
 
 impl Ports {
-    /// Four ports free right now.
+    /// Four distinct ports free right now, for TCP and UDP alike (Serf
+    /// gossips over both).
     pub fn free() -> Self {
+        let [http, serf_lan, serf_wan, server] = free_ports();
         Self {
-            http: free_port(),
-            serf_lan: free_port(),
-            serf_wan: free_port(),
-            server: free_port(),
+            http,
+            serf_lan,
+            serf_wan,
+            server,
         }
     }
 }
@@ -62,13 +67,32 @@ impl Ports {
 
 impl DevAgent {
     /// Starts a dev agent on free ports and waits until it is leader.
+    ///
+    /// A port is free when picked but may be taken by another test before
+    /// the agent binds it; an agent that exits for that reason is started
+    /// again on fresh ports, a bounded number of times.
     pub async fn start() -> Self {
+        for _ in 1..START_ATTEMPTS {
+            match Self::try_start(Ports::free(), Vec::new()).await {
+                Ok(agent) => return agent,
+                Err(Failure::PortTaken(log)) => {
+                    eprintln!("consul lost a port to another process, retrying:\n{log}")
+                }
+                Err(failure) => panic!("{failure}"),
+            }
+        }
         Self::start_with(Ports::free(), Vec::new()).await
     }
 
     /// Starts a dev agent on `ports` with extra `-hcl` snippets (TLS
     /// settings, say) and waits until it answers.
     pub async fn start_with(ports: Ports, extra_hcl: Vec<String>) -> Self {
+        Self::try_start(ports, extra_hcl)
+            .await
+            .unwrap_or_else(|failure| panic!("{failure}"))
+    }
+
+    async fn try_start(ports: Ports, extra_hcl: Vec<String>) -> Result<Self, Failure> {
         let log = env::temp_dir().join(format!("meshwork-consul-{}.log", ports.http));
         let mut agent = Self {
             child: None,
@@ -77,8 +101,8 @@ impl DevAgent {
             log,
         };
         agent.spawn();
-        agent.wait_ready().await;
-        agent
+        agent.wait_ready().await?;
+        Ok(agent)
     }
 
     /// The HTTP address, `http://127.0.0.1:<port>`.
@@ -103,28 +127,32 @@ impl DevAgent {
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn();
-        self.wait_ready().await;
+        if let Err(failure) = self.wait_ready().await {
+            panic!("{failure}");
+        }
     }
 
     /// Waits until the agent has a leader and its own node is in the
-    /// catalog (sessions need it); panics with the agent's log when it
-    /// does not within the deadline.
-    async fn wait_ready(&mut self) {
+    /// catalog (sessions need it); fails with the agent's log when it
+    /// exits or does not within the deadline.
+    async fn wait_ready(&mut self) -> Result<(), Failure> {
         let client = Client::new(&ClientConfig::new([self.addr()])).expect("a valid test address");
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("consul exited early ({status}):\n{}", self.log_tail());
+                let log = self.log_tail();
+                return Err(if port_taken(&log) {
+                    Failure::PortTaken(log)
+                } else {
+                    Failure::Exited(status.to_string(), log)
+                });
             }
             if is_ready(&client).await {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "consul elected no leader within {START_DEADLINE:?}:\n{}",
-            self.log_tail()
-        );
+        Err(Failure::NoLeader(self.log_tail()))
     }
 
     fn spawn(&mut self) {
@@ -178,6 +206,37 @@ impl Drop for DevAgent {
     }
 }
 
+/// Why an agent did not come up.
+#[derive(Debug)]
+enum Failure {
+    /// It could not bind a port (another process took it after the pick).
+    PortTaken(String),
+    /// It exited for another reason.
+    Exited(String, String),
+    /// It ran but elected no leader in time.
+    NoLeader(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PortTaken(log) => write!(f, "consul could not bind its ports:\n{log}"),
+            Self::Exited(status, log) => write!(f, "consul exited early ({status}):\n{log}"),
+            Self::NoLeader(log) => {
+                write!(
+                    f,
+                    "consul elected no leader within {START_DEADLINE:?}:\n{log}"
+                )
+            }
+        }
+    }
+}
+
+/// Whether an agent's log says it lost a port.
+fn port_taken(log: &str) -> bool {
+    log.contains("address already in use") || log.contains("already configured")
+}
+
 /// Leader elected and the agent's node registered (the `consul` service
 /// appears with it).
 async fn is_ready(client: &Client) -> bool {
@@ -206,6 +265,24 @@ pub fn consul_bin() -> Option<PathBuf> {
         let p = Path::new(&home).join(".local/share/meshwork/bin/consul");
         p.is_file().then_some(p)
     })
+}
+
+/// `N` distinct ports that are free right now for both TCP and UDP on
+/// loopback. Every port is held until all are picked, so the kernel
+/// cannot hand out one of them twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let mut held = Vec::with_capacity(N);
+    while held.len() < N {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 works");
+        let port = tcp
+            .local_addr()
+            .expect("a bound socket has an address")
+            .port();
+        if let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) {
+            held.push((port, tcp, udp));
+        }
+    }
+    std::array::from_fn(|i| held[i].0)
 }
 
 /// A TCP port nothing listens on right now.

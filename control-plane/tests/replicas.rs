@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use consul_client::{
     AgentServiceRegistration, Client, ClientConfig, QueryOptions,
-    testing::{DevAgent, free_port},
+    testing::{DevAgent, free_port, free_ports},
 };
 use mesh_control_plane::{
     app::ControlPlane,
@@ -260,12 +260,13 @@ impl ControlProcess {
     fn spawn(agent: &DevAgent, name: &str, dir: &Path) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
-        let http = format!("127.0.0.1:{}", free_port());
+        let [http, grpc, bridge] = free_ports();
+        let http = format!("127.0.0.1:{http}");
         let child = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
             .args(["--replica", name, "--consul-addr", &agent.addr()])
-            .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .args(["--http-listen", &http])
-            .args(["--bridge-port", &free_port().to_string()])
+            .args(["--bridge-port", &bridge.to_string()])
             .env_remove("MESH_CONFIG")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

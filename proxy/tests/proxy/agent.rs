@@ -155,7 +155,8 @@ async fn the_bridges_answers_become_202_and_400() {
 
 #[tokio::test]
 async fn bridge_down_registration_is_queued_then_delivered_in_order() {
-    let bridge_addr = closed_port();
+    let bridge_port = closed_port();
+    let bridge_addr = bridge_port.addr;
     let dir = tempfile::tempdir().unwrap();
     let proxy = TestProxy::start(bridge_addr, dir.path()).await;
 
@@ -186,7 +187,7 @@ async fn bridge_down_registration_is_queued_then_delivered_in_order() {
     let r = get(proxy.addr, "/v1/agent/services", &[]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let bridge = FakeBridge::start_on(bridge_addr, vec![]).await;
+    let bridge = FakeBridge::start_on(bridge_port.release(), vec![]).await;
     eventually("queued registrations delivered", || async {
         (bridge.state.deregistered.lock().unwrap().len() == 1).then_some(())
     })

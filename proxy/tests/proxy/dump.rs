@@ -35,7 +35,8 @@ async fn dump_is_written_and_served_at_restart_while_the_bridge_is_down() {
 
     // Restart with no bridge at all: routes come from the dump at once.
     let started = std::time::Instant::now();
-    let proxy = TestProxy::start(closed_port(), dir.path()).await;
+    let no_bridge = closed_port();
+    let proxy = TestProxy::start(no_bridge.addr, dir.path()).await;
     let routes = proxy.routes().await;
     assert_eq!(routes["source"], "dump", "{routes}");
     assert_eq!(routes["services"]["orders"][0]["id"], "orders-1");
@@ -56,8 +57,8 @@ async fn corrupt_dump_is_refused_and_live_routes_take_over() {
     std::fs::write(&dump, b"meshwork-dump v1 sha256=0000000000000000000000000000000000000000000000000000000000000000\n{\"version\":1,\"written_at_unix_ms\":1,\"serv").unwrap();
 
     // No bridge yet: the proxy starts, empty and not ready.
-    let bridge_addr = closed_port();
-    let proxy = TestProxy::start(bridge_addr, dir.path()).await;
+    let bridge_port = closed_port();
+    let proxy = TestProxy::start(bridge_port.addr, dir.path()).await;
     let routes = proxy.routes().await;
     assert_eq!(routes["source"], "none", "{routes}");
     assert_eq!(
@@ -71,7 +72,7 @@ async fn corrupt_dump_is_refused_and_live_routes_take_over() {
 
     // The bridge answers: live routes, a good dump replaces the bad one.
     let bridge = FakeBridge::start_on(
-        bridge_addr,
+        bridge_port.release(),
         vec![service("orders", vec![endpoint("orders-1", orders.addr)])],
     )
     .await;
@@ -143,7 +144,8 @@ async fn routing_data_without_endpoints_never_replaces_a_good_dump() {
     bridge.stop().await;
     assert_eq!(std::fs::read(&dump_path).unwrap(), good);
 
-    let proxy = TestProxy::start(closed_port(), dir.path()).await;
+    let no_bridge = closed_port();
+    let proxy = TestProxy::start(no_bridge.addr, dir.path()).await;
     let routes = proxy.routes().await;
     assert_eq!(routes["source"], "dump");
     assert_eq!(routes["services"]["users"][0]["id"], "users-1");

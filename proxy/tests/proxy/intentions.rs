@@ -143,7 +143,8 @@ async fn restart_b_alone(pair: &mut Pair) {
 
 async fn start_b(inbound: SocketAddr, data: &Path, tls: &TlsDir) -> TestProxy {
     let dir = tls.path().to_owned();
-    let gone = crate::support::closed_port();
+    // No bridge: B's routes are not needed, only its inbound listener.
+    let gone = crate::support::closed_port().keep();
     TestProxy::start_with(gone, data, move |c| {
         c.node = "node-b".into();
         c.mode = MeshMode::Mtls;

@@ -370,7 +370,8 @@ async fn a_refusal_by_the_peer_is_a_failed_attempt_retried_elsewhere() {
 async fn an_unreachable_peer_is_a_failed_connect_and_a_gone_one_means_direct_calls() {
     let up = TestUpstream::start("orders-1", Behaviour::Echo).await;
     let orders = service("orders", vec![on("node-b", endpoint("orders-1", up.addr))]);
-    let bridge = FakeBridge::start(vec![orders.clone(), peer_service(closed_port())]).await;
+    let peer = closed_port();
+    let bridge = FakeBridge::start(vec![orders.clone(), peer_service(peer.addr)]).await;
     let dir = tempfile::tempdir().unwrap();
     let a = proxy_on("node-a", bridge.addr, dir.path(), false).await;
     a.wait_routes("the peer", |r| r["peers"]["node-b"].is_object())

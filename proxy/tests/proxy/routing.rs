@@ -91,9 +91,10 @@ async fn h2c_requests_route_by_authority() {
 #[tokio::test]
 async fn errors_are_json_with_kind_reason_and_service() {
     let hang = TestUpstream::start("slow-1", Behaviour::Hang).await;
+    let dead = closed_port();
     let bridge = FakeBridge::start(vec![
         service("empty", vec![]),
-        service("dead", vec![endpoint("dead-1", closed_port())]),
+        service("dead", vec![endpoint("dead-1", dead.addr)]),
         service("slow", vec![endpoint("slow-1", hang.addr)]),
     ])
     .await;
@@ -195,9 +196,10 @@ async fn least_request_answers_from_every_instance() {
 #[tokio::test]
 async fn failed_connect_is_retried_on_another_instance() {
     let good = TestUpstream::start("good", Behaviour::Echo).await;
+    let dead = closed_port();
     let bridge = FakeBridge::start(vec![service(
         "orders",
-        vec![endpoint("dead", closed_port()), endpoint("good", good.addr)],
+        vec![endpoint("dead", dead.addr), endpoint("good", good.addr)],
     )])
     .await;
     let dir = tempfile::tempdir().unwrap();

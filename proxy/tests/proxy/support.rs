@@ -58,10 +58,37 @@ where
     }
 }
 
-/// A port nothing listens on (bound, then released).
-pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// A loopback port nothing listens on for as long as it is held: bound
+/// without listening, it refuses connections, and no other test of this
+/// binary can take it meanwhile (a port merely found free and let go could
+/// be another test's listener a moment later).
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    ClosedPort { socket, addr }
+}
+
+/// A port held closed; see [`closed_port`].
+pub struct ClosedPort {
+    socket: tokio::net::TcpSocket,
+    /// The address that refuses connections.
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Lets the port go, for the test to listen on it itself.
+    pub fn release(self) -> SocketAddr {
+        drop(self.socket);
+        self.addr
+    }
+
+    /// Keeps the port closed until this test binary exits (one socket is
+    /// left open for it), for a proxy that outlives the caller's scope.
+    pub fn keep(self) -> SocketAddr {
+        std::mem::forget(self.socket);
+        self.addr
+    }
 }
 
 // ---------------------------------------------------------------- bridge
