@@ -49,6 +49,11 @@ async fn calls_to_another_node_ride_one_http2_connection_between_the_proxies() {
     n1.wait_answers("backend", &["backend-1"], CONVERGE)
         .await
         .unwrap();
+    // n2 must know n1's instance too: the forged calls below expect n2 to
+    // name it as another node's, not as one it never heard of.
+    n2.wait_answers("local", &["local-1"], CONVERGE)
+        .await
+        .unwrap();
 
     plain_requests(n1, n2).await.unwrap();
     grpc_calls(n1, n2).await.unwrap();
