@@ -15,13 +15,16 @@
 //! on disk always has its key there already.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
+    fs::{self, File},
+    io,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
 };
 
-use mesh_runtime::pki::{SpiffeId, Workload};
+use mesh_runtime::{
+    fs::write_private,
+    pki::{SpiffeId, Workload},
+};
 
 /// The trust bundle's file name.
 pub const CA_FILE: &str = "ca.crt";
@@ -124,41 +127,6 @@ impl TlsDir {
         }
         File::open(self.root.join(SVC_DIR))?.sync_all()
     }
-}
-
-/// Writes `bytes` to `path` atomically, readable by its owner alone: the
-/// temp file is created 0600, so the content is never readable by others,
-/// not even for a moment.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no folder"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // A temp file left by a crash keeps its old mode: set it again.
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
