@@ -65,6 +65,8 @@ pub struct Sample {
     pub wrk: WrkRun,
     /// Proxy CPU time per request, µs (none for direct).
     pub proxy_cpu_us: Option<f64>,
+    /// Of that, the kernel's (system time), µs.
+    pub proxy_kernel_cpu_us: Option<f64>,
     /// Upstream CPU time per request, µs.
     pub upstream_cpu_us: f64,
     /// Share of the proxy CPU that was busy.
@@ -269,11 +271,12 @@ impl Targets<'_> {
             _ => None,
         };
         let per_request = |d: Duration| d.as_secs_f64() * 1e6 / wrk.requests.max(1) as f64;
+        let upstream_used = upstream_used.total();
         // Of the proxy CPU's busy time, what neither the proxy nor (in the
         // shared layout) the upstream used.
         let window =
             pcpu.total.saturating_sub(pcpu_before.total).max(1) as f64 / TICKS_PER_SEC as f64;
-        let mut ours = proxy_used.unwrap_or_default().as_secs_f64();
+        let mut ours = proxy_used.unwrap_or_default().total().as_secs_f64();
         if layout == Layout::Shared {
             ours += upstream_used.as_secs_f64();
         }
@@ -285,7 +288,8 @@ impl Targets<'_> {
         Ok(Sample {
             round,
             wrk,
-            proxy_cpu_us: proxy_used.map(per_request),
+            proxy_cpu_us: proxy_used.map(|c| per_request(c.total())),
+            proxy_kernel_cpu_us: proxy_used.map(|c| per_request(c.system)),
             upstream_cpu_us: per_request(upstream_used),
             proxy_cpu_busy: pcpu.busy_since(&pcpu_before),
             proxy_cpu_foreign: ((busy - ours) / window).clamp(0.0, 1.0),
@@ -304,13 +308,15 @@ fn print_sample(
     s: &Sample,
 ) {
     println!(
-        "   round {}/{rounds} {layout:<6} c{conns:<2} {:<6} {:>6.0} req/s  p50 {:>5} us  p99 {:>5} us  cpu/req {:>7}  proxy cpu: busy {:>3.0}%, others {:>3.0}%; load cpu: busy {:>3.0}%, wrk+upstream {:>3.0}%",
+        "   round {}/{rounds} {layout:<6} c{conns:<2} {:<6} {:>6.0} req/s  p50 {:>5} us  p99 {:>5} us  cpu/req {:>7} (kernel {:>7})  proxy cpu: busy {:>3.0}%, others {:>3.0}%; load cpu: busy {:>3.0}%, wrk+upstream {:>3.0}%",
         round + 1,
         target_name(target),
         s.wrk.rps(),
         s.wrk.p50_us,
         s.wrk.p99_us,
         s.proxy_cpu_us.map_or("-".into(), |c| format!("{c:.1} us")),
+        s.proxy_kernel_cpu_us
+            .map_or("-".into(), |c| format!("{c:.1} us")),
         s.proxy_cpu_busy * 100.0,
         s.proxy_cpu_foreign * 100.0,
         s.load_cpu_busy * 100.0,
@@ -394,6 +400,11 @@ fn figures(report: &mut Report, samples: &Samples, layout: Layout) {
         );
         let met = f.ratio("nginx").is_some_and(|r| r <= 0.8);
         report.add(f.bar("<= 0.8x nginx", met));
+        // How much of it is the kernel's: the part a proxy's own code
+        // cannot shed (the same four socket calls per request either way).
+        let kernel = |s: &Sample| s.proxy_kernel_cpu_us.unwrap_or(f64::NAN);
+        let name = format!("{c}.kernel_cpu_per_request_us");
+        report.add(figure(samples, name, "us", at, &nginx, kernel));
     }
     // At one connection: what a hop adds to the median over calling direct.
     let key = |t: Target| (layout, 1, t);
@@ -412,7 +423,7 @@ fn notes(bench: &mut Bench, samples: &Samples) {
     let report = &mut bench.report;
     report.note(format!(
         "data plane: mesh-proxy and nginx (1 worker) pinned to CPU {}, wrk (1 thread) to CPU {}; the upstream (1 thread) \
-         on CPU {} in the split layout, on CPU {} in the shared one; access logs off in both (mesh-proxy has none, nginx access_log off); \
+         on CPU {} in the split layout, on CPU {} in the shared one; access logs off in both (mesh-proxy without access_log, nginx access_log off); \
          GET / with Host: bench, routed by Host; figures are medians over rounds",
         cpus.proxy, cpus.load, cpus.load, cpus.proxy
     ));
@@ -433,6 +444,37 @@ fn notes(bench: &mut Bench, samples: &Samples) {
         median(&all) * 100.0,
         all.iter().copied().fold(0.0, f64::max) * 100.0
     ));
+    // What the CPU bar leaves to user space: 0.8x nginx's whole CPU per
+    // request, less the kernel's share of mesh-proxy's.
+    for layout in bench.settings.layouts.clone() {
+        for conns in [16, 64] {
+            let nginx = med(samples, (layout, conns, Target::Nginx), |s| {
+                s.proxy_cpu_us.unwrap_or(f64::NAN)
+            });
+            let nginx_kernel = med(samples, (layout, conns, Target::Nginx), |s| {
+                s.proxy_kernel_cpu_us.unwrap_or(f64::NAN)
+            });
+            let (mesh, mesh_kernel) = (
+                med(samples, (layout, conns, Target::Mesh), |s| {
+                    s.proxy_cpu_us.unwrap_or(f64::NAN)
+                }),
+                med(samples, (layout, conns, Target::Mesh), |s| {
+                    s.proxy_kernel_cpu_us.unwrap_or(f64::NAN)
+                }),
+            );
+            if nginx.is_nan() || mesh.is_nan() {
+                continue;
+            }
+            report.note(format!(
+                "{layout} c{conns}: CPU per request, user + kernel: mesh-proxy {:.1} + {mesh_kernel:.1} us, nginx {:.1} + {nginx_kernel:.1} us; \
+                 the bar (<= 0.8x nginx = {:.1} us) leaves mesh-proxy {:.1} us of user-space CPU beside its kernel share",
+                mesh - mesh_kernel,
+                nginx - nginx_kernel,
+                0.8 * nginx,
+                0.8 * nginx - mesh_kernel,
+            ));
+        }
+    }
     for layout in bench.settings.layouts.clone() {
         let runs = proxied(layout);
         let saturated = runs

@@ -114,7 +114,8 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
         baseline.push(change);
         tokio::time::sleep(SETTLE).await;
     }
-    let consul_cpu_ms = (procfs::cpu_time(consul_pid)? - cpu).as_secs_f64() * 1e3 / changes as f64;
+    let consul_cpu_ms =
+        (procfs::cpu_time(consul_pid)? - cpu).total().as_secs_f64() * 1e3 / changes as f64;
     drop(pollers);
     let consul_rss = procfs::rss_bytes(consul_pid)?;
 
@@ -154,7 +155,8 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
         bridge.proc.check()?;
         tokio::time::sleep(SETTLE).await;
     }
-    let bridge_cpu_ms = (procfs::cpu_time(bridge_pid)? - cpu).as_secs_f64() * 1e3 / changes as f64;
+    let bridge_cpu_ms =
+        (procfs::cpu_time(bridge_pid)? - cpu).total().as_secs_f64() * 1e3 / changes as f64;
     let bridge_rss = procfs::rss_bytes(bridge_pid)?;
     consul.proc().check()?;
 

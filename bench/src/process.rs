@@ -106,7 +106,7 @@ impl Proc {
     }
 
     /// CPU time of the process and all its children (nginx's workers).
-    pub fn cpu_time(&self) -> Result<std::time::Duration> {
+    pub fn cpu_time(&self) -> Result<procfs::CpuTime> {
         procfs::tree(self.pid())
             .into_iter()
             .map(procfs::cpu_time)

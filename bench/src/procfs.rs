@@ -9,20 +9,61 @@ use anyhow::{Context as _, Result, anyhow, bail};
 /// on (it is fixed for user space, whatever the kernel's HZ).
 pub const TICKS_PER_SEC: u64 = 100;
 
-/// CPU time a process (all its threads) has used, user + system.
-pub fn cpu_time(pid: u32) -> Result<Duration> {
+/// CPU time a process (all its threads) has used, in user space and in
+/// the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTime {
+    /// utime.
+    pub user: Duration,
+    /// stime: system calls, and the softirq work (loopback TCP delivery,
+    /// say) done while the process ran.
+    pub system: Duration,
+}
+
+impl CpuTime {
+    /// User + system.
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+impl std::iter::Sum for CpuTime {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| Self {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
+    }
+}
+
+/// CPU time a process (all its threads) has used.
+pub fn cpu_time(pid: u32) -> Result<CpuTime> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
     let fields = stat_fields(&stat)?;
     // After the command name: state is field 3, utime 14 and stime 15.
-    let ticks = |i: usize| -> Result<u64> {
+    let ticks = |i: usize| -> Result<Duration> {
         fields
             .get(i - 3)
-            .and_then(|f| f.parse().ok())
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| Duration::from_millis(t * 1000 / TICKS_PER_SEC))
             .ok_or_else(|| anyhow!("/proc/{pid}/stat: no field {i}"))
     };
-    let total = ticks(14)? + ticks(15)?;
-    Ok(Duration::from_millis(total * 1000 / TICKS_PER_SEC))
+    Ok(CpuTime {
+        user: ticks(14)?,
+        system: ticks(15)?,
+    })
 }
 
 /// CPU time of this process's children that have ended and been waited
