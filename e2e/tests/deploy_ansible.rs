@@ -622,8 +622,10 @@ fn render_configs(scratch: &Path, extra: &[&str]) -> Result<BTreeMap<String, Str
         .args(["-m", "ansible.builtin.debug", "-a"])
         .arg(format!("msg={{{{ {{{}}} }}}}", lookups.join(", ")))
         .args(extra)
+        // ansible-core's own `minimal` callback: `n1 | SUCCESS => {json}`
+        // (the `json` one lives in a collection ansible-core lacks).
         .env("ANSIBLE_LOAD_CALLBACK_PLUGINS", "1")
-        .env("ANSIBLE_STDOUT_CALLBACK", "json")
+        .env("ANSIBLE_STDOUT_CALLBACK", "minimal")
         .output()
         .context("ansible not found: install Debian's ansible-core")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -633,9 +635,13 @@ fn render_configs(scratch: &Path, extra: &[&str]) -> Result<BTreeMap<String, Str
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    let result = stdout
+        .split_once("SUCCESS => ")
+        .map(|(_, json)| json)
+        .with_context(|| format!("ansible's answer for n1: {stdout}"))?;
     let json: serde_json::Value =
-        serde_json::from_str(&stdout).with_context(|| format!("ansible's JSON: {stdout}"))?;
-    let msg = &json["plays"][0]["tasks"][0]["hosts"]["n1"]["msg"];
+        serde_json::from_str(result).with_context(|| format!("ansible's JSON: {stdout}"))?;
+    let msg = &json["msg"];
     let configs: BTreeMap<String, String> = serde_json::from_value(msg.clone())
         .with_context(|| format!("the rendered configs: {msg}"))?;
     ensure!(
