@@ -54,6 +54,9 @@ pub enum Target {
     Nginx,
     /// mesh-proxy.
     Mesh,
+    /// mesh-proxy speaking h2c to the upstream (instances tagged `h2`).
+    #[serde(rename = "mesh_h2")]
+    MeshH2,
 }
 
 /// One wrk run against one target.
@@ -67,6 +70,8 @@ pub struct Sample {
     pub proxy_cpu_us: Option<f64>,
     /// Of that, the kernel's (system time), µs.
     pub proxy_kernel_cpu_us: Option<f64>,
+    /// The proxy's context switches per request (all its threads).
+    pub proxy_switches_per_request: Option<f64>,
     /// Upstream CPU time per request, µs.
     pub upstream_cpu_us: f64,
     /// Share of the proxy CPU that was busy.
@@ -90,6 +95,7 @@ struct Targets<'a> {
     upstream: &'a Proc,
     nginx: &'a Nginx,
     mesh: &'a MeshProxy,
+    mesh_h2: &'a MeshProxy,
     script: std::path::PathBuf,
 }
 
@@ -101,6 +107,13 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
     let proxy_cpu = Some(bench.cpus.proxy);
     let mut mesh = MeshProxy::start(bench, "mesh-proxy", &bridge.url(), proxy_cpu).await?;
     check_routes(&mesh).await?;
+    let h2_bridge = FakeBridge::start(vec![fake_bridge::h2(fake_bridge::service(
+        "bench",
+        &[upstream_addr],
+    ))])
+    .await?;
+    let mut mesh_h2 = MeshProxy::start(bench, "mesh-proxy-h2", &h2_bridge.url(), proxy_cpu).await?;
+    check_routes(&mesh_h2).await?;
     let nginx = Nginx::start(
         &bench.tools.nginx,
         "nginx",
@@ -121,6 +134,7 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
             upstream,
             nginx: &nginx,
             mesh: &mesh,
+            mesh_h2: &mesh_h2,
             script,
         };
         let measured = targets.measure_all().await;
@@ -129,6 +143,7 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
         measured?
     };
     mesh.proc.check()?;
+    mesh_h2.proc.check()?;
     let layouts = bench.settings.layouts.clone();
     for layout in layouts {
         figures(&mut bench.report, &samples, layout);
@@ -175,6 +190,7 @@ fn target_name(t: Target) -> &'static str {
         Target::Direct => "direct",
         Target::Nginx => "nginx",
         Target::Mesh => "mesh",
+        Target::MeshH2 => "mesh_h2",
     }
 }
 
@@ -189,7 +205,7 @@ impl Targets<'_> {
     }
 
     async fn measure_all(&self) -> Result<Samples> {
-        for target in [Target::Nginx, Target::Mesh] {
+        for target in [Target::Nginx, Target::Mesh, Target::MeshH2] {
             self.load(target, 64, WARMUP).run().await?;
         }
         let mut samples = Samples::new();
@@ -198,7 +214,7 @@ impl Targets<'_> {
             for &layout in &self.bench.settings.layouts {
                 pin(self.upstream, self.upstream_cpu(layout))?;
                 for conns in CONNS {
-                    let mut order = [Target::Direct, Target::Nginx, Target::Mesh];
+                    let mut order = [Target::Direct, Target::Nginx, Target::Mesh, Target::MeshH2];
                     if (round + conns) % 2 == 1 {
                         order.reverse();
                     }
@@ -221,6 +237,7 @@ impl Targets<'_> {
             Target::Direct => self.direct,
             Target::Nginx => self.nginx.addr(),
             Target::Mesh => self.mesh.listen,
+            Target::MeshH2 => self.mesh_h2.listen,
         };
         Load {
             wrk: &self.bench.tools.wrk,
@@ -238,6 +255,7 @@ impl Targets<'_> {
             Target::Direct => None,
             Target::Nginx => Some(self.nginx.proc()),
             Target::Mesh => Some(&self.mesh.proc),
+            Target::MeshH2 => Some(&self.mesh_h2.proc),
         }
     }
 
@@ -251,6 +269,7 @@ impl Targets<'_> {
         let cpus = self.bench.cpus;
         let proxy = self.proxy(target);
         let proxy_before = proxy.map(Proc::cpu_time).transpose()?;
+        let switches_before = proxy.map(Proc::context_switches).transpose()?;
         let upstream_before = self.upstream.cpu_time()?;
         let (pcpu_before, lcpu_before) = (CpuTimes::read(cpus.proxy)?, CpuTimes::read(cpus.load)?);
         let wrk_before = procfs::reaped_children_cpu_time()?;
@@ -266,6 +285,12 @@ impl Targets<'_> {
         let (pcpu, lcpu) = (CpuTimes::read(cpus.proxy)?, CpuTimes::read(cpus.load)?);
         let wrk_used = procfs::reaped_children_cpu_time()? - wrk_before;
         let upstream_used = self.upstream.cpu_time()? - upstream_before;
+        let proxy_switches = match (proxy, switches_before) {
+            (Some(p), Some(before)) => Some(
+                p.context_switches()?.saturating_sub(before) as f64 / wrk.requests.max(1) as f64,
+            ),
+            _ => None,
+        };
         let proxy_used = match (proxy, proxy_before) {
             (Some(p), Some(before)) => Some(p.cpu_time()? - before),
             _ => None,
@@ -290,6 +315,7 @@ impl Targets<'_> {
             wrk,
             proxy_cpu_us: proxy_used.map(|c| per_request(c.total())),
             proxy_kernel_cpu_us: proxy_used.map(|c| per_request(c.system)),
+            proxy_switches_per_request: proxy_switches,
             upstream_cpu_us: per_request(upstream_used),
             proxy_cpu_busy: pcpu.busy_since(&pcpu_before),
             proxy_cpu_foreign: ((busy - ours) / window).clamp(0.0, 1.0),
@@ -405,6 +431,21 @@ fn figures(report: &mut Report, samples: &Samples, layout: Layout) {
         let kernel = |s: &Sample| s.proxy_kernel_cpu_us.unwrap_or(f64::NAN);
         let name = format!("{c}.kernel_cpu_per_request_us");
         report.add(figure(samples, name, "us", at, &nginx, kernel));
+        let switches = |s: &Sample| s.proxy_switches_per_request.unwrap_or(f64::NAN);
+        let name = format!("{c}.context_switches_per_request");
+        report.add(figure(samples, name, "", at, &nginx, switches));
+        // The same with the upstream declared h2 (h2c): no bar, a
+        // different protocol on the proxy's upstream side than nginx's.
+        let h2 = |name: &str, unit: &str, f: &dyn Fn(&Sample) -> f64| {
+            let of = |t: Target| med(samples, (layout, conns, t), f);
+            Figure::new(format!("{c}.h2_upstream.{name}"), of(Target::MeshH2), unit)
+                .vs("nginx", of(Target::Nginx))
+                .vs("mesh", of(Target::Mesh))
+        };
+        report.add(h2("requests_per_s", "req/s", &rps));
+        report.add(h2("p99_us", "us", &p99));
+        report.add(h2("cpu_per_request_us", "us", &cpu));
+        report.add(h2("kernel_cpu_per_request_us", "us", &kernel));
     }
     // At one connection: what a hop adds to the median over calling direct.
     let key = |t: Target| (layout, 1, t);

@@ -111,6 +111,15 @@ pub fn service(name: &str, addrs: &[SocketAddr]) -> ServiceEndpoints {
     }
 }
 
+/// `service` with every endpoint tagged `h2`: the proxy speaks HTTP/2
+/// (h2c) to them, many requests multiplexed on one connection.
+pub fn h2(mut service: ServiceEndpoints) -> ServiceEndpoints {
+    for endpoint in &mut service.endpoints {
+        endpoint.tags.push("h2".into());
+    }
+    service
+}
+
 /// `services` services (`svc-0000`, …) of `per_service` endpoints each, at
 /// distinct loopback addresses nobody listens on, with a tag and a meta
 /// entry each, as Consul registrations usually carry.

@@ -105,6 +105,14 @@ impl Proc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// Context switches of the process and all its children, every thread.
+    pub fn context_switches(&self) -> Result<u64> {
+        procfs::tree(self.pid())
+            .into_iter()
+            .map(procfs::context_switches)
+            .sum()
+    }
+
     /// CPU time of the process and all its children (nginx's workers).
     pub fn cpu_time(&self) -> Result<procfs::CpuTime> {
         procfs::tree(self.pid())

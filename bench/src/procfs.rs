@@ -82,6 +82,33 @@ pub fn reaped_children_cpu_time() -> Result<Duration> {
     Ok(Duration::from_millis(total * 1000 / TICKS_PER_SEC))
 }
 
+/// Context switches of every thread of a process, voluntary (it waited:
+/// `epoll_wait` with nothing ready, say) plus involuntary (preempted).
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mut total = 0;
+    for task in tasks {
+        let status = format!(
+            "/proc/{pid}/task/{}/status",
+            task?.file_name().to_string_lossy()
+        );
+        // A thread may end between the listing and the read.
+        let Ok(text) = fs::read_to_string(&status) else {
+            continue;
+        };
+        total += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Resident memory (VmRSS), in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     kb_field(&format!("/proc/{pid}/status"), "VmRSS:")

@@ -1,6 +1,7 @@
 //! The upstream every benchmarked request ends at: HTTP/1.1 with
-//! keep-alive, answering any request with the same 200 and a small body,
-//! as fast as hyper goes. It runs in its own process (`bench-upstream`) on
+//! keep-alive, or HTTP/2 with prior knowledge (h2c) on the same port,
+//! answering any request with the same 200 and a small body, as fast as
+//! hyper goes. It runs in its own process (`bench-upstream`) on
 //! a single-threaded runtime, pinned to the load generator's CPU.
 
 use std::{convert::Infallible, io};
@@ -8,8 +9,11 @@ use std::{convert::Infallible, io};
 use bytes::Bytes;
 use http::{Response, header::CONTENT_TYPE};
 use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::net::TcpListener;
 
 /// The body of every answer.
@@ -29,8 +33,7 @@ pub async fn serve(listener: TcpListener) -> io::Result<()> {
                 Ok::<_, Infallible>(response)
             });
             // A client that goes away mid-request is no news in a benchmark.
-            let _ = http1::Builder::new()
-                .keep_alive(true)
+            let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
