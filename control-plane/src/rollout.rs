@@ -537,12 +537,18 @@ impl Stats {
 /// Fewest 5xx answers after a push before the error-rate gate judges.
 pub const MIN_ERRORS: u64 = 5;
 
-/// Fewest answers after a push before the latency gate judges.
-pub const MIN_LATENCY_SAMPLES: u64 = 20;
+/// Fewest answers after a push before the latency gate judges: from 100
+/// on, the p99's rank, ceil(0.99 n), is under n, so the slowest answer
+/// alone is never the p99 and one slow request (say under CPU
+/// contention) cannot fail the gate.
+pub const MIN_LATENCY_SAMPLES: u64 = 100;
 
-/// The latency gate never fails below this p99, in seconds: a rise from
-/// 1 ms to 3 ms is noise, not harm.
-pub const LATENCY_FLOOR_SECONDS: f64 = 0.05;
+/// The latency gate never fails a p99 whose bucket's upper bound is at
+/// most this, in seconds: a bucket bound of the proxy's histogram
+/// ([`mesh_runtime::metrics::LATENCY_BUCKETS`]), so the gate fails only a
+/// p99 in a bucket above 100 ms. A rise from 1 ms to 3 ms, or from the
+/// 25 ms bucket to the 100 ms one, is noise, not harm.
+pub const LATENCY_FLOOR_SECONDS: f64 = 0.1;
 
 /// Whether the proxy is as healthy as before the push: `Err` says how it
 /// is worse.

@@ -208,6 +208,75 @@ fn slower_answers_fail_the_gate() {
     assert!(health(&base, &bit_slower, &opts).is_ok());
 }
 
+/// Answers counted in the proxy's own histogram, `(bucket bound, count)`
+/// each; a bound of infinity counts past the last bucket.
+fn answers(per_bucket: &[(f64, u64)]) -> Stats {
+    let bounds = mesh_runtime::metrics::LATENCY_BUCKETS.to_vec();
+    let mut counts = vec![0; bounds.len() + 1];
+    for &(bound, n) in per_bucket {
+        let k = bounds
+            .iter()
+            .position(|b| *b == bound)
+            .unwrap_or(bounds.len());
+        counts[k] += n;
+    }
+    Stats {
+        ready: true,
+        requests: counts.iter().sum(),
+        errors: 0,
+        latency_bounds: bounds,
+        latency_counts: counts,
+    }
+}
+
+#[test]
+fn one_slow_answer_among_the_fewest_judged_passes_but_a_slower_p99_fails() {
+    let opts = options(0);
+    let base = answers(&[(0.025, 1_000)]);
+    let fast = 1_000 + MIN_LATENCY_SAMPLES - 1;
+    // One answer past the largest bucket among exactly the fewest judged:
+    // the p99 is the next slowest, ≤ 25 ms.
+    let one_slow = answers(&[(0.025, fast), (f64::INFINITY, 1)]);
+    assert_eq!(health(&base, &one_slow, &opts), Ok(()));
+    // The same without a baseline (a proxy with no answers before).
+    let one_slow_since_nothing = answers(&[(0.025, MIN_LATENCY_SAMPLES - 1), (f64::INFINITY, 1)]);
+    assert_eq!(
+        health(&answers(&[]), &one_slow_since_nothing, &opts),
+        Ok(())
+    );
+    // Two of them (2 %) are the p99.
+    let two_slow = answers(&[(0.025, fast - 1), (f64::INFINITY, 2)]);
+    let why = health(&base, &two_slow, &opts).unwrap_err();
+    assert_eq!(
+        why,
+        "p99 latency over the largest bucket against ≤ 25 ms before"
+    );
+    // Fewer answers than that are not judged, however slow.
+    let too_few = answers(&[(0.025, 1_000), (f64::INFINITY, MIN_LATENCY_SAMPLES - 1)]);
+    assert_eq!(health(&base, &too_few, &opts), Ok(()));
+}
+
+#[test]
+fn a_p99_fails_the_floor_only_in_a_bucket_above_it() {
+    let opts = options(0);
+    let base = answers(&[(0.025, 1_000)]);
+    // The bucket of the floor itself: from ≤ 25 ms to ≤ 100 ms passes.
+    let floor_bucket = answers(&[(0.025, 1_000), (0.1, MIN_LATENCY_SAMPLES)]);
+    assert_eq!(health(&base, &floor_bucket, &opts), Ok(()));
+    // The next bucket up fails.
+    let above = answers(&[(0.025, 1_000), (0.25, MIN_LATENCY_SAMPLES)]);
+    let why = health(&base, &above, &opts).unwrap_err();
+    assert_eq!(why, "p99 latency ≤ 250 ms against ≤ 25 ms before");
+}
+
+#[test]
+fn the_latency_floor_is_a_bucket_bound() {
+    assert!(mesh_runtime::metrics::LATENCY_BUCKETS.contains(&LATENCY_FLOOR_SECONDS));
+    // The fewest judged put the p99 below the slowest answer.
+    let rank = (0.99 * MIN_LATENCY_SAMPLES as f64).ceil() as u64;
+    assert!(rank < MIN_LATENCY_SAMPLES, "rank {rank}");
+}
+
 #[test]
 fn a_proxy_restart_counts_everything_since() {
     let base = stats(1_000, 10, [900, 90, 10, 0]);
