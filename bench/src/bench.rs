@@ -8,13 +8,14 @@
 
 use std::{
     env,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use consul_client::testing::free_port;
 use nix::{sched::sched_getaffinity, unistd::Pid};
 
 use crate::{
@@ -180,7 +181,7 @@ impl Bench {
         if let Some((_, addr)) = &self.upstream {
             return Ok(*addr);
         }
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = self.dir("upstream")?;
         let mut proc = Proc::spawn(
             "bench-upstream",
@@ -238,12 +239,6 @@ pub async fn wait_ok(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
 }
 
 // === impl Tools ===
@@ -397,8 +392,8 @@ impl MeshProxy {
         cpu: Option<usize>,
     ) -> Result<Self> {
         let dir = bench.dir(name)?;
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let data_dir = dir.join("data");
         let args = [
             "--node".to_owned(),
@@ -456,8 +451,8 @@ impl MeshBridge {
     /// agent at `consul_url`; waits until it is ready.
     pub async fn start(bench: &Bench, name: &str, consul_url: &str) -> Result<Self> {
         let dir = bench.dir(name)?;
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let args = [
             "--node".to_owned(),
             "bench".into(),

@@ -18,10 +18,11 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use consul_client::testing::free_port;
 use serde::Serialize;
 
 use crate::{
-    bench::{Bench, MeshProxy, free_port},
+    bench::{Bench, MeshProxy},
     fake_bridge::{self, FakeBridge},
     http::Client,
     nginx::{Nginx, Routing},
@@ -118,7 +119,7 @@ pub async fn run(bench: &mut Bench) -> Result<()> {
         &bench.tools.nginx,
         "nginx",
         &dir,
-        free_port()?,
+        free_port(),
         proxy_cpu,
         &Routing::Single(upstream_addr),
     )

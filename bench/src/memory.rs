@@ -9,10 +9,11 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use consul_client::testing::free_port;
 use serde::Serialize;
 
 use crate::{
-    bench::{Bench, MeshProxy, free_port},
+    bench::{Bench, MeshProxy},
     fake_bridge::{self, FakeBridge},
     nginx::{Nginx, Routing},
     procfs,
@@ -125,7 +126,7 @@ async fn measure(
         &bench.tools.nginx,
         "nginx",
         &dir,
-        free_port()?,
+        free_port(),
         cpu,
         &routing,
     )
