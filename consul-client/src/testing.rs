@@ -72,16 +72,17 @@ impl DevAgent {
     /// the agent binds it; an agent that exits for that reason is started
     /// again on fresh ports, a bounded number of times.
     pub async fn start() -> Self {
-        for _ in 1..START_ATTEMPTS {
+        let mut attempt = 1;
+        loop {
             match Self::try_start(Ports::free(), Vec::new()).await {
                 Ok(agent) => return agent,
-                Err(Failure::PortTaken(log)) => {
-                    eprintln!("consul lost a port to another process, retrying:\n{log}")
+                Err(Failure::PortTaken(log)) if attempt < START_ATTEMPTS => {
+                    eprintln!("consul lost a port to another process, retrying:\n{log}");
+                    attempt += 1;
                 }
                 Err(failure) => panic!("{failure}"),
             }
         }
-        Self::start_with(Ports::free(), Vec::new()).await
     }
 
     /// Starts a dev agent on `ports` with extra `-hcl` snippets (TLS
