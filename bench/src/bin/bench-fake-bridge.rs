@@ -5,6 +5,9 @@
 //! bench-fake-bridge --listen 127.0.0.1:8890 --route bench=127.0.0.1:8080 &
 //! mesh-proxy --data-dir /tmp/p --bridge-addr http://127.0.0.1:8890
 //! ```
+//!
+//! With `--h2` the proxy speaks h2c to the routes' instances (the bench
+//! upstream answers both).
 
 use std::{net::SocketAddr, process::ExitCode};
 
@@ -27,6 +30,9 @@ struct Args {
     /// Synthetic services on top, never called: SERVICESxINSTANCES (e.g. 1000x10).
     #[arg(long)]
     synthetic: Option<String>,
+    /// Tag every `--route` endpoint `h2`: the proxy speaks h2c to them.
+    #[arg(long)]
+    h2: bool,
 }
 
 #[tokio::main]
@@ -51,7 +57,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(str::parse)
             .collect::<Result<Vec<SocketAddr>, _>>()
             .map_err(|e| anyhow::anyhow!("--route {route:?}: {e}"))?;
-        snapshot.push(fake_bridge::service(name, &addrs));
+        let service = fake_bridge::service(name, &addrs);
+        snapshot.push(if args.h2 {
+            fake_bridge::h2(service)
+        } else {
+            service
+        });
     }
     if let Some(size) = &args.synthetic {
         let (services, instances) = size
