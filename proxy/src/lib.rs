@@ -45,6 +45,7 @@ pub mod discovery;
 pub mod dump;
 pub mod error;
 pub mod h1;
+pub mod h2_client;
 pub mod headers;
 pub mod inbound;
 pub mod intentions;

@@ -43,8 +43,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::{body::Incoming, client::conn::http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -55,6 +53,7 @@ use tracing::Instrument;
 use crate::{
     body::UpstreamBody,
     h1::{self, BoxError},
+    h2_client,
     limits::Permit,
     protocol::Protocol,
     tls::TlsTarget,
@@ -73,17 +72,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// then holds the extra streams back itself.
 pub const H2_MAX_STREAMS: usize = 512;
 
-/// HTTP/2 PING interval on a connection to an instance, and how long the
-/// answer may take: finds an instance that vanished without a FIN.
-const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
-
 /// The sending half of one connection to an instance.
 #[derive(Debug)]
 pub enum Sender {
     /// An HTTP/1.1 connection, checked out for this one request.
     Http1(h1::Conn),
     /// The instance's HTTP/2 connection, with the stream this request holds.
-    Http2(http2::SendRequest<UpstreamBody>, OwnedSemaphorePermit),
+    Http2(Arc<H2Conn>, OwnedSemaphorePermit),
 }
 
 /// One instance's address, requests in flight and connections.
@@ -112,9 +107,10 @@ struct Idle {
     since: Instant,
 }
 
+/// An instance's HTTP/2 connection and its stream bound.
 #[derive(Debug)]
-struct H2Conn {
-    sender: http2::SendRequest<UpstreamBody>,
+pub struct H2Conn {
+    conn: h2_client::Conn,
     streams: Arc<Semaphore>,
 }
 
@@ -150,7 +146,7 @@ pub struct PooledBody {
 #[derive(Debug)]
 enum Inner {
     Http1(h1::Body),
-    Http2(Incoming),
+    Http2(h2_client::Body),
 }
 
 /// A send that failed.
@@ -188,14 +184,14 @@ impl Sender {
                     error: e.error,
                 }),
             },
-            Self::Http2(mut sender, stream) => match sender.try_send_request(req).await {
+            Self::Http2(h2, stream) => match h2.conn.send(req).await {
                 Ok(response) => Ok(response.map(|body| PooledBody {
                     inner: Inner::Http2(body),
                     held: Some((in_flight, Some(stream))),
                 })),
-                Err(mut e) => Err(SendError {
-                    unsent: e.take_message(),
-                    error: e.into_error().into(),
+                Err(e) => Err(SendError {
+                    unsent: e.unsent,
+                    error: e.error,
                 }),
             },
         }
@@ -213,7 +209,7 @@ impl Sender {
     pub fn is_closed(&self) -> bool {
         match self {
             Self::Http1(conn) => !conn.is_usable(),
-            Self::Http2(sender, _) => sender.is_closed(),
+            Self::Http2(h2, _) => h2.conn.is_closed(),
         }
     }
 }
@@ -333,14 +329,14 @@ impl Upstream {
                 .map_err(|_| io::Error::other("HTTP/2 connection closed"))?,
         };
         Ok(Lease {
-            sender: Sender::Http2(conn.sender.clone(), permit),
+            sender: Sender::Http2(conn, permit),
             reused,
         })
     }
 
     /// The instance's HTTP/2 connection while it is open.
     fn open_h2(&self) -> Option<Arc<H2Conn>> {
-        self.h2.load_full().filter(|c| !c.sender.is_closed())
+        self.h2.load_full().filter(|c| !c.conn.is_closed())
     }
 
     /// Puts a connection whose exchange completed back in the idle list.
@@ -401,21 +397,11 @@ impl Upstream {
 
     /// The HTTP/2 handshake on `io`; the connection runs in a task of its
     /// own, counted open until it ends.
-    async fn h2_handshake<IO>(
-        &self,
-        io: IO,
-        timeout: Duration,
-    ) -> io::Result<http2::SendRequest<UpstreamBody>>
+    async fn h2_handshake<IO>(&self, io: IO, timeout: Duration) -> io::Result<h2_client::Conn>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let handshake = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(H2_KEEP_ALIVE.0)
-            .keep_alive_timeout(H2_KEEP_ALIVE.1)
-            .handshake(TokioIo::new(io));
-        let (sender, conn) = tokio::time::timeout(timeout, handshake)
+        let (conn, run) = tokio::time::timeout(timeout, h2_client::handshake(io))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"))?
             .map_err(io::Error::other)?;
@@ -424,13 +410,13 @@ impl Upstream {
         tokio::spawn(
             async move {
                 let _open = open;
-                if let Err(e) = conn.await {
+                if let Err(e) = run.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             }
             .instrument(span),
         );
-        Ok(sender)
+        Ok(conn)
     }
 
     /// Opens the instance's HTTP/2 connection, unless a concurrent
@@ -443,7 +429,7 @@ impl Upstream {
             return Ok(conn);
         }
         let stream = self.tcp(timeout).await?;
-        let sender = match &self.tls {
+        let conn = match &self.tls {
             None => self.h2_handshake(stream, timeout).await?,
             Some(tls) => {
                 let stream = tls_handshake(tls, Protocol::Http2, stream, timeout).await?;
@@ -451,7 +437,7 @@ impl Upstream {
             }
         };
         let conn = Arc::new(H2Conn {
-            sender,
+            conn,
             streams: Arc::new(Semaphore::new(H2_MAX_STREAMS)),
         });
         // Streams waiting on the closed connection's permits wake with an
@@ -575,6 +561,8 @@ impl Drop for PooledBody {
 
 #[cfg(test)]
 mod tests {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
     use super::*;
 
     #[test]
