@@ -15,13 +15,14 @@
 //! the request back unsent, so the caller may try again elsewhere. A
 //! `101 Switching Protocols` hands the socket over to a tunnel.
 //!
-//! HTTP/2 (h2c, prior knowledge): one connection per instance carries every
-//! request as a stream. Streams are bounded ([`H2_MAX_STREAMS`] per
-//! connection, as a semaphore whose permit a stream holds until its
-//! response body ends); past the bound requests wait for a free stream
-//! within the request's deadline rather than queueing without limit inside
-//! hyper. A closed connection is replaced on the next checkout, one connect
-//! at a time.
+//! HTTP/2 (h2c, prior knowledge; [`crate::h2_client`], also driven by the
+//! request's own task): one connection per instance carries every request
+//! as a stream. Streams are bounded ([`H2_MAX_STREAMS`] per connection, as
+//! a semaphore whose permit a stream holds until its response body ends);
+//! past the bound requests wait for a free stream within the request's
+//! deadline rather than queueing without limit inside the HTTP/2 client. A
+//! closed connection is replaced on the next checkout, one connect at a
+//! time.
 //!
 //! An upstream may be another node's proxy in mtls mode
 //! ([`Upstream::with_tls`]): its connections, HTTP/2 and HTTP/1.1 alike,
