@@ -328,11 +328,13 @@ impl Inbound {
         })?;
         check_transfer_encoding(req.headers()).map_err(Refusal::BadRequest)?;
         let target = resolve(&self.routes.load(), &self.node, req.headers())?;
-        if self.access_log.is_some() {
-            *resolved = Some((target.service.clone(), target.upstream.clone()));
-        }
         if let Some(intentions) = &self.intentions {
             authorize(intentions, &req, &target.service)?;
+        }
+        // Only now: a request the intentions refuse names its service in
+        // the access log (from the refusal), never an instance.
+        if self.access_log.is_some() {
+            *resolved = Some((target.service.clone(), target.upstream.clone()));
         }
         // The calling proxy's side of an upgrade, completed once the 101
         // has been relayed.

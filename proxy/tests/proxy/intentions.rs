@@ -2,7 +2,10 @@
 //! and api) calls orders on node-b through proxy B, whose inbound listener
 //! judges each request by the intentions the (fake) bridge sends.
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use http::StatusCode;
 use mesh_proxy::{InboundConfig, MeshMode, TlsConfig};
@@ -33,6 +36,8 @@ struct Pair {
     _tls_a: TlsDir,
     up: TestUpstream,
     b_in: SocketAddr,
+    /// B's access log.
+    b_log: PathBuf,
     dirs: [tempfile::TempDir; 2],
 }
 
@@ -52,7 +57,15 @@ impl Pair {
             TlsDir::new(&ca, "node-a", &["web", "api"]),
             TlsDir::new(&ca, "node-b", &["orders"]),
         );
-        let b = mtls_proxy("node-b", bridge.addr, dirs[1].path(), &tls_b, None).await;
+        let b_log = dirs[1].path().join("access.log");
+        let b = mtls_proxy(
+            "node-b",
+            bridge.addr,
+            dirs[1].path(),
+            &tls_b,
+            Some(b_log.clone()),
+        )
+        .await;
         let a = mtls_proxy("node-a", bridge.addr, dirs[0].path(), &tls_a, None).await;
         let (a_in, b_in) = (
             a.app().inbound_addr().unwrap(),
@@ -81,6 +94,7 @@ impl Pair {
             _tls_a: tls_a,
             up,
             b_in,
+            b_log,
             dirs,
         }
     }
@@ -122,7 +136,8 @@ impl Pair {
         )
     }
 
-    async fn stop(mut self) {
+    /// Stops them all; B's access log, read before its folder goes.
+    async fn stop(mut self) -> String {
         self.a.stop().await;
         if let Some(b) = self.b.take() {
             b.stop().await;
@@ -130,6 +145,7 @@ impl Pair {
         if let Some(bridge) = self.bridge.take() {
             bridge.stop().await;
         }
+        std::fs::read_to_string(&self.b_log).unwrap_or_default()
     }
 }
 
@@ -225,7 +241,24 @@ async fn a_service_rule_refuses_with_403_and_the_instance_is_never_reached() {
     );
     // The same caller is still served where it may go.
     assert_eq!(pair.call("web", "/x").await.status, StatusCode::OK);
-    pair.stop().await;
+    let instance = pair.up.addr.to_string();
+    let log = pair.stop().await;
+    // B's access log names the service of both, and the instance only of
+    // the call it forwarded.
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let (refused, served) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (&refused["service"], &refused["status"], &refused["reason"]),
+        (&json!("orders"), &json!(403), &json!("intention")),
+        "{refused}"
+    );
+    assert_eq!(refused["upstream"], "", "nothing was sent: {refused}");
+    assert_eq!(served["status"], 200, "{served}");
+    assert_eq!(served["upstream"], instance, "{served}");
 }
 
 #[tokio::test]
