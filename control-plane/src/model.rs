@@ -37,12 +37,8 @@ pub const WEIGHT_TOTAL: u32 = 100;
 /// The most routes one node may have.
 pub const MAX_ROUTES: usize = 500;
 
-/// The longest service name (a DNS label, as the proxy checks it).
-pub const MAX_SERVICE_LEN: usize = 63;
-
-/// Names no route may take: the proxy's own path prefixes (`v1` is the
-/// Consul agent API, `_mesh` is reserved) and its peers' service.
-pub const RESERVED_SERVICES: [&str; 3] = ["v1", "_mesh", "mesh-proxy"];
+/// The mesh's service-name rule: a route's name is a service name.
+pub use mesh_runtime::pki::spiffe::{MAX_SERVICE_LEN, RESERVED_SERVICES, check_service_name};
 
 /// A route as written: every key optional; numbers are signed so that a
 /// negative value is refused by name rather than as a type error.
@@ -354,36 +350,6 @@ pub fn validate(specs: &BTreeMap<String, RouteSpec>, catalog: &Catalog) -> Resul
         }
     }
     errors.finish(routes)
-}
-
-/// Checks a service name the way mesh-proxy checks its route names.
-pub fn check_service_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a service name must not be empty".into());
-    }
-    if RESERVED_SERVICES
-        .iter()
-        .any(|r| r.eq_ignore_ascii_case(name))
-    {
-        return Err(format!("{name:?} is reserved by the mesh"));
-    }
-    if name.len() > MAX_SERVICE_LEN {
-        return Err(format!(
-            "{name:?} is longer than {MAX_SERVICE_LEN} characters"
-        ));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!("{name:?} must start with a letter or digit"));
-    }
-    match name
-        .chars()
-        .find(|c| !c.is_ascii_alphanumeric() && *c != '-' && *c != '_')
-    {
-        Some(bad) => Err(format!(
-            "{name:?} has {bad:?}: use letters, digits, '-' and '_'"
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Checks a node name before it becomes part of a KV key.

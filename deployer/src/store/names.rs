@@ -3,11 +3,7 @@
 
 use super::StoreError;
 
-/// The longest service name (a DNS label, as Consul's).
-pub const MAX_SERVICE_LEN: usize = 63;
-/// Names no service may take: the proxy's own path prefixes and its
-/// peers' service (the same list as mesh-control's).
-pub const RESERVED_SERVICES: [&str; 3] = ["v1", "_mesh", "mesh-proxy"];
+pub use mesh_runtime::pki::spiffe::{MAX_SERVICE_LEN, RESERVED_SERVICES};
 /// The longest version.
 pub const MAX_VERSION_LEN: usize = 64;
 /// The longest artifact file name.
@@ -16,7 +12,8 @@ pub const MAX_FILE_NAME_LEN: usize = 128;
 /// Checks a service name with the mesh's rule (as mesh-control and
 /// mesh-proxy check route names).
 pub fn check_service(name: &str) -> Result<(), StoreError> {
-    service_rule(name).map_err(|message| invalid("service", message))
+    mesh_runtime::pki::spiffe::check_service_name(name)
+        .map_err(|message| invalid("service", message))
 }
 
 /// Checks a version: letters, digits, `.`, `_` and `-`, at most
@@ -80,33 +77,4 @@ pub fn check_sha256(sha256: &str) -> Result<String, StoreError> {
 
 fn invalid(field: &'static str, message: String) -> StoreError {
     StoreError::Invalid { field, message }
-}
-
-fn service_rule(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a service name must not be empty".into());
-    }
-    if RESERVED_SERVICES
-        .iter()
-        .any(|r| r.eq_ignore_ascii_case(name))
-    {
-        return Err(format!("{name:?} is reserved by the mesh"));
-    }
-    if name.len() > MAX_SERVICE_LEN {
-        return Err(format!(
-            "{name:?} is longer than {MAX_SERVICE_LEN} characters"
-        ));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!("{name:?} must start with a letter or digit"));
-    }
-    match name
-        .chars()
-        .find(|c| !c.is_ascii_alphanumeric() && *c != '-' && *c != '_')
-    {
-        Some(bad) => Err(format!(
-            "{name:?} has {bad:?}: use letters, digits, '-' and '_'"
-        )),
-        None => Ok(()),
-    }
 }

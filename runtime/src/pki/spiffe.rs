@@ -16,8 +16,8 @@ pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 pub const MAX_SERVICE_LEN: usize = 63;
 /// The longest node name.
 pub const MAX_NODE_LEN: usize = 128;
-/// Names no service may take (the same list as mesh-control's and the
-/// deployer's): the proxy's own path prefixes and its peers' service.
+/// Names no service may take: the proxy's own path prefixes (`v1` is the
+/// Consul agent API, `_mesh` is reserved) and its peers' service.
 pub const RESERVED_SERVICES: [&str; 3] = ["v1", "_mesh", "mesh-proxy"];
 
 /// A bad trust domain, workload name or SPIFFE ID; the message says what is
@@ -280,8 +280,8 @@ impl From<SpiffeId> for String {
     }
 }
 
-/// Checks a service name with the mesh's rule (as mesh-control, the
-/// deployer and mesh-proxy check it): ASCII letters, digits, `-` and `_`,
+/// Checks a service name with the mesh's rule, the one rule mesh-control,
+/// the deployer and mesh-proxy check it with: ASCII letters, digits, `-` and `_`,
 /// starting with a letter or digit, at most [`MAX_SERVICE_LEN`], not one of
 /// [`RESERVED_SERVICES`].
 pub fn check_service_name(name: &str) -> Result<(), String> {
@@ -317,14 +317,15 @@ fn check_chars(name: &str, max: usize, extra: &[char]) -> Result<(), String> {
         .chars()
         .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(c))
     {
-        Some(bad) => Err(format!(
-            "{name:?} has {bad:?}: use letters, digits and {}",
-            extra
-                .iter()
-                .map(|c| format!("{c:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+        Some(bad) => {
+            let mut allowed: Vec<String> = extra.iter().map(|c| format!("{c:?}")).collect();
+            let last = allowed.pop().unwrap_or_default();
+            allowed.insert(0, "letters, digits".into());
+            Err(format!(
+                "{name:?} has {bad:?}: use {} and {last}",
+                allowed.join(", ")
+            ))
+        }
         None => Ok(()),
     }
 }
@@ -427,6 +428,18 @@ mod tests {
                 .contains("longer than 63")
         );
         assert!(SpiffeId::service(&td(), &"a".repeat(MAX_SERVICE_LEN)).is_ok());
+    }
+
+    #[test]
+    fn a_bad_character_is_named_with_what_the_rule_allows() {
+        assert_eq!(
+            check_service_name("a.b").unwrap_err(),
+            r#""a.b" has '.': use letters, digits, '-' and '_'"#
+        );
+        assert_eq!(
+            check_node_name("a b").unwrap_err(),
+            r#""a b" has ' ': use letters, digits, '.', '-' and '_'"#
+        );
     }
 
     #[test]
