@@ -4,11 +4,12 @@
 //! header) and answer one with it, through meshctl too; the page and
 //! `/ready` stay open.
 
+mod support;
+
 use anyhow::Result;
-use consul_client::testing::{DevAgent, free_port};
+use consul_client::testing::DevAgent;
 use mesh_control_plane::{
     app::ControlPlane,
-    config::Args,
     ctl::{Ctl, IntentionsCtl, Output},
 };
 use mesh_runtime::metrics::Registry;
@@ -16,25 +17,7 @@ use mesh_runtime::metrics::Registry;
 const TOKEN: &str = "api-token-0123456789";
 
 async fn replica(agent: &DevAgent) -> Result<ControlPlane> {
-    let argv = [
-        "mesh-control".to_owned(),
-        "--replica".into(),
-        "c1".into(),
-        "--consul-addr".into(),
-        agent.addr(),
-        "--grpc-listen".into(),
-        "127.0.0.1:0".into(),
-        "--http-listen".into(),
-        "127.0.0.1:0".into(),
-        "--bridge-port".into(),
-        free_port().to_string(),
-        "--api-token".into(),
-        TOKEN.into(),
-    ];
-    let config = <Args as clap::Parser>::try_parse_from(argv)?
-        .validate()
-        .map_err(anyhow::Error::msg)?;
-    Ok(ControlPlane::start(&config, Registry::new()).await?)
+    support::replica(agent, "c1", &["--api-token", TOKEN], Registry::new()).await
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! fake deployer drives a node through a busy deployer, a resumed upload
 //! and a failed health gate.
 
+mod support;
+
 use std::{
     collections::VecDeque,
     future::Future,
@@ -19,7 +21,7 @@ use consul_client::{
     AgentServiceRegistration, Client, ClientConfig, QueryOptions,
     testing::{DevAgent, free_port},
 };
-use mesh_control_plane::{app::ControlPlane, config::Args};
+use mesh_control_plane::app::ControlPlane;
 use mesh_proto::v1::{self as pb, control_client::ControlClient, deployer_server};
 use mesh_runtime::metrics::Registry;
 use serde_json::Value;
@@ -63,27 +65,8 @@ impl Replica {
     }
 
     async fn start_with(agent: &DevAgent, deployer_port: u16, name: &str) -> Self {
-        mesh_runtime::install_crypto_provider();
-        let argv = [
-            "mesh-control".to_owned(),
-            "--replica".into(),
-            name.into(),
-            "--consul-addr".into(),
-            agent.addr(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            "--bridge-port".into(),
-            free_port().to_string(),
-            "--deployer-port".into(),
-            deployer_port.to_string(),
-        ];
-        let config = <Args as clap::Parser>::try_parse_from(argv)
-            .expect("the test's flags parse")
-            .validate()
-            .expect("the test's config is valid");
-        let plane = ControlPlane::start(&config, Registry::new())
+        let port = deployer_port.to_string();
+        let plane = support::replica(agent, name, &["--deployer-port", &port], Registry::new())
             .await
             .expect("a replica starts on free ports");
         let grpc = ControlClient::connect(format!("http://{}", plane.grpc_addr()))

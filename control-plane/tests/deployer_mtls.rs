@@ -4,14 +4,13 @@
 //! mesh CA and the deployer answers it; without, the deployer gives it no
 //! answer.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use consul_client::{
-    Client, ClientConfig, QueryOptions,
-    testing::{DevAgent, free_port},
-};
-use mesh_control_plane::{app::ControlPlane, config::Args};
+use consul_client::{Client, ClientConfig, QueryOptions, testing::DevAgent};
+use mesh_control_plane::app::ControlPlane;
 use mesh_runtime::{
     metrics::Registry,
     pki::{Ca, LocalKey, SpiffeId, TrustDomain},
@@ -57,34 +56,25 @@ async fn replica(
     deployer_port: u16,
     extra: &[&str],
 ) -> Result<ControlPlane> {
-    let mut argv = vec![
-        "mesh-control".to_owned(),
-        "--replica".into(),
-        "c1".into(),
-        "--consul-addr".into(),
-        agent.addr(),
-        "--grpc-listen".into(),
-        "127.0.0.1:0".into(),
-        "--http-listen".into(),
-        "127.0.0.1:0".into(),
-        "--bridge-port".into(),
-        free_port().to_string(),
-        "--deployer-port".into(),
+    let (port, ca_cert, ca_key) = (
         deployer_port.to_string(),
-        "--trust-domain".into(),
-        "meshwork.test".into(),
-        "--ca-cert-file".into(),
         dir.join("ca.crt").display().to_string(),
-        "--ca-key-file".into(),
         dir.join("ca.key").display().to_string(),
-        "--identity-token".into(),
-        IDENTITY_TOKEN.into(),
+    );
+    let mut flags = vec![
+        "--deployer-port",
+        &port,
+        "--trust-domain",
+        "meshwork.test",
+        "--ca-cert-file",
+        &ca_cert,
+        "--ca-key-file",
+        &ca_key,
+        "--identity-token",
+        IDENTITY_TOKEN,
     ];
-    argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    let config = <Args as clap::Parser>::try_parse_from(argv)?
-        .validate()
-        .map_err(anyhow::Error::msg)?;
-    Ok(ControlPlane::start(&config, Registry::new()).await?)
+    flags.extend_from_slice(extra);
+    support::replica(agent, "c1", &flags, Registry::new()).await
 }
 
 /// `/v1/deployers`' entry for `node`, once it names its deployer.

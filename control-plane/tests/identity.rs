@@ -4,12 +4,13 @@
 //! replica even when they race to create it, and an operator's CA used as
 //! given.
 
+mod support;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use consul_client::{
-    AgentServiceRegistration, Client, ClientConfig, QueryOptions,
-    testing::{DevAgent, free_port},
+    AgentServiceRegistration, Client, ClientConfig, QueryOptions, testing::DevAgent,
 };
 use mesh_control_plane::{
     app::ControlPlane,
@@ -36,28 +37,10 @@ struct Replica {
 
 impl Replica {
     async fn start(agent: &DevAgent, name: &str, extra: &[&str]) -> Result<Self> {
-        mesh_runtime::install_crypto_provider();
-        let mut argv = vec![
-            "mesh-control".to_owned(),
-            "--replica".into(),
-            name.into(),
-            "--consul-addr".into(),
-            agent.addr(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            "--bridge-port".into(),
-            free_port().to_string(),
-            "--trust-domain".into(),
-            TRUST_DOMAIN.into(),
-        ];
-        argv.extend(extra.iter().map(|s| (*s).to_owned()));
-        let config = <Args as clap::Parser>::try_parse_from(argv)?
-            .validate()
-            .map_err(anyhow::Error::msg)?;
+        let mut flags = vec!["--trust-domain", TRUST_DOMAIN];
+        flags.extend_from_slice(extra);
         let registry = Registry::new();
-        let plane = ControlPlane::start(&config, registry.clone()).await?;
+        let plane = support::replica(agent, name, &flags, registry.clone()).await?;
         let client = IdentityClient::connect(format!("http://{}", plane.grpc_addr())).await?;
         Ok(Self {
             plane: Some(plane),

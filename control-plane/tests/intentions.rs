@@ -4,6 +4,8 @@
 //! input refused by name with nothing stored, the configured default,
 //! `meshctl intentions`, and the dashboard's state.
 
+mod support;
+
 use std::{
     future::Future,
     time::{Duration, Instant},
@@ -14,7 +16,7 @@ use consul_client::{
     Client, ClientConfig, QueryOptions,
     testing::{DevAgent, free_port},
 };
-use mesh_control_plane::{app::ControlPlane, config::Args};
+use mesh_control_plane::app::ControlPlane;
 use mesh_runtime::metrics::Registry;
 use serde_json::{Value, json};
 
@@ -49,27 +51,8 @@ struct Replica {
 
 impl Replica {
     async fn start(agent: &DevAgent, name: &str, extra: &[&str]) -> Self {
-        mesh_runtime::install_crypto_provider();
-        let mut argv = vec![
-            "mesh-control".to_owned(),
-            "--replica".into(),
-            name.into(),
-            "--consul-addr".into(),
-            agent.addr(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            "--bridge-port".into(),
-            free_port().to_string(),
-        ];
-        argv.extend(extra.iter().map(|s| (*s).to_owned()));
-        let config = <Args as clap::Parser>::try_parse_from(argv)
-            .expect("the test's flags parse")
-            .validate()
-            .expect("the test's config is valid");
         let registry = Registry::new();
-        let plane = ControlPlane::start(&config, registry.clone())
+        let plane = support::replica(agent, name, extra, registry.clone())
             .await
             .expect("a replica starts on free ports");
         Self {

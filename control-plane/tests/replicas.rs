@@ -4,6 +4,8 @@
 //! bad input refused by name with nothing stored, the REST mirror, the
 //! metrics, and `meshctl` talking to a replica.
 
+mod support;
+
 use std::{
     fs::File,
     future::Future,
@@ -19,7 +21,6 @@ use consul_client::{
 };
 use mesh_control_plane::{
     app::ControlPlane,
-    config::Args,
     leader::{CHECK_TTL, SERVICE_NAME},
 };
 use mesh_proto::v1::{self as pb, control_client::ControlClient};
@@ -70,28 +71,8 @@ struct Replica {
 
 impl Replica {
     async fn start(agent: &DevAgent, name: &str, extra: &[&str]) -> Self {
-        mesh_runtime::install_crypto_provider();
-        let mut argv = vec![
-            "mesh-control".to_owned(),
-            "--replica".into(),
-            name.into(),
-            "--consul-addr".into(),
-            agent.addr(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            // No bridge listens here: registrations must say so.
-            "--bridge-port".into(),
-            free_port().to_string(),
-        ];
-        argv.extend(extra.iter().map(|s| (*s).to_owned()));
-        let config = <Args as clap::Parser>::try_parse_from(argv)
-            .expect("the test's flags parse")
-            .validate()
-            .expect("the test's config is valid");
         let registry = Registry::new();
-        let plane = ControlPlane::start(&config, registry.clone())
+        let plane = support::replica(agent, name, extra, registry.clone())
             .await
             .expect("a replica starts on free ports");
         let grpc = ControlClient::connect(format!("http://{}", plane.grpc_addr()))

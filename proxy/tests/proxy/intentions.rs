@@ -12,7 +12,7 @@ use mesh_proxy::{InboundConfig, MeshMode, TlsConfig};
 use mesh_runtime::pki::Ca;
 use serde_json::{Value, json};
 
-use crate::mtls::{TlsDir, metric, mtls_proxy, on, td};
+use crate::mtls::{Nodes, TlsDir, metric, on, td};
 use crate::support::{
     Behaviour, FakeBridge, Resp, TestProxy, TestUpstream, endpoint, get, service,
 };
@@ -52,40 +52,15 @@ impl Pair {
         if let Some((revision, json)) = intentions {
             bridge.set_intentions(revision, json);
         }
-        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let (tls_a, tls_b) = (
-            TlsDir::new(&ca, "node-a", &["web", "api"]),
-            TlsDir::new(&ca, "node-b", &["orders"]),
-        );
-        let b_log = dirs[1].path().join("access.log");
-        let b = mtls_proxy(
-            "node-b",
-            bridge.addr,
-            dirs[1].path(),
-            &tls_b,
-            Some(b_log.clone()),
-        )
-        .await;
-        let a = mtls_proxy("node-a", bridge.addr, dirs[0].path(), &tls_a, None).await;
-        let (a_in, b_in) = (
-            a.app().inbound_addr().unwrap(),
-            b.app().inbound_addr().unwrap(),
-        );
-        bridge.snapshot(vec![
-            orders,
-            service(
-                "mesh-proxy",
-                vec![
-                    on("node-a", endpoint("mesh-proxy-node-a", a_in)),
-                    on("node-b", endpoint("mesh-proxy-node-b", b_in)),
-                ],
-            ),
-        ]);
-        a.wait_routes("node-b's proxy as a peer", |r| {
-            r["peers"]["node-b"]["port"] == b_in.port()
-        })
-        .await;
-        b.wait_service("orders", 1).await;
+        let Nodes {
+            a,
+            b,
+            tls_a,
+            tls_b,
+            b_log,
+            dirs,
+        } = Nodes::start(&ca, &bridge, &["web", "api"], vec![orders]).await;
+        let b_in = b.app().inbound_addr().unwrap();
         Self {
             bridge: Some(bridge),
             a,

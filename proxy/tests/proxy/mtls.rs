@@ -226,6 +226,71 @@ impl SteadyLoad {
     }
 }
 
+/// Proxies A (node-a, serving `a_services`) and B (node-b) in mtls mode
+/// with certificates from one CA, B with an access log, each the other's
+/// peer.
+pub struct Nodes {
+    pub a: TestProxy,
+    pub b: TestProxy,
+    pub tls_a: TlsDir,
+    pub tls_b: TlsDir,
+    pub b_log: PathBuf,
+    pub dirs: [tempfile::TempDir; 2],
+}
+
+impl Nodes {
+    /// Starts both on `bridge`, which then sends `routes` and both
+    /// proxies' inbound listeners; returns once A knows B as its peer and
+    /// B routes to orders' instance.
+    pub async fn start(
+        ca: &Ca,
+        bridge: &FakeBridge,
+        a_services: &[&str],
+        mut routes: Vec<pb::ServiceEndpoints>,
+    ) -> Self {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (tls_a, tls_b) = (
+            TlsDir::new(ca, "node-a", a_services),
+            TlsDir::new(ca, "node-b", &["orders"]),
+        );
+        let b_log = dirs[1].path().join("access.log");
+        let b = mtls_proxy(
+            "node-b",
+            bridge.addr,
+            dirs[1].path(),
+            &tls_b,
+            Some(b_log.clone()),
+        )
+        .await;
+        let a = mtls_proxy("node-a", bridge.addr, dirs[0].path(), &tls_a, None).await;
+        let (a_in, b_in) = (
+            a.app().inbound_addr().unwrap(),
+            b.app().inbound_addr().unwrap(),
+        );
+        routes.push(service(
+            "mesh-proxy",
+            vec![
+                on("node-a", endpoint("mesh-proxy-node-a", a_in)),
+                on("node-b", endpoint("mesh-proxy-node-b", b_in)),
+            ],
+        ));
+        bridge.snapshot(routes);
+        a.wait_routes("node-b's proxy as a peer", |r| {
+            r["peers"]["node-b"]["port"] == b_in.port()
+        })
+        .await;
+        b.wait_service("orders", 1).await;
+        Self {
+            a,
+            b,
+            tls_a,
+            tls_b,
+            b_log,
+            dirs,
+        }
+    }
+}
+
 /// Proxies A (services web and, optionally, billing) and B (orders, with
 /// its instance on node-b) in mtls mode, one mesh CA.
 struct Mesh {
@@ -248,42 +313,16 @@ impl Mesh {
         let bridge = FakeBridge::start(vec![orders.clone()]).await;
         // These tests are about the hop, not about who may call whom.
         bridge.set_intentions(1, serde_json::json!({"default": "allow"}));
-        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let (tls_a, tls_b) = (
-            TlsDir::new(&ca, "node-a", a_services),
-            TlsDir::new(&ca, "node-b", &["orders"]),
-        );
-        let b_log = dirs[1].path().join("access.log");
-        let b = mtls_proxy(
-            "node-b",
-            bridge.addr,
-            dirs[1].path(),
-            &tls_b,
-            Some(b_log.clone()),
-        )
-        .await;
-        let a = mtls_proxy("node-a", bridge.addr, dirs[0].path(), &tls_a, None).await;
-        let (a_in, b_in) = (
-            a.app().inbound_addr().unwrap(),
-            b.app().inbound_addr().unwrap(),
-        );
-        let mut all = vec![
-            orders,
-            service(
-                "mesh-proxy",
-                vec![
-                    on("node-a", endpoint("mesh-proxy-node-a", a_in)),
-                    on("node-b", endpoint("mesh-proxy-node-b", b_in)),
-                ],
-            ),
-        ];
-        all.extend(extra);
-        bridge.snapshot(all);
-        a.wait_routes("node-b's proxy as a peer", |r| {
-            r["peers"]["node-b"]["port"] == b_in.port()
-        })
-        .await;
-        b.wait_service("orders", 1).await;
+        let mut routes = vec![orders];
+        routes.extend(extra);
+        let Nodes {
+            a,
+            b,
+            tls_a,
+            tls_b,
+            b_log,
+            dirs,
+        } = Nodes::start(&ca, &bridge, a_services, routes).await;
         Self {
             ca,
             bridge,
