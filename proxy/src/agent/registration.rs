@@ -85,6 +85,11 @@ impl Registration {
             Some(_) => return Err("Name must be a string".into()),
         };
         check_name(&name)?;
+        if COMPONENTS.iter().any(|c| c.eq_ignore_ascii_case(&name)) {
+            return Err(format!(
+                "Name {name:?} is reserved for the mesh's own component, which registers itself in Consul"
+            ));
+        }
         let id = match f.string("ID")? {
             Some(id) if !id.is_empty() => {
                 check_id(&id)?;
@@ -235,6 +240,13 @@ impl CheckSpec {
         }
     }
 }
+
+/// The mesh's own components whose identity (`svc/<name>`, issued for an
+/// instance registered on the node) carries rights no service has:
+/// mesh-monitor's reports health checks to every node's bridge,
+/// mesh-control's drives them. They register in Consul themselves, with
+/// their own tokens; a local process calling the agent API may not.
+const COMPONENTS: [&str; 2] = ["mesh-monitor", "mesh-control"];
 
 /// Checks a service name: ASCII letters, digits, `-` and `_`, at most 63,
 /// starting with a letter or digit, not reserved (nor `mesh-proxy`, the
@@ -467,6 +479,14 @@ mod tests {
             (
                 r#"{"Name": "x", "ID": "mesh-proxy-n2", "Port": 80}"#,
                 "reserved for the mesh's own",
+            ),
+            (
+                r#"{"Name": "mesh-monitor", "Port": 80}"#,
+                "reserved for the mesh's own component",
+            ),
+            (
+                r#"{"Name": "Mesh-Control", "Port": 80}"#,
+                "reserved for the mesh's own component",
             ),
             (r#"{"Name": "x", "Port": 0}"#, "Port 0"),
             (r#"{"Name": "x", "Port": 70000}"#, "Port 70000"),
