@@ -87,9 +87,10 @@ struct Inner {
 #[derive(Clone)]
 pub struct Upgraded(std::sync::Arc<std::sync::Mutex<Option<(Io, Bytes)>>>);
 
-/// A send that failed.
+/// A send that failed, over HTTP/1.1 or HTTP/2.
+#[derive(Debug)]
 pub struct SendError {
-    /// The request, when none of it was written (it may go elsewhere).
+    /// The request, when none of it was sent (it may go elsewhere).
     pub unsent: Option<Request<UpstreamBody>>,
     /// Why.
     pub error: BoxError,
@@ -133,7 +134,7 @@ enum Chunk {
 
 /// A broken exchange.
 #[derive(Debug)]
-struct Broken(&'static str);
+pub(crate) struct Broken(&'static str);
 
 // === impl Conn ===
 
@@ -331,6 +332,17 @@ fn failed(
     }
 }
 
+/// The `Content-Length` a request without one is sent with, over HTTP/1.1
+/// and HTTP/2 alike: a body of known size says it; an empty one says 0
+/// only for a method that expects content (RFC 9110 §8.6).
+pub fn declared_length(method: &Method, body: &UpstreamBody) -> Option<u64> {
+    if body.is_end_stream() {
+        matches!(*method, Method::POST | Method::PUT | Method::PATCH).then_some(0)
+    } else {
+        body.size_hint().exact()
+    }
+}
+
 /// Writes the request head into `out`; says whether the body goes chunked.
 fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &UpstreamBody) -> bool {
     out.clear();
@@ -351,16 +363,11 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &UpstreamB
     }
     let mut chunked = false;
     if !parts.headers.contains_key(CONTENT_LENGTH) {
-        if body.is_end_stream() {
-            // RFC 9110 §8.6: a method that expects content says it has none.
-            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-                out.extend_from_slice(b"content-length: 0\r\n");
-            }
-        } else if let Some(n) = body.size_hint().exact() {
+        if let Some(n) = declared_length(&parts.method, body) {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
-        } else {
+        } else if !body.is_end_stream() {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             chunked = true;
         }
@@ -493,21 +500,27 @@ fn framing(status: StatusCode, head_only: bool, headers: &HeaderMap) -> Result<F
     if !has_cl {
         return Ok(Framing::Close);
     }
+    Ok(match content_length(headers)? {
+        None => Framing::Close,
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// The `Content-Length` of a head: `None` without one; refused when a
+/// value is not a number or two disagree.
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Broken> {
     let mut length: Option<u64> = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
             let n = parse_decimal(part.trim_ascii()).ok_or(Broken("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
-                return Err(Broken("conflicting Content-Length values").into());
+                return Err(Broken("conflicting Content-Length values"));
             }
             length = Some(n);
         }
     }
-    Ok(match length {
-        None => Framing::Close,
-        Some(0) => Framing::Done,
-        Some(n) => Framing::Length(n),
-    })
+    Ok(length)
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {

@@ -7,7 +7,8 @@
 //!
 //! What hyper's client did and this one keeps: connection-specific
 //! headers never reach HTTP/2 (the request path strips them before, see
-//! [`crate::headers`]); a body of known length gets its `Content-Length`;
+//! [`crate::headers`]); a request without `Content-Length` gets the one
+//! HTTP/1.1 would send ([`h1::declared_length`]);
 //! a request body streams from a task of its own, polled before it claims
 //! any send window, so that a body with nothing to send never holds
 //! window another stream needs; a reset with `NO_ERROR` ends a response
@@ -32,16 +33,13 @@ use h2::{
     Ping, Reason, RecvStream, SendStream,
     client::{Connection, SendRequest},
 };
-use http::{
-    HeaderValue, Method, Request, Response,
-    header::{CONTENT_LENGTH, HeaderMap},
-};
+use http::{HeaderValue, Request, Response, header::CONTENT_LENGTH};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     body::UpstreamBody,
-    h1::{self, BoxError},
+    h1::{self, BoxError, SendError},
 };
 
 /// PING interval on a connection, and how long its answer may take:
@@ -65,14 +63,6 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 pub struct Conn {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
-}
-
-/// A send that failed.
-pub struct SendError {
-    /// The request, when no stream was opened for it.
-    pub unsent: Option<Request<UpstreamBody>>,
-    /// Why.
-    pub error: BoxError,
 }
 
 /// An instance's response body, read from its stream as polled.
@@ -104,9 +94,8 @@ impl Conn {
             });
         }
         let (mut parts, body) = req.into_parts();
-        if let Some(len) = body.size_hint().exact()
-            && (len != 0 || has_payload_semantics(&parts.method))
-            && !parts.headers.contains_key(CONTENT_LENGTH)
+        if !parts.headers.contains_key(CONTENT_LENGTH)
+            && let Some(len) = h1::declared_length(&parts.method, &body)
         {
             parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
@@ -122,7 +111,8 @@ impl Conn {
             tokio::spawn(Pipe::new(body, stream));
         }
         let response = response.await.map_err(sent)?;
-        let remaining = content_length(response.headers());
+        // For the size hint only: h2 itself holds the body to its length.
+        let remaining = h1::content_length(response.headers()).ok().flatten();
         Ok(response.map(|recv| Body {
             recv,
             data_done: false,
@@ -187,24 +177,6 @@ where
             },
         }
     }
-}
-
-/// Whether `method` defines a meaning for a request body: then an empty
-/// one is sent as `Content-Length: 0` (RFC 9110 §8.6).
-fn has_payload_semantics(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
-    )
-}
-
-/// The `Content-Length` of a head, when it is one number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let first = values.next()?.to_str().ok()?.trim().parse().ok()?;
-    values
-        .all(|v| v.to_str().ok().and_then(|v| v.trim().parse().ok()) == Some(first))
-        .then_some(first)
 }
 
 // === impl Body ===

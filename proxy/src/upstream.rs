@@ -150,14 +150,7 @@ enum Inner {
     Http2(h2_client::Body),
 }
 
-/// A send that failed.
-#[derive(Debug)]
-pub struct SendError {
-    /// The request, when it never left (it may go elsewhere).
-    pub unsent: Option<Request<UpstreamBody>>,
-    /// Why.
-    pub error: BoxError,
-}
+pub use crate::h1::SendError;
 
 // === impl Sender ===
 
@@ -175,26 +168,14 @@ impl Sender {
         // header as is, which RFC 9113 §8.3.1 allows, without building an
         // absolute URI for each request.
         match self {
-            Self::Http1(conn) => match h1::send(conn, req).await {
-                Ok(response) => Ok(response.map(|body| PooledBody {
-                    inner: Inner::Http1(body),
-                    held: Some((in_flight, None)),
-                })),
-                Err(e) => Err(SendError {
-                    unsent: e.unsent,
-                    error: e.error,
-                }),
-            },
-            Self::Http2(h2, stream) => match h2.conn.send(req).await {
-                Ok(response) => Ok(response.map(|body| PooledBody {
-                    inner: Inner::Http2(body),
-                    held: Some((in_flight, Some(stream))),
-                })),
-                Err(e) => Err(SendError {
-                    unsent: e.unsent,
-                    error: e.error,
-                }),
-            },
+            Self::Http1(conn) => Ok(h1::send(conn, req).await?.map(|body| PooledBody {
+                inner: Inner::Http1(body),
+                held: Some((in_flight, None)),
+            })),
+            Self::Http2(h2, stream) => Ok(h2.conn.send(req).await?.map(|body| PooledBody {
+                inner: Inner::Http2(body),
+                held: Some((in_flight, Some(stream))),
+            })),
         }
     }
 

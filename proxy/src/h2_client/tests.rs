@@ -3,6 +3,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Mutex};
 
+use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
