@@ -318,13 +318,16 @@ fn check_chars(name: &str, max: usize, extra: &[char]) -> Result<(), String> {
         .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(c))
     {
         Some(bad) => {
-            let mut allowed: Vec<String> = extra.iter().map(|c| format!("{c:?}")).collect();
-            let last = allowed.pop().unwrap_or_default();
-            allowed.insert(0, "letters, digits".into());
-            Err(format!(
-                "{name:?} has {bad:?}: use {} and {last}",
-                allowed.join(", ")
-            ))
+            // "letters, digits, '.', '-' and '_'"
+            let quoted: Vec<String> = extra.iter().map(|c| format!("{c:?}")).collect();
+            let allowed = match quoted.split_last() {
+                Some((last, rest)) => format!(
+                    "letters, digits{} and {last}",
+                    rest.iter().map(|c| format!(", {c}")).collect::<String>()
+                ),
+                None => "letters and digits".to_owned(),
+            };
+            Err(format!("{name:?} has {bad:?}: use {allowed}"))
         }
         None => Ok(()),
     }
