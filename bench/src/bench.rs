@@ -395,7 +395,7 @@ impl MeshProxy {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let data_dir = dir.join("data");
-        let args = [
+        let mut args = vec![
             "--node".to_owned(),
             "bench".into(),
             "--listen".into(),
@@ -409,6 +409,11 @@ impl MeshProxy {
             "--log-format".into(),
             "text".into(),
         ];
+        if cpu.is_some() {
+            // One worker for the one CPU, as nginx runs one: what the
+            // default picks from the affinity, said outright.
+            args.extend(["--workers".to_owned(), "1".into()]);
+        }
         let mut proc = Proc::spawn(name, &bench.tools.proxy, args, cpu, &dir, &[])?;
         let mut client = Client::new(admin);
         wait_ok(

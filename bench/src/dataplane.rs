@@ -464,7 +464,7 @@ fn notes(bench: &mut Bench, samples: &Samples) {
     let cpus = bench.cpus;
     let report = &mut bench.report;
     report.note(format!(
-        "data plane: mesh-proxy and nginx (1 worker) pinned to CPU {}, wrk (1 thread) to CPU {}; the upstream (1 thread) \
+        "data plane: mesh-proxy (workers 1) and nginx (1 worker) pinned to CPU {}, wrk (1 thread) to CPU {}; the upstream (1 thread) \
          on CPU {} in the split layout, on CPU {} in the shared one; access logs off in both (mesh-proxy without access_log, nginx access_log off); \
          GET / with Host: bench, routed by Host; figures are medians over rounds",
         cpus.proxy, cpus.load, cpus.load, cpus.proxy

@@ -98,6 +98,11 @@ pub struct Args {
     /// new one gets a 503 and is closed (default 10000; 0: no limit).
     #[arg(long, env = "MESH_LISTENER_MAX_CONNECTIONS")]
     pub listener_max_connections: Option<usize>,
+    /// Threads serving requests (default: the CPUs this process may run
+    /// on). With 1, every task runs on the thread that polls the sockets,
+    /// without the multi-threaded scheduler.
+    #[arg(long, env = "MESH_WORKERS")]
+    pub workers: Option<usize>,
     /// Policy of every route, under the per-service ones (file only:
     /// `[default_route]`).
     #[arg(skip)]
@@ -183,6 +188,9 @@ pub enum AccessLogFormat {
     Json,
 }
 
+/// Most threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The validated configuration the proxy runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -222,6 +230,8 @@ pub struct Config {
     pub listener_max_requests: Option<usize>,
     /// Open client connections on the outbound listener (`None`: no limit).
     pub listener_max_connections: Option<usize>,
+    /// Threads serving requests (see [`crate::runtime`]).
+    pub workers: usize,
     /// Budget for one call to the bridge's Registry.
     pub registration_timeout: Duration,
     /// The inbound listener for other nodes' proxies; `None`: off.
@@ -298,6 +308,13 @@ impl Args {
                 "max_header_bytes: {max_header_bytes} is outside {MIN_HEADER_BYTES}..=16777216"
             ));
         }
+        let workers = match self.workers {
+            Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
+                return Err(format!("workers: {n} is outside 1..={MAX_WORKERS}"));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS)),
+        };
         // The flags and the default route's keys are one setting each.
         let mut default_route = self.default_route.unwrap_or_default();
         let both = |key: &str, route_key: &str| {
@@ -386,6 +403,7 @@ impl Args {
                 0 => None,
                 n => Some(n),
             },
+            workers,
             registration_timeout: Duration::from_secs(2),
             inbound,
             access_log,
@@ -651,6 +669,12 @@ mod tests {
         assert_eq!(c.retries, 2);
         assert_eq!(c.listener_max_requests, Some(10_000));
         assert_eq!(c.listener_max_connections, Some(10_000));
+        assert_eq!(
+            c.workers,
+            std::thread::available_parallelism().unwrap().get(),
+            "one worker per CPU the process may run on"
+        );
+        assert_eq!(parse(&["--workers", "1"]).unwrap().workers, 1);
         assert!(c.services.is_empty());
         assert_eq!(c.inbound, None, "the inbound listener is off unless set");
         assert_eq!(c.access_log, None, "the access log is off unless set");
@@ -879,6 +903,8 @@ mod tests {
             (&["--connect-timeout", "0s"][..], "connect_timeout"),
             (&["--services", "bad name"][..], "services"),
             (&["--services", "orders,mesh-proxy"][..], "services"),
+            (&["--workers", "0"][..], "workers"),
+            (&["--workers", "1025"][..], "workers"),
         ] {
             let e = parse(argv).unwrap_err();
             assert!(e.contains(key), "{argv:?}: {e}");

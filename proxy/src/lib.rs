@@ -61,6 +61,7 @@ pub mod proxy;
 pub mod registrar;
 pub mod retry;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod table;
@@ -387,7 +388,7 @@ impl App {
             "gauges",
             gauges(clock, registrar, metrics, registry, routes.clone(), stop),
         ));
-        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, inbound = ?inbound_addr, bridge = %config.bridge_addr, lb = %config.lb, mode = %config.mode, "mesh-proxy started");
+        tracing::info!(outbound = %outbound_addr, admin = %admin_addr, inbound = ?inbound_addr, bridge = %config.bridge_addr, lb = %config.lb, mode = %config.mode, workers = config.workers, "mesh-proxy started");
         Ok(Self {
             outbound: outbound_addr,
             admin: admin_addr,

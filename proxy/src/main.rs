@@ -9,13 +9,22 @@ use mesh_proxy::{App, Args};
 use mesh_runtime::{config, logging, metrics::Registry, shutdown, telemetry::Telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     mesh_runtime::install_crypto_provider();
     // Kept as given: a reload reads the file again under the same flags.
     let args: Args = config::parse_args();
     let merged = config::merge(args.clone()).unwrap_or_else(|e| config::exit_with(&e.to_string()));
     let config = merged.validate().unwrap_or_else(|e| config::exit_with(&e));
+    match mesh_proxy::runtime::build(config.workers) {
+        Ok(runtime) => runtime.block_on(run(args, config)),
+        Err(e) => config::exit_with(&format!(
+            "workers: cannot start {} threads: {e}",
+            config.workers
+        )),
+    }
+}
+
+async fn run(args: Args, config: mesh_proxy::config::Config) -> ExitCode {
     let telemetry =
         match Telemetry::init("mesh-proxy", &config.node, config.otlp_endpoint.as_deref()) {
             Ok(telemetry) => telemetry,

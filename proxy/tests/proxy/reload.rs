@@ -89,7 +89,7 @@ impl Drop for Binary {
 
 pub fn write_config(path: &Path, bridge: SocketAddr, data: &Path, routes: &str) {
     let text = format!(
-        "node = \"reload-node\"\nlog_format = \"json\"\nlisten = \"127.0.0.1:0\"\n\
+        "node = \"reload-node\"\nlog_format = \"json\"\nworkers = 1\nlisten = \"127.0.0.1:0\"\n\
          admin_listen = \"127.0.0.1:0\"\nbridge_addr = \"http://{bridge}\"\n\
          data_dir = \"{}\"\n{routes}\n",
         data.display()
@@ -112,6 +112,9 @@ async fn sighup_applies_a_good_file_and_keeps_the_last_good_on_a_bad_one() {
     write_config(&config, bridge.addr, &data, patient);
     let proxy = Binary::start(&config);
     let started = proxy.wait_line("mesh-proxy started", 1).await;
+    // One thread runs it all (the current-thread scheduler): signals,
+    // reloads and the drain work there as with several.
+    assert_eq!(started["workers"], 1, "{started}");
     let addr: SocketAddr = started["outbound"].as_str().unwrap().parse().unwrap();
     let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
     eventually("the route is live", || async {
