@@ -38,11 +38,9 @@ pub const MAX_EVENTS: usize = 200;
 /// The most nodes one deployment takes.
 pub const MAX_NODES: usize = 1000;
 
-/// The longest version.
-pub const MAX_VERSION_LEN: usize = 64;
-
-/// The longest file name.
-pub const MAX_FILE_NAME_LEN: usize = 128;
+pub use mesh_runtime::artifact::{
+    MAX_FILE_NAME_LEN, MAX_VERSION_LEN, check_file_name, check_version,
+};
 
 /// How long a new instance has to become healthy by default.
 pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 60_000;
@@ -357,49 +355,6 @@ impl DeploySpec {
 
 fn or_default(ms: u64, default: u64) -> u64 {
     if ms == 0 { default } else { ms }
-}
-
-/// Checks an artifact version: letters, digits, `.`, `_`, `-`.
-pub fn check_version(version: &str) -> Result<(), String> {
-    if version.is_empty() {
-        return Err("a version is required (e.g. 2.4.1)".into());
-    }
-    if version.len() > MAX_VERSION_LEN {
-        return Err(format!(
-            "{version:?} is longer than {MAX_VERSION_LEN} characters"
-        ));
-    }
-    if version == "." || version == ".." {
-        return Err(format!("{version:?} is not a version"));
-    }
-    match version
-        .chars()
-        .find(|c| !c.is_ascii_alphanumeric() && !matches!(c, '.' | '_' | '-'))
-    {
-        Some(bad) => Err(format!(
-            "{version:?} has {bad:?}: use letters, digits, '.', '_' and '-'"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Checks an artifact's file name: no `/`, not hidden, printable.
-pub fn check_file_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a file name is required (e.g. orders.jar)".into());
-    }
-    if name.len() > MAX_FILE_NAME_LEN {
-        return Err(format!(
-            "{name:?} is longer than {MAX_FILE_NAME_LEN} characters"
-        ));
-    }
-    if name.contains(['/', '\\']) || name.chars().any(char::is_control) {
-        return Err(format!("{name:?} must be a plain file name, without '/'"));
-    }
-    if name.starts_with('.') {
-        return Err(format!("{name:?} must not start with '.'"));
-    }
-    Ok(())
 }
 
 /// How many chunk keys an artifact of `size` bytes takes.

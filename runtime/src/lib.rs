@@ -15,6 +15,7 @@
 //! - [`pki`]: mesh identity: SPIFFE IDs, the mesh CA, CSRs, mTLS configs.
 
 pub mod admin;
+pub mod artifact;
 pub mod backoff;
 pub mod config;
 pub mod duration;

@@ -3,11 +3,8 @@
 
 use super::StoreError;
 
+pub use mesh_runtime::artifact::{MAX_FILE_NAME_LEN, MAX_VERSION_LEN};
 pub use mesh_runtime::pki::spiffe::{MAX_SERVICE_LEN, RESERVED_SERVICES};
-/// The longest version.
-pub const MAX_VERSION_LEN: usize = 64;
-/// The longest artifact file name.
-pub const MAX_FILE_NAME_LEN: usize = 128;
 
 /// Checks a service name with the mesh's rule (as mesh-control and
 /// mesh-proxy check route names).
@@ -16,50 +13,21 @@ pub fn check_service(name: &str) -> Result<(), StoreError> {
         .map_err(|message| invalid("service", message))
 }
 
-/// Checks a version: letters, digits, `.`, `_` and `-`, at most
-/// [`MAX_VERSION_LEN`], not `.` or `..`.
+/// Checks a version with the mesh's rule ([`mesh_runtime::artifact`]).
 pub fn check_version(version: &str) -> Result<(), StoreError> {
-    let err = |message: String| Err(invalid("version", message));
-    if version.is_empty() {
-        return err("a version must not be empty".into());
-    }
-    if version.len() > MAX_VERSION_LEN {
-        return err(format!(
-            "{version:?} is longer than {MAX_VERSION_LEN} characters"
-        ));
-    }
-    if version == "." || version == ".." {
-        return err(format!("{version:?} is not a version"));
-    }
-    match version
-        .chars()
-        .find(|c| !c.is_ascii_alphanumeric() && !matches!(c, '.' | '_' | '-'))
-    {
-        Some(bad) => err(format!(
-            "{version:?} has {bad:?}: use letters, digits, '.', '_' and '-'"
-        )),
-        None => Ok(()),
-    }
+    mesh_runtime::artifact::check_version(version).map_err(|message| invalid("version", message))
 }
 
-/// Checks an artifact's file name: a plain name (no folder), not hidden,
-/// at most [`MAX_FILE_NAME_LEN`] bytes.
+/// Checks an artifact's file name with the mesh's rule, and that it is
+/// not the store's own metadata file.
 pub fn check_file_name(name: &str) -> Result<(), StoreError> {
-    let err = |message: String| Err(invalid("file_name", message));
-    if name.is_empty() {
-        return err("a file name must not be empty".into());
-    }
-    if name.len() > MAX_FILE_NAME_LEN {
-        return err(format!("{name:?} is longer than {MAX_FILE_NAME_LEN} bytes"));
-    }
-    if name.contains(['/', '\\', '\0']) || name.chars().any(char::is_control) {
-        return err(format!("{name:?} must be a plain file name"));
-    }
-    if name.starts_with('.') {
-        return err(format!("{name:?} must not start with '.'"));
-    }
+    mesh_runtime::artifact::check_file_name(name)
+        .map_err(|message| invalid("file_name", message))?;
     if name == super::META_FILE {
-        return err(format!("{name:?} is the store's own metadata file"));
+        return Err(invalid(
+            "file_name",
+            format!("{name:?} is the store's own metadata file"),
+        ));
     }
     Ok(())
 }

@@ -368,7 +368,7 @@ fn bad_names_are_refused_by_field() {
     let e = check_service("a.b").unwrap_err().to_string();
     assert_eq!(
         e,
-        "service: \"a.b\" has '.': use letters, digits, '-' and '_'"
+        "service: \"a.b\" has a bad character '.': use letters, digits, '-' and '_'"
     );
     let mut upper = start("1.0-RC_1", &data);
     upper.sha256 = upper.sha256.to_ascii_uppercase();

@@ -10,6 +10,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use mesh_proto::v1 as pb;
+use mesh_runtime::pki::spiffe;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -282,25 +283,10 @@ pub fn check_id(id: &str) -> Result<(), String> {
     check_chars("ID", id, MAX_ID_LEN, &['-', '_', '.', ':'])
 }
 
+/// The mesh's rule for names (see [`spiffe::check_chars`]), its message
+/// led by the JSON field it is about.
 fn check_chars(field: &str, value: &str, max: usize, extra: &[char]) -> Result<(), String> {
-    if value.len() > max {
-        return Err(format!("{field} {value:?} is longer than {max} characters"));
-    }
-    if !value.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!(
-            "{field} {value:?} must start with a letter or digit"
-        ));
-    }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(c))
-    {
-        let allowed: String = extra.iter().map(|c| format!(" '{c}'")).collect();
-        return Err(format!(
-            "{field} {value:?} has a bad character {bad:?}: allowed are ASCII letters, digits and{allowed}"
-        ));
-    }
-    Ok(())
+    spiffe::check_chars(value, max, extra).map_err(|e| format!("{field} {e}"))
 }
 
 fn valid_address(a: &str) -> bool {

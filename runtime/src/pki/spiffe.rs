@@ -306,7 +306,11 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
     check_chars(name, MAX_NODE_LEN, &['.', '-', '_'])
 }
 
-fn check_chars(name: &str, max: usize, extra: &[char]) -> Result<(), String> {
+/// Checks `name` against the rule the mesh's names share: ASCII letters,
+/// digits and the characters of `extra`, starting with a letter or digit,
+/// at most `max` long. The message quotes `name` first, so a caller can
+/// put the field's name before it.
+pub fn check_chars(name: &str, max: usize, extra: &[char]) -> Result<(), String> {
     if name.len() > max {
         return Err(format!("{name:?} is longer than {max} characters"));
     }
@@ -327,7 +331,9 @@ fn check_chars(name: &str, max: usize, extra: &[char]) -> Result<(), String> {
                 ),
                 None => "letters and digits".to_owned(),
             };
-            Err(format!("{name:?} has {bad:?}: use {allowed}"))
+            Err(format!(
+                "{name:?} has a bad character {bad:?}: use {allowed}"
+            ))
         }
         None => Ok(()),
     }
@@ -437,11 +443,11 @@ mod tests {
     fn a_bad_character_is_named_with_what_the_rule_allows() {
         assert_eq!(
             check_service_name("a.b").unwrap_err(),
-            r#""a.b" has '.': use letters, digits, '-' and '_'"#
+            r#""a.b" has a bad character '.': use letters, digits, '-' and '_'"#
         );
         assert_eq!(
             check_node_name("a b").unwrap_err(),
-            r#""a b" has ' ': use letters, digits, '.', '-' and '_'"#
+            r#""a b" has a bad character ' ': use letters, digits, '.', '-' and '_'"#
         );
     }
 
