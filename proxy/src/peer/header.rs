@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 
 use http::{HeaderName, HeaderValue};
+use mesh_runtime::pki::spiffe;
 
 use crate::table::MAX_NAME;
 
@@ -68,14 +69,8 @@ impl EndpointRef {
                 "{text:?}: the service name must be 1 to {MAX_NAME} characters"
             ));
         }
-        if let Some(bad) = service
-            .chars()
-            .find(|c| !c.is_ascii_alphanumeric() && !matches!(c, '-' | '_'))
-        {
-            return Err(format!(
-                "{text:?}: the service name has a bad character {bad:?}"
-            ));
-        }
+        spiffe::check_chars(service, MAX_NAME, &['-', '_'])
+            .map_err(|e| format!("{text:?}: the service name {e}"))?;
         let id = percent_decode(id).map_err(|e| format!("{text:?}: {e}"))?;
         if id.is_empty() || id.len() > MAX_ID {
             return Err(format!(
@@ -140,6 +135,7 @@ mod tests {
             ("/orders-1", "service name"),
             (long_service.as_str(), "service name"),
             ("or.ders/x", "bad character '.'"),
+            ("-orders/x", "must start with a letter or digit"),
             ("orders/", "instance id must be"),
             (long_id.as_str(), "instance id must be"),
             ("orders/a%2", "percent-escape"),
