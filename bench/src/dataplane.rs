@@ -87,6 +87,20 @@ pub struct Sample {
     pub load_cpu_ours: f64,
 }
 
+// === impl Sample ===
+
+impl Sample {
+    /// The proxy's CPU per request, µs; NaN for a direct call.
+    fn cpu(&self) -> f64 {
+        self.proxy_cpu_us.unwrap_or(f64::NAN)
+    }
+
+    /// The kernel's part of [`Self::cpu`], µs; NaN for a direct call.
+    fn kernel(&self) -> f64 {
+        self.proxy_kernel_cpu_us.unwrap_or(f64::NAN)
+    }
+}
+
 /// Samples by layout, connection count and target.
 type Samples = BTreeMap<(Layout, usize, Target), Vec<Sample>>;
 
@@ -398,7 +412,7 @@ fn figures(report: &mut Report, samples: &Samples, layout: Layout) {
     let rps = |s: &Sample| s.wrk.rps();
     let p50 = |s: &Sample| s.wrk.p50_us as f64;
     let p99 = |s: &Sample| s.wrk.p99_us as f64;
-    let cpu = |s: &Sample| s.proxy_cpu_us.unwrap_or(f64::NAN);
+    let (cpu, kernel) = (Sample::cpu, Sample::kernel);
     for conns in [16, 64] {
         let c = format!("dataplane.{layout}.c{conns}");
         let at = (layout, conns);
@@ -429,7 +443,6 @@ fn figures(report: &mut Report, samples: &Samples, layout: Layout) {
         report.add(f.bar("<= 0.8x nginx", met));
         // How much of it is the kernel's: the part a proxy's own code
         // cannot shed (the same four socket calls per request either way).
-        let kernel = |s: &Sample| s.proxy_kernel_cpu_us.unwrap_or(f64::NAN);
         let name = format!("{c}.kernel_cpu_per_request_us");
         report.add(figure(samples, name, "us", at, &nginx, kernel));
         let switches = |s: &Sample| s.proxy_switches_per_request.unwrap_or(f64::NAN);
@@ -490,19 +503,14 @@ fn notes(bench: &mut Bench, samples: &Samples) {
     // request, less the kernel's share of mesh-proxy's.
     for layout in bench.settings.layouts.clone() {
         for conns in [16, 64] {
-            let nginx = med(samples, (layout, conns, Target::Nginx), |s| {
-                s.proxy_cpu_us.unwrap_or(f64::NAN)
-            });
-            let nginx_kernel = med(samples, (layout, conns, Target::Nginx), |s| {
-                s.proxy_kernel_cpu_us.unwrap_or(f64::NAN)
-            });
+            let of = |t: Target, f: fn(&Sample) -> f64| med(samples, (layout, conns, t), f);
+            let (nginx, nginx_kernel) = (
+                of(Target::Nginx, Sample::cpu),
+                of(Target::Nginx, Sample::kernel),
+            );
             let (mesh, mesh_kernel) = (
-                med(samples, (layout, conns, Target::Mesh), |s| {
-                    s.proxy_cpu_us.unwrap_or(f64::NAN)
-                }),
-                med(samples, (layout, conns, Target::Mesh), |s| {
-                    s.proxy_kernel_cpu_us.unwrap_or(f64::NAN)
-                }),
+                of(Target::Mesh, Sample::cpu),
+                of(Target::Mesh, Sample::kernel),
             );
             if nginx.is_nan() || mesh.is_nan() {
                 continue;
