@@ -179,11 +179,12 @@ impl App {
     /// the bridge and draining the registration queue. Metrics go to
     /// `registry`.
     pub async fn start(config: Config, registry: Registry) -> Result<Self, StartError> {
-        let mesh_tls = config
-            .tls
-            .as_ref()
-            .map(|tls| MeshTls::load(tls, &config.node).map(Arc::new))
-            .transpose()?;
+        let mesh_tls = match &config.tls {
+            Some(tls) => Some(Arc::new(
+                MeshTls::load_when_present(tls, &config.node).await?,
+            )),
+            None => None,
+        };
         let queue = open_data_dir(&config.data_dir)?;
         let access_log = config
             .access_log

@@ -320,6 +320,33 @@ impl MeshTls {
         })
     }
 
+    /// [`Self::load`] once the bundle and the node's pair are all in
+    /// `config.dir`: until then it looks again every [`POLL`], saying
+    /// once what it waits for. At a node's first start the bridge may not
+    /// have them yet (mesh-control out of reach, say); a proxy that exited
+    /// instead would be restarted only until its service manager gives
+    /// up. Files that are there but do not load are an error at once.
+    pub async fn load_when_present(config: &TlsConfig, node: &str) -> Result<Self, TlsError> {
+        let mut waited = false;
+        loop {
+            let missing: Vec<&str> = [CA_FILE, NODE_KEY, NODE_CERT]
+                .into_iter()
+                .filter(|file| !config.dir.join(file).exists())
+                .collect();
+            if missing.is_empty() {
+                if waited {
+                    tracing::info!(dir = %config.dir.display(), "mtls credentials are there");
+                }
+                return Self::load(config, node);
+            }
+            if !waited {
+                tracing::warn!(dir = %config.dir.display(), missing = %missing.join(", "), "waiting for the node's mtls credentials (the bridge writes them); the proxy starts once they are there");
+                waited = true;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain

@@ -184,3 +184,46 @@ fn a_mesh_component_beside_the_only_service_does_not_take_its_place() {
         "spiffe://mesh.test/node/n1"
     );
 }
+
+/// At a node's first start the bridge may not have written the
+/// credentials yet: the proxy waits for all three files, then loads them.
+#[tokio::test(start_paused = true)]
+async fn a_proxy_waits_for_credentials_that_are_not_there_yet() {
+    let (full, _ca) = tls_dir(&[]);
+    let empty = tempfile::tempdir().unwrap();
+    let cfg = config(empty.path());
+    let loading = tokio::spawn(async move { MeshTls::load_when_present(&cfg, "n1").await });
+    // Five looks at the folder (virtual time): still waiting, also with
+    // the bundle and the key there but not the certificate.
+    tokio::time::sleep(POLL * 5).await;
+    assert!(!loading.is_finished(), "loaded from an empty folder");
+    for file in [CA_FILE, NODE_KEY] {
+        std::fs::copy(full.path().join(file), empty.path().join(file)).unwrap();
+    }
+    tokio::time::sleep(POLL * 5).await;
+    assert!(
+        !loading.is_finished(),
+        "loaded without the node's certificate"
+    );
+    std::fs::copy(full.path().join(NODE_CERT), empty.path().join(NODE_CERT)).unwrap();
+    let tls = tokio::time::timeout(POLL * 3, loading)
+        .await
+        .expect("still waiting with every file there")
+        .unwrap()
+        .unwrap();
+    assert_eq!(tls.node().id().to_string(), "spiffe://mesh.test/node/n1");
+}
+
+/// Files that are there but do not load are an error at once, not a wait.
+#[tokio::test(start_paused = true)]
+async fn credentials_that_are_there_but_bad_fail_at_once() {
+    let (dir, _ca) = tls_dir(&[]);
+    write(dir.path(), NODE_CERT, "not a certificate");
+    let e = tokio::time::timeout(POLL, MeshTls::load_when_present(&config(dir.path()), "n1"))
+        .await
+        .expect("waited for a file that is there")
+        .err()
+        .expect("loaded a bad certificate")
+        .to_string();
+    assert!(e.contains("node.crt"), "{e}");
+}
