@@ -222,8 +222,7 @@ async fn credentials_that_are_there_but_bad_fail_at_once() {
     let e = tokio::time::timeout(POLL, MeshTls::load_when_present(&config(dir.path()), "n1"))
         .await
         .expect("waited for a file that is there")
-        .err()
-        .expect("loaded a bad certificate")
+        .expect_err("loaded a bad certificate")
         .to_string();
     assert!(e.contains("node.crt"), "{e}");
 }
