@@ -36,7 +36,7 @@ use crate::{
     identity::Identity,
     leader::LeaderState,
     metrics::ControlMetrics,
-    model::{self, Catalog, Routes, Version, check_node_name, check_service_name, now_ms, rfc3339},
+    model::{self, Catalog, Routes, Version, check_node_name, now_ms, rfc3339},
     render::{Format, Instance, NginxSettings, Upstreams, proxy_config},
     store::{Conflict, Store},
 };
@@ -547,7 +547,7 @@ impl Control {
         registration: Registration,
     ) -> Result<RegisterResult, ControlError> {
         check_node_name(node).map_err(|m| ControlError::invalid("node", m))?;
-        check_service_name(&registration.name)
+        mesh_runtime::pki::spiffe::check_workload_name(&registration.name)
             .map_err(|m| ControlError::invalid("service.name", m))?;
         if !(1..=65535).contains(&registration.port) {
             return Err(ControlError::invalid(

@@ -811,6 +811,23 @@ async fn the_rest_mirror_answers_like_grpc_and_renders_both_formats() -> Result<
         .send()
         .await?;
     assert_eq!(reg.status(), 400);
+    // The components that register themselves: no workload takes their
+    // name (and with it their identity), before any bridge is asked.
+    for name in ["mesh-monitor", "Mesh-Control"] {
+        let reg = http
+            .put(format!("{base}/v1/nodes/{node}/register"))
+            .json(&json!({"name": name, "port": 8080}))
+            .send()
+            .await?;
+        assert_eq!(reg.status(), 400, "{name}");
+        let answer: Value = reg.json().await?;
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("service.name")
+                && error.contains("reserved for the mesh's own component"),
+            "{answer}"
+        );
+    }
     Ok(())
 }
 

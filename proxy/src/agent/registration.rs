@@ -86,7 +86,10 @@ impl Registration {
             Some(_) => return Err("Name must be a string".into()),
         };
         check_name(&name)?;
-        if COMPONENTS.iter().any(|c| c.eq_ignore_ascii_case(&name)) {
+        if spiffe::SELF_REGISTERED
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(&name))
+        {
             return Err(format!(
                 "Name {name:?} is reserved for the mesh's own component, which registers itself in Consul"
             ));
@@ -241,13 +244,6 @@ impl CheckSpec {
         }
     }
 }
-
-/// The mesh's own components whose identity (`svc/<name>`, issued for an
-/// instance registered on the node) carries rights no service has:
-/// mesh-monitor's reports health checks to every node's bridge,
-/// mesh-control's drives them. They register in Consul themselves, with
-/// their own tokens; a local process calling the agent API may not.
-const COMPONENTS: [&str; 2] = ["mesh-monitor", "mesh-control"];
 
 /// Checks a service name: ASCII letters, digits, `-` and `_`, at most 63,
 /// starting with a letter or digit, not reserved (nor `mesh-proxy`, the

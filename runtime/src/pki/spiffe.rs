@@ -19,6 +19,13 @@ pub const MAX_NODE_LEN: usize = 128;
 /// Names no service may take: the proxy's own path prefixes (`v1` is the
 /// Consul agent API, `_mesh` is reserved) and its peers' service.
 pub const RESERVED_SERVICES: [&str; 3] = ["v1", "_mesh", "mesh-proxy"];
+/// The mesh's own components whose identity (`svc/<name>`, issued for an
+/// instance registered on a node) carries rights no service has:
+/// mesh-monitor's reports health checks to every node's bridge,
+/// mesh-control's drives them. They register in Consul themselves, with
+/// their own tokens; no registration made for a workload (through a
+/// node's proxy or through mesh-control) may take their names.
+pub const SELF_REGISTERED: [&str; 2] = ["mesh-monitor", "mesh-control"];
 
 /// A bad trust domain, workload name or SPIFFE ID; the message says what is
 /// wrong with which part.
@@ -297,6 +304,18 @@ pub fn check_service_name(name: &str) -> Result<(), String> {
     check_chars(name, MAX_SERVICE_LEN, &['-', '_'])
 }
 
+/// Checks the name of a workload's registration: a service name
+/// ([`check_service_name`]) that is not one of [`SELF_REGISTERED`].
+pub fn check_workload_name(name: &str) -> Result<(), String> {
+    check_service_name(name)?;
+    if SELF_REGISTERED.iter().any(|c| c.eq_ignore_ascii_case(name)) {
+        return Err(format!(
+            "{name:?} is reserved for the mesh's own component, which registers itself in Consul"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a node name for use in an identity: ASCII letters, digits, `.`,
 /// `-` and `_`, starting with a letter or digit, at most [`MAX_NODE_LEN`].
 pub fn check_node_name(name: &str) -> Result<(), String> {
@@ -501,5 +520,19 @@ mod tests {
             assert_eq!(err.what, "SPIFFE ID");
             assert!(err.to_string().contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_workload_may_not_take_a_self_registered_components_name() {
+        assert_eq!(check_workload_name("orders"), Ok(()));
+        for name in ["mesh-monitor", "MESH-CONTROL"] {
+            let e = check_workload_name(name).unwrap_err();
+            assert!(e.contains("reserved for the mesh's own component"), "{e}");
+            // Still a service name: the component's own identity.
+            assert_eq!(check_service_name(name), Ok(()));
+        }
+        // The service-name rule comes first.
+        let e = check_workload_name("mesh-proxy").unwrap_err();
+        assert!(e.contains("reserved by the mesh"), "{e}");
     }
 }
