@@ -86,14 +86,8 @@ impl Registration {
             Some(_) => return Err("Name must be a string".into()),
         };
         check_name(&name)?;
-        if spiffe::SELF_REGISTERED
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(&name))
-        {
-            return Err(format!(
-                "Name {name:?} is reserved for the mesh's own component, which registers itself in Consul"
-            ));
-        }
+        // The components that register themselves (mesh-control's rule too).
+        spiffe::check_workload_name(&name).map_err(|e| format!("Name {e}"))?;
         let id = match f.string("ID")? {
             Some(id) if !id.is_empty() => {
                 check_id(&id)?;
