@@ -17,10 +17,12 @@ fn main() -> ExitCode {
     let config = merged.validate().unwrap_or_else(|e| config::exit_with(&e));
     match mesh_proxy::runtime::build(config.workers) {
         Ok(runtime) => runtime.block_on(run(args, config)),
-        Err(e) => config::exit_with(&format!(
-            "workers: cannot start {} threads: {e}",
-            config.workers
-        )),
+        // Not the config's fault (exit 64 would keep systemd from trying
+        // again): the system refused the threads.
+        Err(e) => {
+            eprintln!("error: cannot start {} worker threads: {e}", config.workers);
+            ExitCode::FAILURE
+        }
     }
 }
 
